@@ -1,0 +1,286 @@
+"""Strict, typed YAML configuration shared by every script.
+
+A config has five sections (model_params, data_params, exp_params, trainer_params,
+logging_params). Each key has a declared type; unknown keys, wrong types, missing sections
+and out-of-range values raise ConfigError with one line naming the key and the file.
+model_params is checked against the constructor of the model class it names, so every model
+family declares its own keys in one place.
+"""
+import dataclasses
+import inspect
+import os
+import re
+import typing
+from dataclasses import dataclass, field
+from typing import List, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, phrased as one line that names the key (and file)."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads `1e-4` as a float (PyYAML's YAML 1.1 rules read it as a string)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def parse_yaml(text):
+    return yaml.load(text, Loader=_Loader)
+
+
+@dataclass
+class DataParams:
+    data_path: str = ""
+    image_size: int = 256
+    train_batch_size: int = 64          # global: split across all ranks
+    val_batch_size: int = 64            # global
+    num_workers: int = 4                # per rank
+    pin_memory: bool = True
+    labels_path: str = ""               # folder with the SthV2 label JSONs; "" = data_path
+    val_fraction: float = 0.05          # used only when no label JSONs are found
+    frame_stride: int = 1
+    index_cache_dir: str = ""           # "" = $XDG_CACHE_HOME/sthv2_frame_index
+    prefetch_factor: int = 4
+
+
+@dataclass
+class ExpParams:
+    LR: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler_gamma: float = 0.95       # ExponentialLR factor, applied once per epoch
+    kld_weight: float = 1e-4
+    max_grad_norm: float = 1.0
+    optimizer: Literal["adam", "adamw"] = "adam"
+    warmup_steps: int = 0               # linear LR warm-up from 0
+    hflip: bool = False                 # random horizontal flips of training frames
+    seed: int = 42
+
+
+@dataclass
+class TrainerParams:
+    gpus: int = -1                      # -1 = every visible GPU, 0 = CPU
+    max_epochs: int = 200
+    max_steps: int = 0                  # 0 = no limit
+    gradient_clip_val: float = 1.0
+    check_val_every_n_epoch: int = 1
+    limit_val_batches: int = 0          # 0 = the whole validation split
+    log_every_n_steps: int = 50
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"   # GPU only; CPU trains in fp32
+    sync_batchnorm: bool = False
+    deterministic: bool = False
+    max_nonfinite_steps: int = 20       # stop after this many non-finite steps in a row
+
+
+@dataclass
+class LoggingParams:
+    save_dir: str = "logs_vae"
+    name: str = "VanillaVAE_sthv2"
+    save_every_n_steps: int = 5000
+    log_images_every_n_steps: int = 5000
+    keep_last_checkpoints: int = 3      # step_*.pt files kept; 0 = keep all
+    num_image_samples: int = 8
+
+
+@dataclass
+class Config:
+    model_params: dict
+    data_params: DataParams = field(default_factory=DataParams)
+    exp_params: ExpParams = field(default_factory=ExpParams)
+    trainer_params: TrainerParams = field(default_factory=TrainerParams)
+    logging_params: LoggingParams = field(default_factory=LoggingParams)
+
+    @property
+    def run_dir(self):
+        return os.path.join(self.logging_params.save_dir, self.logging_params.name)
+
+    def to_dict(self):
+        return {"model_params": dict(self.model_params),
+                **{f.name: dataclasses.asdict(getattr(self, f.name))
+                   for f in dataclasses.fields(self) if f.name != "model_params"}}
+
+
+SECTIONS = {"data_params": DataParams, "exp_params": ExpParams,
+            "trainer_params": TrainerParams, "logging_params": LoggingParams}
+
+
+def _check_type(value, annotation, key):
+    """Return value converted to `annotation` (int -> float only), or raise ConfigError."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Union:                          # Optional[X]
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_type(value, inner[0], key)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, List):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
+        raise ConfigError(f"{key}: expected {annotation.__name__}, got "
+                          f"{type(value).__name__} {value!r}")
+    return value
+
+
+def _model_schema(name):
+    from vanilla_vae_model import VAE_MODELS
+    if name not in VAE_MODELS:
+        raise ConfigError(f"model_params.name: unknown model {name!r}; "
+                          f"choose one of {sorted(VAE_MODELS)}")
+    cls = VAE_MODELS[name]
+    hints = typing.get_type_hints(cls.__init__)
+    return {p.name: (hints[p.name], p.default)
+            for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"}
+
+
+def _build_section(cls, raw, section):
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(known))})")
+    return cls(**{k: _check_type(v, hints[k], f"{section}.{k}") for k, v in raw.items()})
+
+
+def _build_model_params(raw):
+    if "name" not in raw:
+        raise ConfigError("model_params.name: missing (the model to train)")
+    name = _check_type(raw["name"], str, "model_params.name")
+    schema = _model_schema(name)
+    params = {"name": name}
+    for key, value in raw.items():
+        if key == "name":
+            continue
+        if key not in schema:
+            raise ConfigError(f"model_params.{key}: unknown key for {name} "
+                              f"(known: {', '.join(sorted(schema))})")
+        params[key] = _check_type(value, schema[key][0], f"model_params.{key}")
+    for key, (_, default) in schema.items():
+        if key not in params:
+            if default is inspect.Parameter.empty:
+                raise ConfigError(f"model_params.{key}: missing (required by {name})")
+            params[key] = list(default) if isinstance(default, tuple) else default
+    return params
+
+
+def _validate(cfg, world_size):
+    """Range and consistency checks that a type alone cannot express."""
+    def need(ok, key, message):
+        if not ok:
+            raise ConfigError(f"{key}: {message}")
+
+    m, d, e, t, lg = (cfg.model_params, cfg.data_params, cfg.exp_params,
+                      cfg.trainer_params, cfg.logging_params)
+    need(d.data_path != "", "data_params.data_path", "missing (the folder of video frame folders)")
+    need(os.path.isdir(d.data_path), "data_params.data_path",
+         f"folder {d.data_path!r} does not exist")
+    if "image_size" in m:
+        need(m["image_size"] == d.image_size, "data_params.image_size",
+             f"{d.image_size} differs from model_params.image_size {m['image_size']}")
+        depth = len(m.get("hidden_dims", []))
+        need(m["image_size"] % 2 ** depth == 0 and m["image_size"] >= 2 ** depth,
+             "model_params.image_size",
+             f"{m['image_size']} is not divisible by 2^len(hidden_dims) = {2 ** depth}")
+    for key in ("in_channels", "latent_dim"):
+        if key in m:
+            need(m[key] > 0, f"model_params.{key}", f"must be positive, got {m[key]}")
+    if "hidden_dims" in m:
+        need(len(m["hidden_dims"]) > 0 and all(h > 0 for h in m["hidden_dims"]),
+             "model_params.hidden_dims", f"must be a non-empty list of positive ints")
+    for key in ("image_size", "train_batch_size", "val_batch_size", "frame_stride",
+                "prefetch_factor"):
+        need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")
+    need(d.num_workers >= 0, "data_params.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(0.0 < d.val_fraction < 1.0, "data_params.val_fraction",
+         f"must be in (0, 1), got {d.val_fraction}")
+    for key in ("train_batch_size", "val_batch_size"):
+        batch = getattr(d, key)
+        need(batch % world_size == 0, f"data_params.{key}",
+             f"global batch {batch} is not divisible by the {world_size} processes")
+    need(e.LR > 0, "exp_params.LR", f"must be positive, got {e.LR}")
+    need(e.weight_decay >= 0, "exp_params.weight_decay", f"must be >= 0, got {e.weight_decay}")
+    need(0 < e.scheduler_gamma <= 1, "exp_params.scheduler_gamma",
+         f"must be in (0, 1], got {e.scheduler_gamma}")
+    need(e.kld_weight >= 0, "exp_params.kld_weight", f"must be >= 0, got {e.kld_weight}")
+    need(e.max_grad_norm >= 0, "exp_params.max_grad_norm", f"must be >= 0, got {e.max_grad_norm}")
+    need(e.warmup_steps >= 0, "exp_params.warmup_steps", f"must be >= 0, got {e.warmup_steps}")
+    need(t.gradient_clip_val >= 0, "trainer_params.gradient_clip_val",
+         f"must be >= 0, got {t.gradient_clip_val}")
+    need(e.max_grad_norm == t.gradient_clip_val, "exp_params.max_grad_norm",
+         f"{e.max_grad_norm} disagrees with trainer_params.gradient_clip_val "
+         f"{t.gradient_clip_val}; both set the gradient clipping norm (0 = off)")
+    need(t.gpus >= -1, "trainer_params.gpus", f"must be -1 (all), 0 (CPU) or a count, got {t.gpus}")
+    for key in ("max_epochs", "check_val_every_n_epoch", "log_every_n_steps",
+                "max_nonfinite_steps"):
+        need(getattr(t, key) > 0, f"trainer_params.{key}", f"must be positive, got {getattr(t, key)}")
+    for key in ("max_steps", "limit_val_batches"):
+        need(getattr(t, key) >= 0, f"trainer_params.{key}", f"must be >= 0, got {getattr(t, key)}")
+    for key in ("save_every_n_steps", "log_images_every_n_steps", "num_image_samples"):
+        need(getattr(lg, key) > 0, f"logging_params.{key}", f"must be positive, got {getattr(lg, key)}")
+    need(lg.keep_last_checkpoints >= 0, "logging_params.keep_last_checkpoints",
+         f"must be >= 0, got {lg.keep_last_checkpoints}")
+    need(lg.name != "" and "/" not in lg.name, "logging_params.name",
+         f"must be a non-empty folder name, got {lg.name!r}")
+
+
+def apply_override(raw, assignment):
+    """Apply one `SECTION.KEY=VALUE` to the raw dict; VALUE is read as YAML."""
+    if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+        raise ConfigError(f"--set {assignment!r}: expected SECTION.KEY=VALUE")
+    path, value = assignment.split("=", 1)
+    section, key = path.split(".", 1)
+    if section not in raw and section not in SECTIONS and section != "model_params":
+        raise ConfigError(f"--set {path}: unknown section {section!r}")
+    raw.setdefault(section, {})[key] = parse_yaml(value) if value != "" else ""
+
+
+def config_from_dict(raw, world_size=1):
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping of sections")
+    for section in raw:
+        if section != "model_params" and section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section (known: model_params, "
+                              f"{', '.join(SECTIONS)})")
+    for section in ("model_params", *SECTIONS):
+        if section not in raw:
+            raise ConfigError(f"{section}: missing section")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {raw[section]!r}")
+    cfg = Config(model_params=_build_model_params(raw["model_params"]),
+                 **{s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()})
+    _validate(cfg, world_size)
+    return cfg
+
+
+def load_config(path, overrides=(), world_size=1):
+    """Read, override, type-check and validate; every failure is one ConfigError line."""
+    try:
+        with open(path) as f:
+            raw = parse_yaml(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    try:
+        raw = {} if raw is None else raw
+        for assignment in overrides:
+            apply_override(raw, assignment)
+        return config_from_dict(raw, world_size)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
