@@ -1,0 +1,162 @@
+"""Convolutional VAE models and their registry (config `model_params.name` -> class).
+
+VanillaVAE is the architecture of the SthV2 study: five stride-2 conv blocks
+(64 -> 1024 channels) down to an (image_size / 32)^2 grid, two linear heads to a 256-d
+Gaussian posterior, and a mirrored transposed-conv decoder ending in Tanh. Images are in
+[-1, 1] everywhere inside the model, matching the Tanh output.
+"""
+from typing import List
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def conv_block(in_ch, out_ch):
+    return nn.Sequential(nn.Conv2d(in_ch, out_ch, 3, stride=2, padding=1),
+                         nn.BatchNorm2d(out_ch), nn.LeakyReLU())
+
+
+def deconv_block(in_ch, out_ch):
+    return nn.Sequential(nn.ConvTranspose2d(in_ch, out_ch, 3, stride=2, padding=1,
+                                            output_padding=1),
+                         nn.BatchNorm2d(out_ch), nn.LeakyReLU())
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, I)) per image, summed over latent dimensions (>= 0)."""
+    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+class VanillaVAE(nn.Module):
+    def __init__(self, in_channels: int = 3, latent_dim: int = 256,
+                 hidden_dims: List[int] = (64, 128, 256, 512, 1024), image_size: int = 256):
+        super().__init__()
+        hidden_dims = list(hidden_dims)
+        self.latent_dim, self.image_size = latent_dim, image_size
+        self.grid = image_size // 2 ** len(hidden_dims)    # 8 for 256 px and five blocks
+        if self.grid < 1 or self.grid * 2 ** len(hidden_dims) != image_size:
+            raise ValueError(f"image_size {image_size} is not divisible by "
+                             f"2^{len(hidden_dims)} (one halving per hidden dim)")
+        widths = [in_channels] + hidden_dims
+        self.encoder = nn.Sequential(*[conv_block(a, b) for a, b in zip(widths, widths[1:])])
+        flat = hidden_dims[-1] * self.grid ** 2
+        self.fc_mu = nn.Linear(flat, latent_dim)
+        self.fc_var = nn.Linear(flat, latent_dim)
+
+        rev = hidden_dims[::-1]
+        self.decoder_input = nn.Linear(latent_dim, flat)
+        self.decoder = nn.Sequential(*[deconv_block(a, b) for a, b in zip(rev, rev[1:])])
+        self.final_layer = nn.Sequential(deconv_block(rev[-1], rev[-1]),
+                                         nn.Conv2d(rev[-1], in_channels, 3, padding=1),
+                                         nn.Tanh())
+        self._top = rev[0]
+
+    def encode(self, x):
+        h = torch.flatten(self.encoder(x), start_dim=1)
+        return self.fc_mu(h), self.fc_var(h)
+
+    def decode(self, z):
+        h = self.decoder_input(z).view(-1, self._top, self.grid, self.grid)
+        return self.final_layer(self.decoder(h))
+
+    @staticmethod
+    def reparameterize(mu, logvar, noise=None):
+        if noise is None:
+            noise = torch.randn_like(mu)
+        return mu + noise.to(mu.dtype) * torch.exp(0.5 * logvar)
+
+    def forward(self, x, noise=None):
+        """Return (reconstruction, mu, logvar). `noise` ~ N(0, I) may be passed in so that
+        the sampled latents do not depend on how a batch is split across processes."""
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar, noise)), mu, logvar
+
+    def loss_function(self, x, recon, mu, logvar, kld_weight):
+        """Training objective and its parts, all in fp32.
+
+        loss = mean-over-pixels MSE + kld_weight * KL (KL summed over latents, batch-mean).
+        neg_elbo is the unweighted negative ELBO per image in nats for a unit-variance
+        Gaussian decoder on [-1, 1] pixels (constant dropped): 0.5 * SSE + KL. It compares
+        across runs with different kld_weight.
+        """
+        x, recon, mu, logvar = x.float(), recon.float(), mu.float(), logvar.float()
+        recon_loss = F.mse_loss(recon, x)
+        kld = gaussian_kl(mu, logvar).mean()
+        sse = (recon - x).pow(2).flatten(1).sum(1).mean()
+        return {"loss": recon_loss + kld_weight * kld, "recon_loss": recon_loss,
+                "kld": kld, "neg_elbo": 0.5 * sse + kld}
+
+    @torch.no_grad()
+    def reconstruct(self, x):
+        """Deterministic reconstruction through the posterior mean."""
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def sample(self, num_samples, device=None, generator=None):
+        device = device or next(self.parameters()).device
+        z = torch.randn(num_samples, self.latent_dim, device=device, generator=generator)
+        return self.decode(z)
+
+
+VAE_MODELS = {"VanillaVAE": VanillaVAE}
+
+
+def build_model(model_params):
+    """Instantiate the model a (validated) model_params dict names."""
+    params = dict(model_params)
+    return VAE_MODELS[params.pop("name")](**params)
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+class _AllReduceBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d whose training statistics are reduced over every process.
+
+    torch.nn.SyncBatchNorm only runs on GPUs; this version works with any backend
+    (gloo on CPU included) through the differentiable all_reduce, so the gradient of the
+    global batch statistics reaches every rank exactly as in a single large batch.
+    """
+
+    def forward(self, x):
+        if not (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+        xf = x.float()
+        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
+        stats = torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        n = stats[-1]
+        mean = stats[:c] / n
+        var = (stats[c:2 * c] / n - mean.pow(2)).clamp_min(0)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = self.momentum
+            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
+        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
+        y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return y.to(x.dtype)
+
+
+def convert_sync_batchnorm(model, device):
+    """Synchronise BatchNorm statistics across ranks: torch's kernel on GPU, ours elsewhere."""
+    if torch.device(device).type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+    def convert(module):
+        if type(module) is nn.BatchNorm2d:
+            new = _AllReduceBatchNorm2d(module.num_features, module.eps, module.momentum,
+                                        module.affine, module.track_running_stats)
+            new.load_state_dict(module.state_dict())
+            return new
+        for name, child in module.named_children():
+            setattr(module, name, convert(child))
+        return module
+
+    return convert(model)
