@@ -1,0 +1,309 @@
+"""Something-Something-v2 frames on disk: index, video-level splits, datasets.
+
+Layout: `<data_path>/<video_id>/img_00001.jpg` (LAQ's and mmaction2's naming). Any
+numbered name works (`000001.jpg`, `12.png`, 0- or 1-based); frames are ordered by number.
+The index is built once with one listing per video, kept in compact numpy arrays (cheap to
+share with DataLoader workers), cached on disk, and rebuilt when a video folder changes.
+
+Datasets return uint8 CHW tensors resized (short side) and centre-cropped to image_size;
+the training loop converts them to floats on the device. Unreadable frames are replaced by
+a readable neighbour from the same video and reported, never retried in a loop.
+"""
+import hashlib
+import json
+import logging
+import os
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+log = logging.getLogger("vae")
+
+FRAME_NAME = re.compile(r"^(?P<prefix>.*?)(?P<number>\d+)(?P<ext>\.(?:jpe?g|png))$", re.I)
+LABEL_FILES = {"train": "something-something-v2-train.json",
+               "val": "something-something-v2-validation.json"}
+INDEX_VERSION = 1
+NEIGHBOUR_TRIES = 4          # frames tried on each side of an unreadable one
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class DataError(RuntimeError):
+    """The data on disk cannot serve what was asked (one line, names the path)."""
+
+
+def _name_pattern(names):
+    """(prefix, width, ext) that formats every name of a video, or None if they differ."""
+    parsed = [FRAME_NAME.match(n) for n in names]
+    prefixes = {m["prefix"] for m in parsed}
+    exts = {m["ext"] for m in parsed}
+    widths = {len(m["number"]) for m in parsed}
+    if len(prefixes) != 1 or len(exts) != 1:
+        return None
+    numbers = [m["number"] for m in parsed]
+    if len(widths) == 1 and any(n.startswith("0") for n in numbers):
+        width = widths.pop()                                  # zero-padded
+    elif not any(n.startswith("0") and len(n) > 1 for n in numbers):
+        width = 0                                             # plain integers
+    else:
+        return None
+    return prefixes.pop(), width, exts.pop()
+
+
+class FrameIndex:
+    """Every frame of every video folder, ordered numerically, in flat numpy arrays."""
+
+    def __init__(self, root, videos, patterns, numbers, offsets, fallback, empty_videos):
+        self.root = root
+        self.videos = videos                  # list of video ids (folder names)
+        self.patterns = patterns              # per video (prefix, width, ext) or None
+        self.numbers = numbers                # int64, frame numbers of all videos
+        self.offsets = offsets                # int64, len(videos) + 1
+        self.fallback = fallback              # video position -> list of file names
+        self.empty_videos = empty_videos      # folders without a single frame
+
+    def __len__(self):
+        return int(self.offsets[-1])
+
+    def num_frames(self, v):
+        return int(self.offsets[v + 1] - self.offsets[v])
+
+    def frame_path(self, v, pos):
+        video = self.videos[v]
+        if self.patterns[v] is None:
+            return os.path.join(self.root, video, self.fallback[v][pos])
+        prefix, width, ext = self.patterns[v]
+        number = int(self.numbers[self.offsets[v] + pos])
+        return os.path.join(self.root, video, f"{prefix}{number:0{width}d}{ext}")
+
+    @classmethod
+    def build(cls, root):
+        videos, patterns, numbers, counts, fallback, empty = [], [], [], [], {}, []
+        with os.scandir(root) as it:
+            folders = sorted((e.name for e in it if e.is_dir() and not e.name.startswith(".")),
+                             key=_natural_key)
+        for video in folders:
+            with os.scandir(os.path.join(root, video)) as it:
+                names = [e.name for e in it if FRAME_NAME.match(e.name) and e.is_file()]
+            if not names:
+                empty.append(video)
+                continue
+            names.sort(key=lambda n: (int(FRAME_NAME.match(n)["number"]), n))
+            pattern = _name_pattern(names)
+            if pattern is None:
+                fallback[len(videos)] = names
+            videos.append(video)
+            patterns.append(pattern)
+            numbers.extend(int(FRAME_NAME.match(n)["number"]) for n in names)
+            counts.append(len(names))
+        offsets = np.zeros(len(videos) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        return cls(root, videos, patterns, np.asarray(numbers, dtype=np.int64), offsets,
+                   fallback, empty)
+
+    def save(self, path, signature):
+        meta = {"version": INDEX_VERSION, "signature": signature, "videos": self.videos,
+                "patterns": self.patterns, "empty": self.empty_videos,
+                "fallback": {str(k): v for k, v in self.fallback.items()}}
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            np.savez(f, numbers=self.numbers, offsets=self.offsets,
+                     meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path, root, signature):
+        """The cached index if it matches `signature`, else None."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes().decode())
+                if meta.get("version") != INDEX_VERSION or meta.get("signature") != signature:
+                    return None
+                return cls(root, meta["videos"], [tuple(p) if p else None for p in meta["patterns"]],
+                           z["numbers"], z["offsets"],
+                           {int(k): v for k, v in meta["fallback"].items()}, meta["empty"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+def _natural_key(name):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def tree_signature(root):
+    """Hash of every video folder's name and mtime: adding or removing a frame changes it."""
+    h = hashlib.sha1()
+    with os.scandir(root) as it:
+        entries = sorted((e.name, e.stat().st_mtime_ns) for e in it
+                         if e.is_dir() and not e.name.startswith("."))
+    for name, mtime in entries:
+        h.update(f"{name}\0{mtime}\0".encode())
+    return h.hexdigest()
+
+
+def default_cache_dir():
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "sthv2_frame_index")
+
+
+def load_index(root, cache_dir=""):
+    """The frame index of `root`, from the cache when the tree is unchanged."""
+    root = os.path.abspath(root)
+    if not os.path.isdir(root):
+        raise DataError(f"data path {root} is not a folder")
+    cache_dir = cache_dir or default_cache_dir()
+    cache = os.path.join(cache_dir, hashlib.sha1(root.encode()).hexdigest()[:16] + ".npz")
+    signature = tree_signature(root)
+    index = FrameIndex.load(cache, root, signature)
+    if index is None:
+        log.info("indexing frames under %s", root)
+        index = FrameIndex.build(root)
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            index.save(cache, signature)
+        except OSError as e:
+            log.warning("could not cache the frame index in %s (%s); it is rebuilt next time",
+                        cache_dir, e.strerror)
+    if index.empty_videos:
+        log.warning("%d video folders hold no frames and are skipped (e.g. %s)",
+                    len(index.empty_videos), index.empty_videos[0])
+    if len(index) == 0:
+        raise DataError(f"no frames found under {root}: expected "
+                        f"<video_id>/img_00001.jpg (numbered .jpg/.jpeg/.png files)")
+    return index
+
+
+def split_videos(index, labels_path="", val_fraction=0.05, seed=0):
+    """Video positions of the train and val splits, and where the split came from.
+
+    The official label JSONs (`id` fields) decide when present; otherwise each video goes to
+    val when a hash of its id falls under val_fraction, which is stable as videos are added.
+    """
+    folder = labels_path or index.root
+    files = {split: os.path.join(folder, name) for split, name in LABEL_FILES.items()}
+    if all(os.path.isfile(f) for f in files.values()):
+        ids = {}
+        for split, path in files.items():
+            try:
+                with open(path) as f:
+                    ids[split] = {str(entry["id"]) for entry in json.load(f)}
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise DataError(f"cannot read video ids from {path}: {e}") from None
+        train = [v for v, vid in enumerate(index.videos) if vid in ids["train"]]
+        val = [v for v, vid in enumerate(index.videos) if vid in ids["val"]]
+        return train, val, f"label files in {folder}"
+    if labels_path:
+        raise DataError(f"labels_path {labels_path} lacks {' / '.join(LABEL_FILES.values())}")
+
+    def to_val(vid):
+        digest = hashlib.sha1(f"{seed}:{vid}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") / 2 ** 64 < val_fraction
+
+    val = [v for v, vid in enumerate(index.videos) if to_val(vid)]
+    val_set = set(val)
+    train = [v for v in range(len(index.videos)) if v not in val_set]
+    return train, val, f"hash split, val_fraction={val_fraction}"
+
+
+def load_frame(path, image_size):
+    """uint8 (3, S, S): short side resized to S, centre-cropped. Raises DECODE_ERRORS."""
+    with Image.open(path) as im:
+        if im.format == "JPEG":
+            im.draft("RGB", (image_size, image_size))   # DCT-domain downscale when large
+        im = im.convert("RGB")
+        w, h = im.size
+        scale = image_size / min(w, h)
+        nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))
+        im = im.resize((nw, nh), Image.BILINEAR)
+        left, top = (nw - image_size) // 2, (nh - image_size) // 2
+        im = im.crop((left, top, left + image_size, top + image_size))
+        return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
+
+
+class SthV2Frames(Dataset):
+    """Single frames of the given videos, every `frame_stride`-th one.
+
+    An item is (uint8 image, list of unreadable paths it had to skip).
+    """
+
+    def __init__(self, index, video_positions, image_size, frame_stride=1):
+        self.index, self.image_size = index, image_size
+        vids, poss = [], []
+        for v in video_positions:
+            pos = np.arange(0, index.num_frames(v), frame_stride, dtype=np.int64)
+            vids.append(np.full(len(pos), v, dtype=np.int64))
+            poss.append(pos)
+        self.video = np.concatenate(vids) if vids else np.zeros(0, np.int64)
+        self.pos = np.concatenate(poss) if poss else np.zeros(0, np.int64)
+
+    def __len__(self):
+        return len(self.video)
+
+    def path(self, i):
+        return self.index.frame_path(int(self.video[i]), int(self.pos[i]))
+
+    def load(self, v, pos):
+        """Frame `pos` of video `v`, or its nearest readable neighbour; (image, bad paths)."""
+        bad = []
+        n = self.index.num_frames(v)
+        for delta in [0] + [d for k in range(1, NEIGHBOUR_TRIES + 1) for d in (k, -k)]:
+            p = pos + delta
+            if not 0 <= p < n:
+                continue
+            path = self.index.frame_path(v, p)
+            try:
+                return load_frame(path, self.image_size), bad
+            except DECODE_ERRORS as e:
+                bad.append(f"{path} ({type(e).__name__}: {e})")
+        return None, bad
+
+    def __getitem__(self, i):
+        return self.load(int(self.video[i]), int(self.pos[i]))
+
+
+class SthV2FramePairs(SthV2Frames):
+    """(frame t, frame t + offset) pairs of the given videos, for the LAQ comparison."""
+
+    def __init__(self, index, video_positions, image_size, offset=30, frame_stride=1):
+        super().__init__(index, video_positions, image_size, frame_stride)
+        keep = self.pos + offset < np.array([index.num_frames(int(v)) for v in self.video],
+                                            dtype=np.int64)
+        self.video, self.pos, self.offset = self.video[keep], self.pos[keep], offset
+
+    def __getitem__(self, i):
+        v, pos = int(self.video[i]), int(self.pos[i])
+        first, bad = self.load(v, pos)
+        second, bad2 = self.load(v, pos + self.offset)
+        return (None if first is None or second is None else torch.stack([first, second]),
+                bad + bad2)
+
+
+def collate_frames(batch):
+    """Stack the images; an item no neighbour could replace is filled with a readable one of
+    the same batch so that every rank keeps the same batch size."""
+    images = [img for img, _ in batch]
+    bad = [path for _, paths in batch for path in paths]
+    good = [img for img in images if img is not None]
+    if not good:
+        raise DataError(f"every frame of a batch failed to decode, e.g. {bad[0]}")
+    filled = [img if img is not None else good[k % len(good)] for k, img in enumerate(images)]
+    return torch.stack(filled), bad
+
+
+def build_datasets(data_params, image_size):
+    """Train and val frame datasets for a validated data_params section."""
+    index = load_index(data_params.data_path, data_params.index_cache_dir)
+    train, val, source = split_videos(index, data_params.labels_path, data_params.val_fraction)
+    if not train:
+        raise DataError(f"the train split of {index.root} has no videos ({source})")
+    if not val:
+        raise DataError(f"the validation split of {index.root} has no videos ({source}); "
+                        f"raise data_params.val_fraction or add videos")
+    train_set = SthV2Frames(index, train, image_size, data_params.frame_stride)
+    val_set = SthV2Frames(index, val, image_size, data_params.frame_stride)
+    log.info("data: %d videos (%s): train %d videos / %d frames, val %d videos / %d frames "
+             "(frame_stride %d)", len(index.videos), source, len(train), len(train_set),
+             len(val), len(val_set), data_params.frame_stride)
+    return train_set, val_set
