@@ -1,0 +1,41 @@
+"""Train with DistributedDataParallel under torchrun, on one or many nodes.
+
+    torchrun --nproc_per_node=8 train_ddp.py --config config_vae_sthv2.yaml [--set ...]
+             [--resume PATH|auto] [--device cpu|cuda]
+
+NCCL on GPUs, gloo on CPUs. data_params.*_batch_size are global batches, split evenly over
+the WORLD_SIZE processes. Run without torchrun it trains as a single process.
+"""
+import os
+
+import torch
+import torch.distributed as dist
+
+from config import load_config
+from training import Runtime, parse_args, pick_device, run
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0])
+    rank = int(os.environ.get("RANK", 0))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+
+    def runtime(cfg):
+        device = pick_device(args.device, cfg.trainer_params.gpus, local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        if "RANK" in os.environ:
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                                    **({"device_id": device} if device.type == "cuda" else {}))
+        return Runtime(rank, local_rank, world_size, device)
+
+    try:   # the config is checked before any GPU or network work
+        run(lambda: load_config(args.config, args.set, world_size), runtime, args.resume)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

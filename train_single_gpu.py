@@ -1,0 +1,25 @@
+"""Train on one GPU, or on the CPU, in a single process: the debugging twin of train_ddp.py.
+
+    python train_single_gpu.py --config config_vae_sthv2.yaml [--set SECTION.KEY=VALUE ...]
+                               [--resume PATH|auto] [--device cpu|cuda]
+"""
+import torch
+
+from config import load_config
+from training import Runtime, parse_args, pick_device, run
+
+
+def main():
+    args = parse_args(__doc__.splitlines()[0])
+
+    def runtime(cfg):
+        device = pick_device(args.device, cfg.trainer_params.gpus)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return Runtime(device=device)
+
+    run(lambda: load_config(args.config, args.set), runtime, args.resume)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""The one training loop behind train_single_gpu.py and train_ddp.py.
+
+The scripts only decide the Runtime (rank, world size, device) and tear down; everything
+else is here. The run is independent of how many processes share it: the global batch is
+fixed by the config, and the latent noise and flips are drawn for the whole global batch
+from one generator and sliced per rank, so 1 process and N processes see the same samples
+with the same noise. Checkpoints carry everything needed to continue bit-exactly.
+"""
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+import checkpoint as ck
+from config import ConfigError
+from dataset_sthv2 import build_datasets, collate_frames
+from vanilla_vae_model import build_model, convert_sync_batchnorm, count_parameters
+
+log = logging.getLogger("vae")
+PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: the job wrote last.pt and should be requeued
+LOSS_KEYS = ("loss", "recon_loss", "kld", "neg_elbo")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (one line that says what happened and where)."""
+
+
+class Preempted(Exception):
+    """A stop signal arrived; a checkpoint was written and the job can be resumed."""
+
+
+@dataclass
+class Runtime:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+
+class _TqdmHandler(logging.StreamHandler):
+    def emit(self, record):
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def setup_logging(rt, run_dir=None):
+    """Rank 0 logs to stdout and run_dir/train.log; other ranks print warnings only."""
+    log.handlers.clear()
+    log.propagate = False
+    if rt.is_main:
+        log.setLevel(logging.INFO)
+        handlers = [_TqdmHandler()]
+        if run_dir:
+            handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log")))
+        for h in handlers:
+            h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            log.addHandler(h)
+    else:
+        log.setLevel(logging.WARNING)
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter(f"[rank {rt.rank}] %(message)s"))
+        log.addHandler(h)
+
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, for exact mid-epoch resume."""
+    start = 0
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start:])
+
+    def __len__(self):
+        return self.num_samples - self.start
+
+
+class BlockBatchSampler:
+    """Validation batches: each global batch of consecutive indices is split r::W over ranks,
+    so the per-image noise, and so the metric, do not depend on the number of ranks."""
+
+    def __init__(self, indices, global_batch, rank, world_size):
+        self.blocks = [indices[s:s + global_batch][rank::world_size]
+                       for s in range(0, len(indices), global_batch)]
+        self.blocks = [b for b in self.blocks if len(b)]
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self):
+        return len(self.blocks)
+
+
+def to_model_input(images, device, flip=None):
+    """uint8 NCHW on any device -> float in [-1, 1] on `device`, optionally h-flipped."""
+    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def all_reduce_mean(t, rt):
+    if rt.distributed:
+        dist.all_reduce(t)
+        t /= rt.world_size
+    return t
+
+
+def make_lr_lambda(warmup_steps, gamma, steps_per_epoch):
+    def lr_factor(step):
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * gamma ** (step // steps_per_epoch)
+    return lr_factor
+
+
+@torch.no_grad()
+def validate(model, loader, rt, cfg, limit):
+    """Mean of the training objective over the validation split, reduced over ranks."""
+    model.eval()
+    gen = torch.Generator(device=rt.device).manual_seed(cfg.exp_params.seed + 1)
+    sums = torch.zeros(len(LOSS_KEYS) + 1, device=rt.device, dtype=torch.float64)
+    for i, (images, _) in enumerate(loader):
+        if limit and i >= limit:
+            break
+        noise = torch.randn(cfg.data_params.val_batch_size, model.latent_dim,
+                            generator=gen, device=rt.device)[rt.rank::rt.world_size]
+        x = to_model_input(images, rt.device)
+        recon, mu, logvar = model(x, noise[:len(x)])
+        losses = model.loss_function(x, recon, mu, logvar, cfg.exp_params.kld_weight)
+        sums += torch.stack([losses[k].double() * len(x) for k in LOSS_KEYS]
+                            + [torch.tensor(float(len(x)), device=rt.device, dtype=torch.float64)])
+    if rt.distributed:
+        dist.all_reduce(sums)
+    model.train()
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(LOSS_KEYS)}
+
+
+@torch.no_grad()
+def log_images(model, images, z, writer, run_dir, step):
+    model.eval()
+    x = to_model_input(images, z.device)
+    recon = model.reconstruct(x)
+    pairs = make_grid(torch.cat([x, recon]).float().add(1).div(2).clamp(0, 1), nrow=len(x))
+    samples = make_grid(model.decode(z).float().add(1).div(2).clamp(0, 1), nrow=len(z))
+    model.train()
+    writer.add_image("images/reconstructions", pairs, step)
+    writer.add_image("images/samples", samples, step)
+    os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
+    save_image(pairs, os.path.join(run_dir, "images", f"reconstructions_{step:07d}.png"))
+    save_image(samples, os.path.join(run_dir, "images", f"samples_{step:07d}.png"))
+
+
+class StopSignal:
+    """Remember SIGTERM / SIGUSR1 (SLURM's warning before the time limit) instead of dying."""
+
+    def __init__(self):
+        self.received = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+
+    def agreed(self, rt):
+        """True on every rank as soon as any rank got a signal (collective when distributed)."""
+        flag = torch.tensor([1.0 if self.received else 0.0], device=rt.device)
+        if rt.distributed:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+def train(cfg, rt, resume=None):
+    """Train `cfg` on this process's share of the run; returns the final checkpoint path."""
+    e, t, lg, d = cfg.exp_params, cfg.trainer_params, cfg.logging_params, cfg.data_params
+    run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
+    if rt.is_main:
+        os.makedirs(ckpt_dir, exist_ok=True)
+    if rt.distributed:
+        dist.barrier()
+    setup_logging(rt, run_dir)
+    stop = StopSignal()
+
+    torch.manual_seed(e.seed * rt.world_size + rt.rank)
+    np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+    elif rt.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    # --- resume point ------------------------------------------------------------------
+    state = None
+    if resume == "auto":
+        path, state, rejected = ck.find_resumable(ckpt_dir)
+        for msg in rejected:
+            log.warning("skipping %s", msg)
+        log.info("resuming from %s" % path if path else "no checkpoint to resume: starting fresh")
+    elif resume:
+        state = ck.load_training_checkpoint(resume)
+        log.info("resuming from %s", resume)
+    elif ck.step_checkpoints(ckpt_dir) or os.path.exists(os.path.join(ckpt_dir, "last.pt")):
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue "
+                          f"that run, or choose another logging_params.name")
+    if state is not None and state["config"]["model_params"] != cfg.model_params:
+        raise ConfigError(f"model_params differ from the checkpoint's "
+                          f"({state['config']['model_params']})")
+    if rt.is_main:
+        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+
+    # --- data: one process per node indexes, the others read its cache ---------------
+    if rt.local_rank != 0 and rt.distributed:
+        dist.barrier()
+    train_set, val_set = build_datasets(d, cfg.model_params["image_size"])
+    if rt.local_rank == 0 and rt.distributed:
+        dist.barrier()
+    batch = d.train_batch_size // rt.world_size
+    steps_per_epoch = len(train_set) // d.train_batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"the train split has {len(train_set)} frames, fewer than one "
+                            f"global batch (data_params.train_batch_size={d.train_batch_size})")
+    max_steps = t.max_steps or t.max_epochs * steps_per_epoch
+    max_steps = min(max_steps, t.max_epochs * steps_per_epoch)
+
+    # --- model, optimiser, schedule --------------------------------------------------
+    model = build_model(cfg.model_params)
+    log.info("%s: %s parameters", cfg.model_params["name"], f"{count_parameters(model):,}")
+    if t.sync_batchnorm and rt.distributed:
+        model = convert_sync_batchnorm(model, rt.device)
+    model.to(rt.device)
+    cuda = rt.device.type == "cuda"
+    opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(model.parameters(), lr=e.LR, weight_decay=e.weight_decay,
+                        **({"fused": True} if cuda else {}))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
+    noise_gen = torch.Generator(device=rt.device).manual_seed(e.seed)
+    step, epoch = 0, 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state.get("scaler") or {})
+        noise_gen.set_state(state["noise_generator"])
+        step, epoch = state["step"], state["epoch"]
+        if len(state["rng"]) == rt.world_size:
+            ck.set_rng_state(state["rng"][rt.rank])
+    bare = model
+    if rt.distributed:
+        model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
+
+    sampler = ResumableSampler(train_set, rt.world_size, rt.rank, shuffle=True,
+                               seed=e.seed, drop_last=True)
+    loader_args = dict(num_workers=d.num_workers, pin_memory=d.pin_memory and cuda,
+                       collate_fn=collate_frames, persistent_workers=d.num_workers > 0,
+                       **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {}))
+    train_loader = DataLoader(train_set, batch, sampler=sampler, drop_last=True,
+                              generator=torch.Generator(), **loader_args)
+    val_indices = list(range(len(val_set)))
+    if t.limit_val_batches and t.limit_val_batches * d.val_batch_size < len(val_set):
+        val_indices = np.linspace(0, len(val_set) - 1, t.limit_val_batches * d.val_batch_size)
+        val_indices = [int(i) for i in val_indices.round()]
+    val_loader = DataLoader(val_set, batch_sampler=BlockBatchSampler(
+        val_indices, d.val_batch_size, rt.rank, rt.world_size), **loader_args)
+
+    writer = None
+    if rt.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(run_dir, purge_step=step + 1 if step else None)
+        writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```", step)
+        n = lg.num_image_samples
+        fixed_images = collate_frames([val_set[int(i)] for i in
+                                       np.linspace(0, len(val_set) - 1, n).round()])[0]
+        fixed_z = torch.randn(n, bare.latent_dim, device=rt.device,
+                              generator=torch.Generator(device=rt.device).manual_seed(e.seed + 2))
+
+    def save(name=None):
+        """Step checkpoint + last.pt (and `name`, e.g. vae_final.pt) from rank 0, then barrier."""
+        rngs = [None] * rt.world_size
+        if rt.distributed:
+            dist.all_gather_object(rngs, ck.rng_state())
+        else:
+            rngs = [ck.rng_state()]
+        path = os.path.join(ckpt_dir, f"step_{step:07d}.pt")
+        if rt.is_main:
+            ck.save_atomic({"model": ck.bare_model(bare).state_dict(), "config": cfg.to_dict(),
+                            "step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch,
+                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "scaler": scaler.state_dict(), "noise_generator": noise_gen.get_state(),
+                            "rng": rngs, "world_size": rt.world_size}, path)
+            ck.link_atomic(path, os.path.join(ckpt_dir, "last.pt"))
+            if name:
+                ck.link_atomic(path, os.path.join(ckpt_dir, name))
+            ck.prune_step_checkpoints(ckpt_dir, lg.keep_last_checkpoints)
+            log.info("step %d: saved %s", step, path)
+        if rt.distributed:
+            dist.barrier()
+        return path
+
+    # --- the loop --------------------------------------------------------------------
+    log.info("training %d steps (%d per epoch) at global batch %d = %d x %d processes on %s%s",
+             max_steps, steps_per_epoch, d.train_batch_size, batch, rt.world_size,
+             rt.device.type, f" with {t.precision} autocast" if amp_dtype else " in fp32")
+    params = [p for p in model.parameters() if p.requires_grad]
+    sums = torch.zeros(len(LOSS_KEYS) + 1, device=rt.device)
+    logged_steps, nonfinite_in_row, seen_bad = 0, 0, set()
+    bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True,
+               disable=not (rt.is_main and sys.stderr.isatty()))
+    tick, tick_step = time.perf_counter(), step
+    while step < max_steps:
+        sampler.set_epoch(epoch)
+        sampler.start = (step - epoch * steps_per_epoch) * batch
+        epoch_bad = []
+        for images, bad in train_loader:
+            epoch_bad += bad
+            rows = slice(rt.rank, d.train_batch_size, rt.world_size)
+            noise = torch.randn(d.train_batch_size, bare.latent_dim, generator=noise_gen,
+                                device=rt.device)[rows]
+            flip = (torch.rand(d.train_batch_size, generator=noise_gen, device=rt.device)[rows]
+                    < 0.5) if e.hflip else None
+            x = to_model_input(images, rt.device, flip)
+            with torch.autocast(rt.device.type, dtype=amp_dtype or torch.float32,
+                                enabled=amp_dtype is not None):
+                recon, mu, logvar = model(x, noise)
+            losses = bare.loss_function(x, recon, mu, logvar, e.kld_weight)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(losses["loss"]).backward()
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, e.max_grad_norm or math.inf)
+            finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
+            if finite or scaler.is_enabled():
+                scaler.step(optimizer)      # the fp16 scaler itself skips non-finite steps
+            scaler.update()
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            if finite:
+                nonfinite_in_row = 0
+                sums += torch.stack([losses[k].detach() for k in LOSS_KEYS] + [grad_norm])
+                logged_steps += 1
+            elif not scaler.is_enabled():
+                nonfinite_in_row += 1
+                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
+                            step, nonfinite_in_row)
+                if writer:
+                    writer.add_scalar("train/nonfinite_skipped", nonfinite_in_row, step)
+                if nonfinite_in_row >= t.max_nonfinite_steps:
+                    path = save()
+                    raise TrainingError(
+                        f"{nonfinite_in_row} non-finite steps in a row at step {step} "
+                        f"(loss {losses['loss'].item()}, grad norm {grad_norm.item()}); "
+                        f"state saved to {path}; lower exp_params.LR or check the data")
+
+            if step % t.log_every_n_steps == 0 or step == max_steps:
+                if cuda:
+                    torch.cuda.synchronize()
+                now = time.perf_counter()
+                mean = all_reduce_mean(sums.clone(), rt) / max(logged_steps, 1)
+                stats = dict(zip(LOSS_KEYS + ("grad_norm",), mean.tolist()))
+                stats["lr"] = scheduler.get_last_lr()[0]
+                stats["images_per_sec"] = d.train_batch_size * (step - tick_step) / (now - tick)
+                if writer:
+                    for k, v in stats.items():
+                        writer.add_scalar(f"train/{k}", v, step)
+                log.info("step %d (epoch %d): %s", step, epoch + 1,
+                         " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
+                bar.set_postfix(loss=f"{stats['loss']:.4g}")
+                sums.zero_()
+                logged_steps, tick, tick_step = 0, time.perf_counter(), step
+            if writer and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
+                log_images(bare, fixed_images, fixed_z, writer, run_dir, step)
+            if step % lg.save_every_n_steps == 0 and step < max_steps:
+                save()
+            if (step % 10 == 0 or not rt.distributed) and stop.agreed(rt):
+                save()
+                log.info("stopping on %s at step %d; resume with --resume auto",
+                         stop.received or "a peer's signal", step)
+                raise Preempted(step)
+            if step >= max_steps:
+                break
+        epoch_done = step == (epoch + 1) * steps_per_epoch
+        epoch += epoch_done
+        report_bad_frames(epoch_bad, seen_bad, writer, rt, step)
+        if (epoch_done and epoch % t.check_val_every_n_epoch == 0) or step >= max_steps:
+            val = validate(bare, val_loader, rt, cfg, t.limit_val_batches)
+            if writer:
+                for k, v in val.items():
+                    writer.add_scalar(f"val/{k}", v, step)
+            log.info("validation after epoch %d (step %d): %s", epoch, step,
+                     " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+    bar.close()
+    path = save("vae_final.pt")
+    if writer:
+        writer.close()
+    return os.path.join(ckpt_dir, "vae_final.pt")
+
+
+def report_bad_frames(bad, seen, writer, rt, step):
+    """Count unreadable frames of the epoch over all ranks; name each new one once."""
+    if rt.distributed:
+        gathered = [None] * rt.world_size
+        dist.all_gather_object(gathered, bad)
+        bad = [p for part in gathered for p in part]
+    if writer:
+        writer.add_scalar("data/unreadable_frames", len(bad), step)
+    new = sorted(set(bad) - seen)
+    seen.update(new)
+    if new:
+        log.warning("%d unreadable frames were replaced by readable neighbours this epoch; "
+                    "new ones: %s", len(bad), "; ".join(new[:5]) + (" ..." if len(new) > 5 else ""))
+
+
+def parse_args(description):
+    import argparse
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", required=True, help="YAML config file")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config key (repeatable), e.g. --set exp_params.LR=3e-4")
+    parser.add_argument("--resume", metavar="PATH|auto",
+                        help="checkpoint to continue from; 'auto' = newest valid one of the run")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="default: cuda when available and trainer_params.gpus != 0")
+    return parser.parse_args()
+
+
+def pick_device(requested, gpus, local_rank=0):
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is visible to this process")
+    use_cuda = requested == "cuda" or (requested is None and gpus != 0
+                                       and torch.cuda.is_available())
+    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
+
+
+def run(cfg_loader, rt_factory, resume):
+    """Load the config, build the runtime and train; every known failure exits with one line.
+
+    Exit codes: 0 done, 1 training failed, 2 bad config / data / checkpoint,
+    75 stopped by a signal after writing a checkpoint (requeue and --resume auto).
+    """
+    from checkpoint import CheckpointError
+    from dataset_sthv2 import DataError
+    try:
+        cfg = cfg_loader()
+        rt = rt_factory(cfg)
+        return train(cfg, rt, resume)
+    except (ConfigError, DataError, CheckpointError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted:
+        sys.exit(PREEMPTED_EXIT_CODE)
