@@ -1,0 +1,36 @@
+# make demo: environment + synthetic data + a short CPU training run + evaluation.
+# make test: environment + the whole test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEMO_DATA := data/demo_sthv2
+DEMO_RUN := logs_demo/VanillaVAE_demo
+
+.PHONY: demo test venv clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+$(DEMO_DATA)/something-something-v2-train.json: make_demo_data.py | venv
+	$(PY) make_demo_data.py --out $(DEMO_DATA)
+
+demo: venv $(DEMO_DATA)/something-something-v2-train.json
+	$(PY) train_single_gpu.py --config configs/demo.yaml --resume auto --device cpu
+	$(PY) evaluate.py --checkpoint $(DEMO_RUN)/checkpoints/vae_final.pt --output $(DEMO_RUN)/eval \
+		--data-path $(DEMO_DATA) --lpips-net none --device cpu --save-reconstructions
+	@echo
+	@echo "TensorBoard logs:  tensorboard --logdir $(DEMO_RUN)"
+	@echo "Checkpoints:       $(DEMO_RUN)/checkpoints/"
+	@echo "Training pictures: $(DEMO_RUN)/images/"
+	@echo "Evaluation:        $(DEMO_RUN)/eval/metrics.json, $(DEMO_RUN)/eval/reconstructions/"
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean-demo:
+	rm -rf $(DEMO_DATA) $(DEMO_RUN)

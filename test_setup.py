@@ -1,0 +1,157 @@
+"""Check that this machine can train: Python, torch/CUDA, packages, config, data, model, logs.
+
+    python test_setup.py [--config config_vae_sthv2.yaml] [--set SECTION.KEY=VALUE ...]
+                         [--device cpu|cuda]
+
+Prints a table of checks (✓ pass, ✗ fail, ! warning) and exits 1 if any check failed; each
+failure says how to fix it.
+"""
+import argparse
+import importlib
+import os
+import platform
+import sys
+import tempfile
+
+PACKAGES = [("torch", "torch"), ("torchvision", "torchvision"), ("yaml", "pyyaml"),
+            ("tensorboard", "tensorboard"), ("PIL", "pillow"), ("numpy", "numpy"),
+            ("tqdm", "tqdm"), ("lpips", "lpips"), ("piq", "piq")]
+
+
+class Report:
+    def __init__(self):
+        self.rows, self.failed = [], False
+
+    def add(self, mark, name, detail, fix=""):
+        self.rows.append((mark, name, detail, fix))
+        self.failed |= mark == "✗"
+
+    def print(self):
+        width = max(len(r[1]) for r in self.rows)
+        for mark, name, detail, fix in self.rows:
+            print(f" {mark}  {name:<{width}}  {detail}")
+            if fix:
+                print(f"    {'':<{width}}  fix: {fix}")
+
+
+def check_packages(report):
+    ok = True
+    for module, package in PACKAGES:
+        try:
+            mod = importlib.import_module(module)
+            report.add("✓", f"package {package}", getattr(mod, "__version__", "installed"))
+        except ImportError as e:
+            ok = False
+            report.add("✗", f"package {package}", f"cannot import ({e})",
+                       "pip install -r requirements.txt")
+    return ok
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="config_vae_sthv2.yaml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    report = Report()
+
+    py_ok = sys.version_info >= (3, 9)
+    report.add("✓" if py_ok else "✗", "python", platform.python_version(),
+               "" if py_ok else "use Python 3.9 or newer")
+    if not check_packages(report):
+        report.print()
+        sys.exit(1)
+
+    import torch
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    report.add("✓" if (major, minor) >= (2, 4) else "✗", "torch version", torch.__version__,
+               "" if (major, minor) >= (2, 4) else "install torch >= 2.4")
+    if torch.cuda.is_available():
+        names = sorted({torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())})
+        report.add("✓", "CUDA", f"{torch.cuda.device_count()} GPU(s): {', '.join(names)}; "
+                   f"CUDA {torch.version.cuda}, bf16 {torch.cuda.is_bf16_supported()}")
+    else:
+        report.add("!", "CUDA", f"no GPU visible (torch CUDA build: {torch.version.cuda}); "
+                   "training runs on the CPU",
+                   "on a GPU node, install a torch build matching the driver (README)")
+
+    from config import ConfigError, load_config
+    try:
+        cfg = load_config(args.config, args.set)
+        report.add("✓", "config", f"{args.config}: {cfg.model_params['name']}, "
+                   f"{cfg.model_params['image_size']} px")
+    except ConfigError as e:
+        report.add("✗", "config", str(e), "edit the key it names (README: Configuration reference)")
+        report.print()
+        sys.exit(1)
+
+    from training import pick_device
+    try:
+        device = pick_device(args.device, cfg.trainer_params.gpus)
+    except ConfigError as e:
+        report.add("✗", "device", str(e), "drop --device cuda or run on a GPU node")
+        report.print()
+        sys.exit(1)
+
+    check_data(report, cfg)
+    check_model(report, cfg, device)
+    check_logdir(report, cfg)
+    report.print()
+    sys.exit(1 if report.failed else 0)
+
+
+def check_data(report, cfg):
+    from torch.utils.data import DataLoader
+
+    from dataset_sthv2 import DataError, build_datasets, collate_frames
+    d = cfg.data_params
+    try:
+        train_set, val_set = build_datasets(d, cfg.model_params["image_size"])
+    except DataError as e:
+        report.add("✗", "data layout", str(e),
+                   "point data_params.data_path at <video_id>/img_00001.jpg folders")
+        return
+    index = train_set.index
+    report.add("✓", "data layout", f"{len(index.videos)} videos, {len(index)} frames; "
+               f"train {len(train_set)} / val {len(val_set)} frames used")
+    batch = min(d.train_batch_size, len(train_set))
+    images, bad = next(iter(DataLoader(train_set, batch, shuffle=True, collate_fn=collate_frames)))
+    detail = f"batch {tuple(images.shape)} {images.dtype}"
+    if bad:
+        report.add("!", "sample batch", f"{detail}; {len(bad)} unreadable: {bad[0]}",
+                   "re-extract the frames named")
+    else:
+        report.add("✓", "sample batch", detail)
+
+
+def check_model(report, cfg, device):
+    import torch
+
+    from vanilla_vae_model import build_model, count_parameters
+    try:
+        model = build_model(cfg.model_params).to(device)
+        size = cfg.model_params["image_size"]
+        x = torch.rand(2, cfg.model_params.get("in_channels", 3), size, size, device=device) * 2 - 1
+        recon, mu, logvar = model(x)
+        model.loss_function(x, recon, mu, logvar, cfg.exp_params.kld_weight)["loss"].backward()
+        report.add("✓", "model forward/backward",
+                   f"{cfg.model_params['name']} {count_parameters(model):,} parameters on {device}")
+    except RuntimeError as e:
+        report.add("✗", "model forward/backward", str(e).splitlines()[0],
+                   "lower image_size / hidden_dims, or free GPU memory")
+
+
+def check_logdir(report, cfg):
+    save_dir = cfg.logging_params.save_dir
+    try:
+        os.makedirs(save_dir, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=save_dir):
+            pass
+        report.add("✓", "log directory", f"{os.path.abspath(save_dir)} is writable")
+    except OSError as e:
+        report.add("✗", "log directory", f"{save_dir}: {e.strerror}",
+                   "set logging_params.save_dir to a writable folder")
+
+
+if __name__ == "__main__":
+    main()
