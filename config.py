@@ -8,6 +8,7 @@ family declares its own keys in one place.
 """
 import dataclasses
 import inspect
+import math
 import os
 import re
 import typing
@@ -130,7 +131,9 @@ def _check_type(value, annotation, key):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, int) and not isinstance(value, bool):
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
         return float(value)
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got "

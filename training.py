@@ -12,6 +12,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +32,8 @@ from vanilla_vae_model import build_model, convert_sync_batchnorm, count_paramet
 log = logging.getLogger("vae")
 PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: the job wrote last.pt and should be requeued
 LOSS_KEYS = ("loss", "recon_loss", "kld", "neg_elbo")
+# A skipped (non-finite) step still advances the schedule so the LR stays a function of step.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
 
 
 class TrainingError(RuntimeError):
@@ -197,8 +200,6 @@ def train(cfg, rt, resume=None):
     setup_logging(rt, run_dir)
     stop = StopSignal()
 
-    torch.manual_seed(e.seed * rt.world_size + rt.rank)
-    np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
@@ -240,7 +241,10 @@ def train(cfg, rt, resume=None):
     max_steps = min(max_steps, t.max_epochs * steps_per_epoch)
 
     # --- model, optimiser, schedule --------------------------------------------------
+    torch.manual_seed(e.seed)          # same initial weights whatever the world size
     model = build_model(cfg.model_params)
+    torch.manual_seed(e.seed * rt.world_size + rt.rank)
+    np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
     log.info("%s: %s parameters", cfg.model_params["name"], f"{count_parameters(model):,}")
     if t.sync_batchnorm and rt.distributed:
         model = convert_sync_batchnorm(model, rt.device)

@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny synthetic SthV2 tree and a tiny config that trains in seconds."""
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from make_demo_data import make_demo_data  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory):
+    """6 videos x 10 frames in the SthV2 layout, with label files (4 train / 2 val)."""
+    return make_demo_data(str(tmp_path_factory.mktemp("sthv2")), videos=6, frames=10, seed=3)
+
+
+def tiny_config(data_path, save_dir, **overrides):
+    """A raw config dict for a ~10k-parameter VAE at 32 px; overrides as {'sec.key': v}."""
+    cfg = {
+        "model_params": {"name": "VanillaVAE", "in_channels": 3, "hidden_dims": [8, 16],
+                         "latent_dim": 8, "image_size": 32},
+        "data_params": {"data_path": data_path, "image_size": 32, "train_batch_size": 8,
+                        "val_batch_size": 8, "num_workers": 0, "pin_memory": False,
+                        "index_cache_dir": os.path.join(save_dir, "index_cache")},
+        "exp_params": {"LR": 1e-3, "kld_weight": 1e-3, "seed": 7},
+        "trainer_params": {"gpus": 0, "max_epochs": 3, "log_every_n_steps": 2,
+                           "precision": "fp32"},
+        "logging_params": {"save_dir": save_dir, "name": "run", "save_every_n_steps": 4,
+                           "log_images_every_n_steps": 5, "num_image_samples": 4},
+    }
+    for key, value in overrides.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    return cfg
+
+
+def write_config(path, cfg):
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+    return str(path)
+
+
+def run_script(*args, timeout=300, env=None):
+    """Run a project script with the test interpreter; returns the CompletedProcess."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})

@@ -1,0 +1,139 @@
+"""Strict config: every malformed config is one clear line naming the key, before training."""
+import copy
+import dataclasses
+import math
+import typing
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from config import SECTIONS, ConfigError, config_from_dict, load_config
+from conftest import ROOT, run_script, tiny_config, write_config
+
+
+@pytest.fixture
+def raw(demo_data, tmp_path):
+    return tiny_config(demo_data, str(tmp_path / "logs"))
+
+
+def error_of(raw_cfg, world_size=1):
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw_cfg, world_size)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_seed_config_keeps_the_seed_values(demo_data):
+    cfg = load_config(f"{ROOT}/config_vae_sthv2.yaml", [f"data_params.data_path={demo_data}"])
+    assert cfg.model_params == {"name": "VanillaVAE", "in_channels": 3, "latent_dim": 256,
+                                "hidden_dims": [64, 128, 256, 512, 1024], "image_size": 256}
+    d, e, t, lg = cfg.data_params, cfg.exp_params, cfg.trainer_params, cfg.logging_params
+    assert (d.image_size, d.train_batch_size, d.val_batch_size, d.num_workers, d.pin_memory) \
+        == (256, 64, 64, 4, True)
+    assert (e.LR, e.weight_decay, e.scheduler_gamma, e.kld_weight, e.max_grad_norm) \
+        == (1e-4, 0.0, 0.95, 1e-4, 1.0)               # 1e-4 is read as a float, not a string
+    assert (t.gpus, t.max_epochs, t.gradient_clip_val, t.check_val_every_n_epoch,
+            t.log_every_n_steps, t.sync_batchnorm) == (-1, 200, 1.0, 1, 50, False)
+    assert (lg.save_dir, lg.name, lg.save_every_n_steps, lg.log_images_every_n_steps) \
+        == ("logs_vae", "VanillaVAE_sthv2", 5000, 5000)
+
+
+def test_demo_config_is_valid(demo_data):
+    cfg = load_config(f"{ROOT}/configs/demo.yaml", [f"data_params.data_path={demo_data}"])
+    assert cfg.model_params["image_size"] == cfg.data_params.image_size == 64
+
+
+@pytest.mark.parametrize("mutate,expected", [
+    (lambda c: c["exp_params"].update(learning_rate=1.0), "exp_params.learning_rate: unknown key"),
+    (lambda c: c["model_params"].update(dropout=0.1), "model_params.dropout: unknown key"),
+    (lambda c: c["data_params"].update(train_batch_size="64"),
+     "data_params.train_batch_size: expected int, got str"),
+    (lambda c: c["data_params"].update(pin_memory="yes"), "data_params.pin_memory: expected bool"),
+    (lambda c: c["trainer_params"].update(max_epochs=2.5), "trainer_params.max_epochs: expected int"),
+    (lambda c: c["model_params"].update(hidden_dims=[8, "x"]), "model_params.hidden_dims[1]"),
+    (lambda c: c.pop("exp_params"), "exp_params: missing section"),
+    (lambda c: c.update(extra_params={}), "extra_params: unknown section"),
+    (lambda c: c["data_params"].pop("data_path"), "data_params.data_path: missing"),
+    (lambda c: c["data_params"].update(data_path="/no/such/dir"), "/no/such/dir' does not exist"),
+    (lambda c: c["exp_params"].update(LR=-1e-3), "exp_params.LR: must be positive"),
+    (lambda c: c["exp_params"].update(LR=float("inf")), "exp_params.LR: must be a finite number"),
+    (lambda c: c["data_params"].update(image_size=64), "differs from model_params.image_size"),
+    (lambda c: (c["model_params"].update(image_size=34), c["data_params"].update(image_size=34)),
+     "not divisible by 2^len(hidden_dims) = 4"),
+    (lambda c: c["trainer_params"].update(precision="bf32"), "trainer_params.precision: expected one of"),
+    (lambda c: c["exp_params"].update(max_grad_norm=0.5), "disagrees with trainer_params.gradient_clip_val"),
+    (lambda c: c["model_params"].update(name="NoSuchVAE"), "model_params.name: unknown model"),
+])
+def test_malformed_configs_name_the_key(raw, mutate, expected):
+    mutate(raw)
+    assert expected in error_of(raw)
+
+
+def test_global_batch_must_split_over_processes(raw):
+    raw["data_params"]["train_batch_size"] = 6
+    assert "not divisible by the 4 processes" in error_of(raw, world_size=4)
+
+
+def test_overrides_are_type_checked_and_applied(raw, tmp_path):
+    path = write_config(tmp_path / "c.yaml", raw)
+    cfg = load_config(path, ["exp_params.LR=3e-4", "trainer_params.sync_batchnorm=true",
+                             "model_params.hidden_dims=[4,8]"])
+    assert cfg.exp_params.LR == 3e-4 and cfg.trainer_params.sync_batchnorm is True
+    assert cfg.model_params["hidden_dims"] == [4, 8]
+    with pytest.raises(ConfigError, match=r"c.yaml: exp_params.LR: expected float, got str"):
+        load_config(path, ["exp_params.LR=fast"])
+    with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
+        load_config(path, ["LR=1"])
+
+
+def test_unreadable_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(str(tmp_path / "missing.yaml"))
+    (tmp_path / "bad.yaml").write_text("model_params: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(tmp_path / "bad.yaml"))
+
+
+def test_cli_reports_config_errors_in_one_line_before_training(raw, tmp_path):
+    raw["data_params"]["num_workers"] = "four"
+    path = write_config(tmp_path / "c.yaml", raw)
+    result = run_script("train_single_gpu.py", "--config", path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {path}: data_params.num_workers: expected int, got str 'four'"]
+    assert not (tmp_path / "logs").exists()
+
+
+WRONG_VALUES = st.one_of(st.text(max_size=5), st.lists(st.integers(), max_size=2),
+                         st.dictionaries(st.text(max_size=3), st.integers(), max_size=1),
+                         st.floats(allow_nan=True), st.none())
+
+
+def _fields():
+    return [(s, f.name) for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(_fields()), value=WRONG_VALUES)
+def test_property_any_wrong_value_is_a_one_line_error_or_accepted_safely(raw, field, value):
+    """Whatever lands in a key, loading either raises a one-line ConfigError naming that key
+    or yields a value of the declared type; it never crashes with anything else."""
+    section, key = field
+    bad = copy.deepcopy(raw)
+    bad[section][key] = value
+    try:
+        cfg = config_from_dict(bad)
+    except ConfigError as e:
+        assert f"{section}.{key}" in str(e) and "\n" not in str(e)
+        return
+    got = getattr(getattr(cfg, section), key)
+    declared = typing.get_type_hints(SECTIONS[section])[key]
+    if typing.get_origin(declared) is typing.Literal:
+        assert got in typing.get_args(declared)
+    elif declared is float:
+        assert isinstance(got, float) and math.isfinite(got)
+    else:
+        assert isinstance(got, declared) and not (declared is int and isinstance(got, bool))

@@ -1,0 +1,161 @@
+"""Frame indexing, ordering, splits, stride, caching and bad-file handling on generated frames."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+import dataset_sthv2 as ds
+
+
+def write_frame(path, value, size=(40, 30)):
+    Image.new("RGB", size, (value, 255 - value, 7)).save(path)
+
+
+def make_video(root, video, names, values=None):
+    os.makedirs(os.path.join(root, video), exist_ok=True)
+    for k, name in enumerate(names):
+        write_frame(os.path.join(root, video, name), values[k] if values else 10 * k)
+
+
+def red_of(t):
+    return int(t[0, 0, 0])
+
+
+def test_numeric_order_for_every_naming(tmp_path):
+    root = str(tmp_path / "frames")
+    make_video(root, "unpadded", [f"img_{n}.jpg" for n in (10, 2, 1, 11)], [100, 20, 10, 110])
+    make_video(root, "zero_based", [f"{n:06d}.png" for n in (3, 0, 1, 2)], [30, 0, 10, 20])
+    make_video(root, "mixed_ext", ["5.png", "4.jpeg", "12.JPG"], [50, 40, 120])
+    index = ds.load_index(root, str(tmp_path / "cache"))
+    assert len(index) == 11
+    frames = ds.SthV2Frames(index, range(len(index.videos)), image_size=16)
+    names = [os.path.basename(frames.path(i)) for i in range(len(frames))]
+    by_video = {}
+    for i, name in enumerate(names):
+        by_video.setdefault(index.videos[int(frames.video[i])], []).append(name)
+    assert by_video["unpadded"] == ["img_1.jpg", "img_2.jpg", "img_10.jpg", "img_11.jpg"]
+    assert by_video["zero_based"] == ["000000.png", "000001.png", "000002.png", "000003.png"]
+    assert by_video["mixed_ext"] == ["4.jpeg", "5.png", "12.JPG"]
+    reds = [red_of(frames[i][0]) for i in range(len(frames)) if "zero_based" in frames.path(i)]
+    assert reds == [0, 10, 20, 30]              # the pixels really come from the right files
+
+
+def test_len_counts_frames_and_stride(tmp_path):
+    root = str(tmp_path / "frames")
+    make_video(root, "a", [f"img_{k:05d}.jpg" for k in range(1, 11)])
+    make_video(root, "b", [f"img_{k:05d}.jpg" for k in range(1, 6)])
+    index = ds.load_index(root, str(tmp_path / "cache"))
+    assert len(ds.SthV2Frames(index, [0, 1], 16)) == 15
+    strided = ds.SthV2Frames(index, [0, 1], 16, frame_stride=3)
+    assert len(strided) == 4 + 2                 # positions 0,3,6,9 and 0,3
+    assert [os.path.basename(strided.path(i)) for i in range(4)] == \
+        ["img_00001.jpg", "img_00004.jpg", "img_00007.jpg", "img_00010.jpg"]
+
+
+def test_index_cache_is_reused_and_rebuilt_when_tree_changes(tmp_path, monkeypatch):
+    root, cache = str(tmp_path / "frames"), str(tmp_path / "cache")
+    make_video(root, "a", [f"img_{k:05d}.jpg" for k in range(1, 4)])
+    assert len(ds.load_index(root, cache)) == 3
+    assert len(os.listdir(cache)) == 1
+    real_build = ds.FrameIndex.build
+    monkeypatch.setattr(ds.FrameIndex, "build", classmethod(lambda cls, r: pytest.fail("rebuilt")))
+    assert len(ds.load_index(root, cache)) == 3  # unchanged tree: served from the cache
+    monkeypatch.setattr(ds.FrameIndex, "build", real_build)
+    write_frame(os.path.join(root, "a", "img_00004.jpg"), 40)
+    os.utime(os.path.join(root, "a"), ns=(1, 1))  # make the change visible even on coarse clocks
+    assert len(ds.load_index(root, cache)) == 4
+    make_video(root, "b", ["img_00001.jpg"])
+    assert len(ds.load_index(root, cache)) == 5
+
+
+def test_official_label_files_decide_the_split(demo_data):
+    index = ds.load_index(demo_data, os.path.join(demo_data, "..", "cache_split"))
+    train, val, source = ds.split_videos(index)
+    with open(os.path.join(demo_data, ds.LABEL_FILES["val"])) as f:
+        val_ids = {e["id"] for e in json.load(f)}
+    assert "label files" in source
+    assert {index.videos[v] for v in val} == val_ids
+    assert not set(train) & set(val) and len(train) + len(val) == len(index.videos)
+
+
+def test_hash_split_is_deterministic_disjoint_and_complete(tmp_path):
+    root = str(tmp_path / "frames")
+    for v in range(200):
+        make_video(root, str(v), ["img_00001.jpg"])
+    index = ds.load_index(root, str(tmp_path / "cache"))
+    train, val, source = ds.split_videos(index, val_fraction=0.2)
+    assert "hash split" in source
+    assert sorted(train + val) == list(range(200)) and not set(train) & set(val)
+    assert 20 <= len(val) <= 60
+    assert ds.split_videos(index, val_fraction=0.2)[1] == val
+    with pytest.raises(ds.DataError, match="lacks"):
+        ds.split_videos(index, labels_path=str(tmp_path))
+
+
+def test_frames_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
+    root = str(tmp_path / "frames")
+    os.makedirs(os.path.join(root, "v"))
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
+    img.save(os.path.join(root, "v", "img_00001.png"))
+    got = ds.load_frame(os.path.join(root, "v", "img_00001.png"), 32)
+    reference = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
+                                    transforms.PILToTensor()])(img)
+    assert got.dtype == torch.uint8 and got.shape == (3, 32, 32)
+    assert torch.equal(got, reference)
+
+
+def test_bad_files_are_replaced_by_neighbours_and_reported(tmp_path):
+    root = str(tmp_path / "frames")
+    make_video(root, "v", [f"img_{k:05d}.jpg" for k in range(1, 7)], [10, 20, 30, 40, 50, 60])
+    v = os.path.join(root, "v")
+    open(os.path.join(v, "img_00002.jpg"), "wb").close()                        # zero bytes
+    data = open(os.path.join(v, "img_00003.jpg"), "rb").read()
+    open(os.path.join(v, "img_00003.jpg"), "wb").write(data[: len(data) // 2])  # truncated
+    open(os.path.join(v, "img_00004.jpg"), "w").write("not an image")           # wrong content
+    os.makedirs(os.path.join(root, "empty_video"))
+    index = ds.load_index(root, str(tmp_path / "cache"))
+    assert index.empty_videos == ["empty_video"]
+    frames = ds.SthV2Frames(index, [0], 16)
+    images, bad = ds.collate_frames([frames[i] for i in range(len(frames))])
+    assert images.shape == (6, 3, 16, 16)
+    assert sorted({p.split(" ")[0] for p in bad}) == [os.path.join(v, f"img_0000{k}.jpg")
+                                                      for k in (2, 3, 4)]
+    reds = [round(red_of(img) / 10) * 10 for img in images]   # JPEG moves colours by a unit
+    assert reds[0] == 10 and reds[4] == 50 and reds[5] == 60
+    assert all(r in (10, 50) for r in reds[1:4])  # nearest readable neighbour, never garbage
+
+
+def test_batch_of_only_unreadable_frames_fails_with_a_clear_error(tmp_path):
+    root = str(tmp_path / "frames")
+    os.makedirs(os.path.join(root, "v"))
+    for k in range(1, 4):
+        open(os.path.join(root, "v", f"img_{k:05d}.jpg"), "wb").close()
+    index = ds.load_index(root, str(tmp_path / "cache"))
+    frames = ds.SthV2Frames(index, [0], 16)
+    assert frames[0][0] is None and len(frames[0][1]) == 3
+    with pytest.raises(ds.DataError, match="failed to decode"):
+        ds.collate_frames([frames[0], frames[1]])
+
+
+def test_empty_tree_and_missing_folder_are_clear_errors(tmp_path):
+    with pytest.raises(ds.DataError, match="not a folder"):
+        ds.load_index(str(tmp_path / "nope"), str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "empty" / "v")
+    with pytest.raises(ds.DataError, match="no frames found"):
+        ds.load_index(str(tmp_path / "empty"), str(tmp_path / "cache"))
+
+
+def test_frame_pairs_use_the_same_index(tmp_path):
+    root = str(tmp_path / "frames")
+    make_video(root, "a", [f"img_{k:05d}.png" for k in range(1, 9)], [10 * k for k in range(8)])
+    make_video(root, "b", [f"img_{k:05d}.png" for k in range(1, 3)])
+    index = ds.load_index(root, str(tmp_path / "cache"))
+    pairs = ds.SthV2FramePairs(index, [0, 1], 16, offset=3)
+    assert len(pairs) == 5                       # video b is shorter than the offset
+    clip, bad = pairs[2]
+    assert clip.shape == (2, 3, 16, 16) and not bad
+    assert (red_of(clip[0]), red_of(clip[1])) == (20, 50)

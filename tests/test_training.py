@@ -1,0 +1,120 @@
+"""Single-process training: contract outputs, TensorBoard tags, exact resume, safe restarts."""
+import glob
+import os
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from checkpoint import REQUIRED_KEYS
+from config import config_from_dict
+from conftest import run_script, tiny_config, write_config
+from training import Runtime, TrainingError, train
+from vanilla_vae_model import VanillaVAE, build_model
+
+CONTRACT_SCALARS = {"train/loss", "train/recon_loss", "train/kld", "train/lr", "train/grad_norm",
+                    "train/images_per_sec", "val/loss", "val/recon_loss", "val/kld"}
+CONTRACT_IMAGES = {"images/reconstructions", "images/samples"}
+
+
+def train_cli(config_path, *extra):
+    result = run_script("train_single_gpu.py", "--config", config_path, "--device", "cpu", *extra)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def assert_same_tensors(a, b, exact=True):
+    assert a.keys() == b.keys()
+    for k in a:
+        if isinstance(a[k], dict):
+            assert_same_tensors(a[k], b[k], exact)
+        elif torch.is_tensor(a[k]):
+            assert torch.equal(a[k], b[k]) if exact else torch.allclose(a[k], b[k]), k
+        else:
+            assert a[k] == b[k], k
+
+
+def test_run_writes_the_contract_outputs(demo_data, tmp_path):
+    cfg = tiny_config(demo_data, str(tmp_path / "logs"))     # 5 steps per epoch, 3 epochs
+    train_cli(write_config(tmp_path / "c.yaml", cfg))
+    run_dir = tmp_path / "logs" / "run"
+    ckpts = sorted(os.listdir(run_dir / "checkpoints"))
+    assert ckpts == ["last.pt", "step_0000008.pt", "step_0000012.pt", "step_0000015.pt",
+                     "vae_final.pt"]                          # step_0000004 pruned (keep 3)
+    final = torch.load(run_dir / "checkpoints" / "vae_final.pt", weights_only=True)
+    assert set(REQUIRED_KEYS) <= set(final) and final["step"] == 15 and final["epoch"] == 3
+    assert not [k for k in final["model"] if k.startswith(("module.", "_orig_mod."))]
+    model = build_model(final["config"]["model_params"])
+    model.load_state_dict(final["model"])                    # strict: every key matches
+    assert final["config"]["exp_params"]["LR"] == 1e-3
+    assert (run_dir / "config.yaml").exists() and (run_dir / "train.log").exists()
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert CONTRACT_SCALARS <= set(events.Tags()["scalars"])
+    assert CONTRACT_IMAGES <= set(events.Tags()["images"])
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12, 14, 15]
+    assert all(e.value > 0 for e in events.Scalars("train/kld"))
+    assert len(events.Scalars("val/loss")) == 3               # once per epoch
+    assert glob.glob(str(run_dir / "images" / "reconstructions_*.png"))
+
+
+def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(demo_data, tmp_path):
+    def config(name, steps):
+        return write_config(tmp_path / f"{name}.yaml", tiny_config(
+            demo_data, str(tmp_path / "logs"), **{
+                "logging_params.name": name, "trainer_params.max_steps": steps,
+                "data_params.num_workers": 1, "exp_params.hflip": True,
+                "exp_params.warmup_steps": 3, "exp_params.scheduler_gamma": 0.9}))
+
+    train_cli(config("straight", 14))                         # 2N = 14 steps, 5 per epoch
+    train_cli(config("resumed", 7))                           # stops mid-epoch at N = 7
+    train_cli(config("resumed", 14), "--resume", "auto")
+    a = torch.load(tmp_path / "logs/straight/checkpoints/vae_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "logs/resumed/checkpoints/vae_final.pt", weights_only=True)
+    assert a["step"] == b["step"] == 14
+    assert_same_tensors(a["model"], b["model"])
+    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
+    assert a["scheduler"] == b["scheduler"]
+
+
+def test_existing_run_is_never_overwritten_without_resume(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(
+        demo_data, str(tmp_path / "logs"), **{"trainer_params.max_steps": 2}))
+    train_cli(path)
+    before = open(tmp_path / "logs/run/checkpoints/last.pt", "rb").read()
+    result = run_script("train_single_gpu.py", "--config", path, "--device", "cpu")
+    assert result.returncode == 2 and "--resume auto" in result.stderr
+    assert open(tmp_path / "logs/run/checkpoints/last.pt", "rb").read() == before
+
+
+def test_resume_auto_skips_a_truncated_checkpoint(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(
+        demo_data, str(tmp_path / "logs"), **{"trainer_params.max_steps": 9}))
+    train_cli(path)
+    ckpt_dir = tmp_path / "logs/run/checkpoints"
+    for name in ("last.pt", "step_0000009.pt"):               # as if killed mid-write
+        data = (ckpt_dir / name).read_bytes()
+        (ckpt_dir / name).write_bytes(data[: len(data) // 3])
+    result = train_cli(path, "--set", "trainer_params.max_steps=10", "--resume", "auto")
+    assert "step_0000008.pt" in result.stdout and "truncated" in result.stdout + result.stderr
+    assert torch.load(ckpt_dir / "vae_final.pt", weights_only=True)["step"] == 10
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, monkeypatch):
+    cfg = config_from_dict(tiny_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_nonfinite_steps": 3}))
+    original = VanillaVAE.loss_function
+
+    def poisoned(self, *args):
+        losses = original(self, *args)
+        return {**losses, "loss": losses["loss"] * float("nan")}
+
+    monkeypatch.setattr(VanillaVAE, "loss_function", poisoned)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row at step 3"):
+        train(cfg, Runtime())
+    saved = torch.load(tmp_path / "logs/run/checkpoints/last.pt", weights_only=True)
+    assert saved["optimizer"]["state"] == {}                  # no update was ever applied
+    torch.manual_seed(cfg.exp_params.seed)                    # the run's initialisation
+    for name, p in build_model(cfg.model_params).named_parameters():
+        assert torch.equal(saved["model"][name], p), name
