@@ -228,8 +228,9 @@ class SthV2Frames(Dataset):
     An item is (uint8 image, list of unreadable paths it had to skip).
     """
 
-    def __init__(self, index, video_positions, image_size, frame_stride=1):
-        self.index, self.image_size = index, image_size
+    def __init__(self, index, video_positions, image_size, frame_stride=1,
+                 neighbour_tries=NEIGHBOUR_TRIES):
+        self.index, self.image_size, self.neighbour_tries = index, image_size, neighbour_tries
         vids, poss = [], []
         for v in video_positions:
             pos = np.arange(0, index.num_frames(v), frame_stride, dtype=np.int64)
@@ -248,7 +249,7 @@ class SthV2Frames(Dataset):
         """Frame `pos` of video `v`, or its nearest readable neighbour; (image, bad paths)."""
         bad = []
         n = self.index.num_frames(v)
-        for delta in [0] + [d for k in range(1, NEIGHBOUR_TRIES + 1) for d in (k, -k)]:
+        for delta in [0] + [d for k in range(1, self.neighbour_tries + 1) for d in (k, -k)]:
             p = pos + delta
             if not 0 <= p < n:
                 continue
@@ -278,6 +279,34 @@ class SthV2FramePairs(SthV2Frames):
         second, bad2 = self.load(v, pos + self.offset)
         return (None if first is None or second is None else torch.stack([first, second]),
                 bad + bad2)
+
+
+IMAGE_FILE = re.compile(r"\.(?:jpe?g|png|bmp|webp)$", re.I)
+
+
+class ImageFiles(Dataset):
+    """Every image file under a folder (recursively, natural order), for evaluation."""
+
+    def __init__(self, root, image_size):
+        if not os.path.isdir(root):
+            raise DataError(f"image folder {root} does not exist")
+        self.image_size = image_size
+        self.paths = sorted((os.path.join(d, f) for d, _, files in os.walk(root)
+                             for f in files if IMAGE_FILE.search(f)), key=_natural_key)
+        if not self.paths:
+            raise DataError(f"no .jpg/.png/.bmp/.webp images under {root}")
+
+    def __len__(self):
+        return len(self.paths)
+
+    def path(self, i):
+        return self.paths[i]
+
+    def __getitem__(self, i):
+        try:
+            return load_frame(self.paths[i], self.image_size), []
+        except DECODE_ERRORS as e:
+            return None, [f"{self.paths[i]} ({type(e).__name__}: {e})"]
 
 
 def collate_frames(batch):

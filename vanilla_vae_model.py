@@ -88,6 +88,25 @@ class VanillaVAE(nn.Module):
         return {"loss": recon_loss + kld_weight * kld, "recon_loss": recon_loss,
                 "kld": kld, "neg_elbo": 0.5 * sse + kld}
 
+    # Evaluation metrics this model does not define, with the reason (metrics.json lists them).
+    not_applicable = {"vq_loss": "a Gaussian VAE has no codebook"}
+
+    @torch.no_grad()
+    def evaluate_batch(self, x, generator=None):
+        """Reconstruction through the posterior mean, per-image model metrics and latents.
+
+        kl: KL(q(z|x) || p(z)) in nats. elbo: minus neg_elbo of loss_function, estimated with
+        one latent sample drawn from `generator` (unit-variance Gaussian decoder on [-1, 1]
+        pixels, the constant D/2 log 2 pi left out).
+        """
+        mu, logvar = self.encode(x)
+        noise = torch.randn(mu.shape, generator=generator, device=mu.device)
+        sampled = self.decode(self.reparameterize(mu, logvar, noise))
+        kl = gaussian_kl(mu.float(), logvar.float())
+        sse = (sampled.float() - x.float()).pow(2).flatten(1).sum(1)
+        return self.decode(mu), {"kl": kl, "elbo": -(0.5 * sse + kl)}, \
+            {"mu": mu.float(), "logvar": logvar.float()}
+
     @torch.no_grad()
     def reconstruct(self, x):
         """Deterministic reconstruction through the posterior mean."""

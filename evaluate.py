@@ -1,0 +1,247 @@
+"""Evaluate a trained autoencoder checkpoint on a dataset split.
+
+    python evaluate.py --checkpoint CKPT --output DIR [--data-path PATH] [--dataset sthv2|images]
+                       [--split val] [--max-images N] [--batch-size B] [--lpips-net alex|vgg|none]
+                       [--num-samples N] [--save-reconstructions] [--device cpu|cuda]
+
+Writes DIR/metrics.json (mean, std and 95% CI of every metric over images; latent
+diagnostics; generation self-consistency), DIR/per_image.csv, DIR/reconstructions.png,
+DIR/samples.png and, with --save-reconstructions, DIR/reconstructions/{index:06d}_input.png
+and _recon.png. Metric definitions: metrics.py.
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision.utils import make_grid, save_image
+from tqdm import tqdm
+
+from checkpoint import CheckpointError, load_checkpoint
+from dataset_sthv2 import DataError, ImageFiles, SthV2Frames, load_index, split_videos
+from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
+                     latent_diagnostics, summarize)
+from vanilla_vae_model import build_model
+
+GRID_IMAGES = 8
+
+
+class Indexed(Dataset):
+    """(position in the split, image or None, unreadable paths) for the chosen positions."""
+
+    def __init__(self, dataset, positions):
+        self.dataset, self.positions = dataset, positions
+
+    def __len__(self):
+        return len(self.positions)
+
+    def __getitem__(self, k):
+        image, bad = self.dataset[self.positions[k]]
+        return self.positions[k], image, bad
+
+
+def collate_readable(batch):
+    """Keep readable images only: an unreadable one is reported, never scored as another."""
+    kept = [(i, img) for i, img, _ in batch if img is not None]
+    bad = [p for _, _, paths in batch for p in paths]
+    if not kept:
+        return torch.zeros(0, dtype=torch.long), torch.zeros(0, 3, 1, 1, dtype=torch.uint8), bad
+    return torch.tensor([i for i, _ in kept]), torch.stack([img for _, img in kept]), bad
+
+
+def load_model(path, device):
+    """(model in eval mode on device, checkpoint dict) from a weights_only checkpoint."""
+    ckpt = load_checkpoint(path)
+    if "model" not in ckpt or "config" not in ckpt:
+        raise CheckpointError(f"{path} has no 'model'/'config': not a checkpoint of this project")
+    model = build_model(ckpt["config"]["model_params"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt
+
+
+def build_eval_dataset(args, config, image_size):
+    data = config["data_params"]
+    if args.dataset == "images":
+        if not args.data_path:
+            raise DataError("--dataset images needs --data-path FOLDER")
+        return ImageFiles(args.data_path, image_size), {"data_path": args.data_path}
+    path = args.data_path or data["data_path"]
+    index = load_index(path, data.get("index_cache_dir", ""))
+    train, val, source = split_videos(index, data.get("labels_path", ""),
+                                      data.get("val_fraction", 0.05))
+    videos = {"train": train, "val": val}[args.split]
+    if not videos:
+        raise DataError(f"the {args.split} split of {path} has no videos ({source})")
+    frames = SthV2Frames(index, videos, image_size, data.get("frame_stride", 1), neighbour_tries=0)
+    return frames, {"data_path": path, "split": args.split, "split_source": source,
+                    "frame_stride": data.get("frame_stride", 1)}
+
+
+def to_uint8(x01):
+    return (x01.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def save_png(tensor_uint8, path):
+    Image.fromarray(tensor_uint8.permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+def section(per_image, names, not_applicable):
+    out = {name: summarize(per_image[name]) for name in names}
+    out.update({name: None for name in not_applicable})
+    out["not_applicable"] = not_applicable
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, dataset, positions, metrics, args, device):
+    """Per-image metrics over `positions` of the dataset; returns (rows, latents, grid)."""
+    loader = DataLoader(Indexed(dataset, positions), args.batch_size, num_workers=args.workers,
+                        collate_fn=collate_readable)
+    generator = torch.Generator(device=device).manual_seed(0)
+    rows, mus, logvars, unreadable, grid = [], [], [], [], None
+    recon_dir = os.path.join(args.output, "reconstructions")
+    if args.save_reconstructions:
+        os.makedirs(recon_dir, exist_ok=True)
+    for index, images, bad in tqdm(loader, desc="reconstruction", disable=not sys.stderr.isatty()):
+        unreadable += bad
+        if len(index) == 0:
+            continue
+        x01 = images.to(device).float() / 255
+        recon, model_metrics, latents = model.evaluate_batch(x01 * 2 - 1, generator)
+        recon01 = (recon.float() + 1) / 2
+        values = {**metrics(x01, recon01),
+                  **{k: v.double().cpu() for k, v in model_metrics.items()}}
+        for k, i in enumerate(index.tolist()):
+            rows.append({"index": i, "path": dataset.path(i),
+                         **{name: float(v[k]) for name, v in values.items()}})
+        if "mu" in latents:
+            mus.append(latents["mu"].cpu())
+            logvars.append(latents["logvar"].cpu())
+        if grid is None:
+            grid = torch.cat([x01[:GRID_IMAGES], recon01[:GRID_IMAGES].clamp(0, 1)])
+        if args.save_reconstructions:
+            for k, i in enumerate(index.tolist()):
+                save_png(images[k], os.path.join(recon_dir, f"{i:06d}_input.png"))
+                save_png(to_uint8(recon01[k]), os.path.join(recon_dir, f"{i:06d}_recon.png"))
+    latent = latent_diagnostics(torch.cat(mus), torch.cat(logvars)) if mus else None
+    return rows, latent, grid, unreadable
+
+
+@torch.no_grad()
+def generation_consistency(model, metrics, num_samples, batch_size, device):
+    """Decode prior samples, reconstruct them through the model, score the round trip."""
+    generator = torch.Generator(device=device).manual_seed(1)
+    per_image, samples = {}, []
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        generated01 = (model.sample(n, device=device, generator=generator).float() + 1) / 2
+        generated01 = generated01.clamp(0, 1)
+        again01 = (model.reconstruct(generated01 * 2 - 1).float() + 1) / 2
+        for name, v in metrics(generated01, again01).items():
+            per_image.setdefault(name, []).append(v)
+        samples.append(generated01.cpu())
+    return {k: torch.cat(v) for k, v in per_image.items()}, torch.cat(samples)
+
+
+def print_table(report):
+    print(f"\n{report['model']} on {report['dataset']} ({report['num_images']} images)")
+    print(f"{'metric':<8} {'mean':>10} {'std':>10}   95% CI")
+    for title in ("reconstruction", "generation"):
+        print(f"-- {title}")
+        for name, s in report[title].items():
+            if name != "not_applicable" and s is not None and s["mean"] is not None:
+                print(f"{name:<8} {s['mean']:>10.4f} {s['std']:>10.4f}   "
+                      f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]")
+    if report["latent"]:
+        lat = report["latent"]
+        print(f"-- latent: {lat['active_units']}/{lat['latent_dim']} active units, "
+              f"KL {lat['kl_total']:.2f} nats")
+        if lat["posterior_collapse_warning"]:
+            print(f"warning: {lat['posterior_collapse_warning']}")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--output", required=True, help="folder for the results")
+    parser.add_argument("--data-path", help="default: data_params.data_path of the checkpoint")
+    parser.add_argument("--dataset", choices=["sthv2", "images"], default="sthv2")
+    parser.add_argument("--split", choices=["val", "train"], default="val")
+    parser.add_argument("--max-images", type=int, default=0,
+                        help="evenly spaced subset of the split (0 = all)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--lpips-net", choices=["alex", "vgg", "none"], default="alex")
+    parser.add_argument("--num-samples", type=int, default=64,
+                        help="prior samples for generation self-consistency (0 = skip)")
+    parser.add_argument("--save-reconstructions", action="store_true")
+    parser.add_argument("--device", choices=["cpu", "cuda"])
+    args = parser.parse_args()
+    if args.batch_size < 1 or args.max_images < 0 or args.num_samples < 0 or args.workers < 0:
+        parser.error("--batch-size must be >= 1; --max-images, --num-samples, --workers >= 0")
+    return args
+
+
+def main():
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda: no CUDA device is visible")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        metrics = ImageMetrics(device, args.lpips_net)          # fail fast on missing weights
+        model, ckpt = load_model(args.checkpoint, device)
+        image_size = ckpt["config"]["model_params"]["image_size"]
+        dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
+    except (LpipsWeightsMissing, CheckpointError, DataError) as e:
+        sys.exit(f"error: {e}")
+    positions = list(range(len(dataset)))
+    if args.max_images and args.max_images < len(positions):
+        positions = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, args.max_images)})
+    os.makedirs(args.output, exist_ok=True)
+
+    rows, latent, grid, unreadable = evaluate(model, dataset, positions, metrics, args, device)
+    if not rows:
+        sys.exit(f"error: none of the {len(positions)} images could be read")
+    if unreadable:
+        print(f"warning: {len(unreadable)} unreadable images left out, e.g. {unreadable[0]}",
+              file=sys.stderr)
+    model_names = [k for k in rows[0] if k not in ("index", "path") and k not in metrics.names]
+    per_image = {k: [r[k] for r in rows] for k in metrics.names + model_names}
+    skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}
+    report = {"model": ckpt["config"]["model_params"]["name"],
+              "checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
+              "dataset": args.dataset, **data_info, "num_images": len(rows),
+              "unreadable_images": unreadable, "lpips_net": args.lpips_net,
+              "num_samples": args.num_samples, "ci_method": CI_METHOD,
+              "ssim_settings": SSIM_SETTINGS,
+              "reconstruction": section(per_image, metrics.names + model_names,
+                                        {**skipped, **model.not_applicable})}
+    if args.num_samples:
+        generated, samples = generation_consistency(model, metrics, args.num_samples,
+                                                    args.batch_size, device)
+        report["generation"] = section(generated, metrics.names, skipped)
+        save_image(make_grid(samples[:64], nrow=8), os.path.join(args.output, "samples.png"))
+    else:
+        report["generation"] = {"not_applicable": {"all": "skipped with --num-samples 0"}}
+    report["latent"] = latent
+
+    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.output, "per_image.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    save_image(make_grid(grid, nrow=len(grid) // 2), os.path.join(args.output, "reconstructions.png"))
+    print_table(report)
+    print(f"\nwrote {args.output}/metrics.json, per_image.csv, reconstructions.png"
+          + (", samples.png" if args.num_samples else "")
+          + (", reconstructions/" if args.save_reconstructions else ""))
+
+
+if __name__ == "__main__":
+    main()

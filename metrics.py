@@ -1,0 +1,141 @@
+"""Image-quality metrics, summaries with confidence intervals, and latent diagnostics.
+
+One module for evaluate.py, compare_with_laq.py and training validation, so every number in
+this project is computed the same way. Images enter as float tensors in [0, 1], (B, 3, H, W).
+
+- mse   mean squared error over pixels of [0, 1] images
+- bce   binary cross-entropy of the reconstruction (clamped to [1e-6, 1 - 1e-6]) as the
+        probability of each target pixel, mean over pixels
+- psnr  piq.psnr, data_range 1
+- ssim  piq.ssim with an 11x11 Gaussian window, sigma 1.5, K = (0.01, 0.03), no
+        down-sampling (piq's default would average-pool images >= 384 px), per-channel mean;
+        equal to scikit-image's structural_similarity(gaussian_weights=True, sigma=1.5,
+        use_sample_covariance=False, data_range=1, channel_axis=-1)
+- gmsd  piq.gmsd, data_range 1 (lower is better)
+- lpips the lpips package (AlexNet by default, VGG selectable), inputs mapped by normalize=True
+"""
+import math
+import os
+
+import numpy as np
+import piq
+import torch
+import torch.nn.functional as F
+
+SSIM_SETTINGS = {"kernel_size": 11, "kernel_sigma": 1.5, "k1": 0.01, "k2": 0.03,
+                 "downsample": False, "data_range": 1.0}
+CI_METHOD = "bootstrap percentile, 2000 resamples of images, seed 0"
+LOWER_IS_BETTER = {"mse", "bce", "gmsd", "lpips", "kl", "vq_loss"}
+
+
+class LpipsWeightsMissing(RuntimeError):
+    """The LPIPS backbone weights are not on disk, and downloading them would hang offline."""
+
+
+def lpips_backbone_file(net):
+    """Where torchvision keeps the ImageNet weights that LPIPS's backbone `net` loads."""
+    from torchvision.models import AlexNet_Weights, VGG16_Weights
+    url = {"alex": AlexNet_Weights.IMAGENET1K_V1, "vgg": VGG16_Weights.IMAGENET1K_V1}[net].url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def build_lpips(net, device, random_backbone=False):
+    """LPIPS with `net` ('alex' or 'vgg'); fails at once, naming the missing file, when the
+    backbone weights are absent (torch.hub would otherwise try to download with no timeout).
+    random_backbone=True builds it with untrained backbone weights, for offline plumbing tests."""
+    import lpips
+    if not random_backbone:
+        path = lpips_backbone_file(net)
+        if not os.path.isfile(path):
+            raise LpipsWeightsMissing(
+                f"LPIPS ({net}) needs {os.path.basename(path)} in {os.path.dirname(path)} "
+                f"(set TORCH_HOME to move it); on a machine with internet run "
+                f"`python fetch_lpips_weights.py --net {net}` and copy that file there, "
+                f"or pass --lpips-net none to skip LPIPS")
+    model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
+    return model.eval().requires_grad_(False).to(device)
+
+
+class ImageMetrics:
+    """Per-image reconstruction metrics on one device; the LPIPS network is built once."""
+
+    def __init__(self, device, lpips_net="alex", lpips_random_backbone=False):
+        self.lpips_net = lpips_net
+        self.lpips = (None if lpips_net == "none"
+                      else build_lpips(lpips_net, device, lpips_random_backbone))
+
+    @property
+    def names(self):
+        return ["mse", "bce", "psnr", "ssim", "gmsd"] + (["lpips"] if self.lpips else [])
+
+    @torch.no_grad()
+    def __call__(self, target, recon):
+        """dict name -> (B,) float64 CPU tensor. Both inputs are clamped into [0, 1] first
+        (model outputs may overshoot; piq asserts the range)."""
+        target = target.float().clamp(0, 1)
+        recon = recon.float().clamp(0, 1)
+        out = {
+            "mse": (recon - target).pow(2).flatten(1).mean(1),
+            "bce": F.binary_cross_entropy(recon.clamp(1e-6, 1 - 1e-6), target,
+                                          reduction="none").flatten(1).mean(1),
+            "psnr": piq.psnr(recon, target, data_range=1.0, reduction="none"),
+            "ssim": piq.ssim(recon, target, reduction="none", **SSIM_SETTINGS),
+            "gmsd": piq.gmsd(recon, target, data_range=1.0, reduction="none"),
+        }
+        if self.lpips is not None:
+            out["lpips"] = self.lpips(recon, target, normalize=True).flatten()
+        return {k: v.double().cpu() for k, v in out.items()}
+
+
+def summarize(values, resamples=2000, seed=0):
+    """mean, std (ddof 1) and a 95% bootstrap percentile interval of the mean."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return {"mean": None, "std": None, "ci95": None, "n": 0}
+    if len(v) == 1:
+        return {"mean": float(v[0]), "std": 0.0, "ci95": [float(v[0])] * 2, "n": 1}
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    for start in range(0, resamples, 200):       # bounded memory for large n
+        idx = rng.integers(0, len(v), size=(min(200, resamples - start), len(v)))
+        means[start:start + len(idx)] = v[idx].mean(1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)),
+            "ci95": [float(lo), float(hi)], "n": int(len(v))}
+
+
+def latent_diagnostics(mu, logvar, active_threshold=0.01):
+    """Posterior statistics over a dataset: mu, logvar (N, D) float tensors.
+
+    A unit u is active when Cov_x(E[z_u | x]) = Var_x(mu_u) > active_threshold (Burda et al.).
+    """
+    mu, logvar = mu.double(), logvar.double()
+    n, dim = mu.shape
+    kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)
+    activity = mu.var(0, unbiased=False) if n > 1 else torch.zeros(dim, dtype=torch.float64)
+    active = int((activity > active_threshold).sum())
+    sigma = (0.5 * logvar).exp()
+    out = {"latent_dim": dim, "num_images": n,
+           "kl_per_dim": kl_per_dim.tolist(), "kl_total": float(kl_per_dim.sum()),
+           "active_units": active, "active_threshold": active_threshold,
+           "activity_per_dim": activity.tolist(),
+           "mu_mean": float(mu.mean()), "mu_std": float(mu.std()) if mu.numel() > 1 else 0.0,
+           "sigma_mean": float(sigma.mean()),
+           "sigma_std": float(sigma.std()) if sigma.numel() > 1 else 0.0,
+           "posterior_collapse_warning": None}
+    if active < max(1, math.ceil(0.1 * dim)):
+        out["posterior_collapse_warning"] = (
+            f"only {active} of {dim} latent units are active (Var_x(mu) > {active_threshold}): "
+            f"the posterior has largely collapsed to the prior")
+    return out
+
+
+def codebook_diagnostics(codes, codebook_size):
+    """Usage of discrete codes: histogram, perplexity, unique codes. codes: integer tensor."""
+    counts = torch.bincount(codes.flatten().long().cpu(), minlength=codebook_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"codebook_size": codebook_size, "histogram": counts.long().tolist(),
+            "perplexity": float(entropy.exp()), "unique_codes": int((counts > 0).sum()),
+            "num_codes": int(counts.sum())}
