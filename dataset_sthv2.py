@@ -207,12 +207,16 @@ def split_videos(index, labels_path="", val_fraction=0.05, seed=0):
     return train, val, f"hash split, val_fraction={val_fraction}"
 
 
-def load_frame(path, image_size):
-    """uint8 (3, S, S): short side resized to S, centre-cropped. Raises DECODE_ERRORS."""
+def load_frame(path, image_size, resize="crop"):
+    """uint8 (3, S, S): short side resized to S and centre-cropped ("crop"), or the whole
+    frame squeezed to S x S ("stretch", as LAPA's inference does). Raises DECODE_ERRORS."""
     with Image.open(path) as im:
         if im.format == "JPEG":
             im.draft("RGB", (image_size, image_size))   # DCT-domain downscale when large
         im = im.convert("RGB")
+        if resize == "stretch":
+            im = im.resize((image_size, image_size), Image.BILINEAR)
+            return torch.from_numpy(np.array(im)).permute(2, 0, 1).contiguous()
         w, h = im.size
         scale = image_size / min(w, h)
         nw, nh = max(image_size, round(w * scale)), max(image_size, round(h * scale))

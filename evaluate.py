@@ -25,7 +25,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_checkpoint
 from dataset_sthv2 import DataError, ImageFiles, SthV2Frames, load_index, split_videos
 from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
-                     latent_diagnostics, summarize)
+                     latent_diagnostics, lpips_label, summarize)
 from vanilla_vae_model import build_model
 
 GRID_IMAGES = 8
@@ -177,6 +177,9 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--lpips-net", choices=["alex", "vgg", "none"], default="alex")
+    parser.add_argument("--lpips-random-backbone", action="store_true",
+                        help="untrained LPIPS backbone: tests the pipeline offline; the LPIPS "
+                             "numbers are then meaningless and metrics.json says so")
     parser.add_argument("--num-samples", type=int, default=64,
                         help="prior samples for generation self-consistency (0 = skip)")
     parser.add_argument("--save-reconstructions", action="store_true")
@@ -193,7 +196,7 @@ def main():
         sys.exit("error: --device cuda: no CUDA device is visible")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
-        metrics = ImageMetrics(device, args.lpips_net)          # fail fast on missing weights
+        metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
         model, ckpt = load_model(args.checkpoint, device)
         image_size = ckpt["config"]["model_params"]["image_size"]
         dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
@@ -216,7 +219,7 @@ def main():
     report = {"model": ckpt["config"]["model_params"]["name"],
               "checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
               "dataset": args.dataset, **data_info, "num_images": len(rows),
-              "unreadable_images": unreadable, "lpips_net": args.lpips_net,
+              "unreadable_images": unreadable, "lpips_net": lpips_label(args),
               "num_samples": args.num_samples, "ci_method": CI_METHOD,
               "ssim_settings": SSIM_SETTINGS,
               "reconstruction": section(per_image, metrics.names + model_names,

@@ -16,6 +16,7 @@ this project is computed the same way. Images enter as float tensors in [0, 1], 
 """
 import math
 import os
+import warnings
 
 import numpy as np
 import piq
@@ -52,7 +53,9 @@ def build_lpips(net, device, random_backbone=False):
                 f"(set TORCH_HOME to move it); on a machine with internet run "
                 f"`python fetch_lpips_weights.py --net {net}` and copy that file there, "
                 f"or pass --lpips-net none to skip LPIPS")
-    model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
+    with warnings.catch_warnings():      # lpips calls torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -85,6 +88,12 @@ class ImageMetrics:
         if self.lpips is not None:
             out["lpips"] = self.lpips(recon, target, normalize=True).flatten()
         return {k: v.double().cpu() for k, v in out.items()}
+
+
+def lpips_label(args):
+    """How LPIPS was computed, for metrics.json."""
+    return args.lpips_net + (" (random backbone: LPIPS values meaningless)"
+                             if args.lpips_random_backbone and args.lpips_net != "none" else "")
 
 
 def summarize(values, resamples=2000, seed=0):

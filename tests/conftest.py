@@ -48,3 +48,13 @@ def run_script(*args, timeout=300, env=None):
     """Run a project script with the test interpreter; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(demo_data, tmp_path_factory):
+    """vae_final.pt of a tiny VanillaVAE trained for a few steps on the demo data."""
+    from config import config_from_dict
+    from training import Runtime, train
+    save_dir = str(tmp_path_factory.mktemp("trained"))
+    cfg = config_from_dict(tiny_config(demo_data, save_dir, **{"trainer_params.max_steps": 6}))
+    return train(cfg, Runtime())

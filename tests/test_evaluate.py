@@ -1,0 +1,100 @@
+"""evaluate.py end to end on demo data: the contract's files, and numbers that add up."""
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import run_script
+from dataset_sthv2 import load_frame
+
+SUMMARY_KEYS = {"mean", "std", "ci95"}
+
+
+def evaluate_cli(*args, env=None):
+    return run_script("evaluate.py", *args, "--device", "cpu", "--workers", "0", env=env)
+
+
+def test_evaluate_writes_metrics_csv_and_reconstructions(trained_checkpoint, demo_data, tmp_path):
+    out = tmp_path / "eval"
+    result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(out),
+                          "--data-path", demo_data, "--max-images", "12", "--batch-size", "5",
+                          "--lpips-random-backbone", "--num-samples", "10",
+                          "--save-reconstructions")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "psnr" in result.stdout and "active units" in result.stdout
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["model"] == "VanillaVAE" and report["num_images"] == 12
+    assert report["checkpoint"] == os.path.abspath(trained_checkpoint)
+    rec = report["reconstruction"]
+    for name in ("mse", "bce", "psnr", "ssim", "gmsd", "lpips", "kl", "elbo"):
+        assert SUMMARY_KEYS <= set(rec[name]), name
+        assert rec[name]["ci95"][0] <= rec[name]["mean"] <= rec[name]["ci95"][1]
+    assert rec["vq_loss"] is None and "codebook" in rec["not_applicable"]["vq_loss"]
+    assert rec["kl"]["mean"] > 0 and rec["elbo"]["mean"] < 0
+    assert {"mse", "psnr", "ssim", "lpips"} <= set(report["generation"])
+    assert report["latent"]["latent_dim"] == 8 and len(report["latent"]["kl_per_dim"]) == 8
+
+    rows = list(csv.DictReader(open(out / "per_image.csv")))
+    assert len(rows) == 12 and all(os.path.isfile(r["path"]) for r in rows)
+    assert np.mean([float(r["mse"]) for r in rows]) == pytest.approx(rec["mse"]["mean"], rel=1e-9)
+
+    # saved pairs: the input exactly as the model saw it, and its reconstruction
+    for row in rows[:3]:
+        index = int(row["index"])
+        seen = np.asarray(Image.open(out / "reconstructions" / f"{index:06d}_input.png"))
+        assert np.array_equal(seen, load_frame(row["path"], 32).permute(1, 2, 0).numpy())
+        recon = np.asarray(Image.open(out / "reconstructions" / f"{index:06d}_recon.png"))
+        mse = np.mean((recon / 255.0 - seen / 255.0) ** 2)
+        assert mse == pytest.approx(float(row["mse"]), abs=2e-4)   # PNG rounding only
+    assert (out / "reconstructions.png").exists() and (out / "samples.png").exists()
+
+
+def test_lpips_none_is_recorded_as_skipped(trained_checkpoint, demo_data, tmp_path):
+    out = tmp_path / "eval"
+    result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(out),
+                          "--data-path", demo_data, "--max-images", "4", "--lpips-net", "none",
+                          "--num-samples", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["reconstruction"]["lpips"] is None
+    assert report["reconstruction"]["not_applicable"]["lpips"] == "skipped with --lpips-net none"
+
+
+def test_missing_lpips_weights_stop_before_any_work(trained_checkpoint, demo_data, tmp_path):
+    result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(tmp_path / "e"),
+                          "--data-path", demo_data, env={"TORCH_HOME": str(tmp_path / "th")})
+    assert result.returncode == 1
+    assert "alexnet-owt-7be5be79.pth" in result.stderr and "fetch_lpips_weights.py" in result.stderr
+    assert not (tmp_path / "e").exists()
+
+
+def test_plain_image_folder(trained_checkpoint, tmp_path):
+    folder = tmp_path / "imgs" / "nested"
+    folder.mkdir(parents=True)
+    for k in range(3):
+        Image.fromarray(np.full((50, 70, 3), 40 * k, np.uint8)).save(folder / f"{k}.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg")
+    out = tmp_path / "eval"
+    result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(out), "--dataset",
+                          "images", "--data-path", str(tmp_path / "imgs"), "--lpips-net", "none",
+                          "--num-samples", "0")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 unreadable" in result.stderr
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_images"] == 3 and len(report["unreadable_images"]) == 1
+
+
+def test_refuses_a_checkpoint_that_would_run_code(tmp_path, demo_data):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    result = evaluate_cli("--checkpoint", str(tmp_path / "evil.pt"), "--output", str(tmp_path / "e"),
+                          "--data-path", demo_data, "--lpips-net", "none")
+    assert result.returncode == 1 and "refused" in result.stderr
+    assert not (tmp_path / "pwned").exists()
