@@ -4,7 +4,7 @@ Each video shows coloured shapes moving and bouncing off the walls and each othe
 textured background, 240 px high with varying widths like SthV2. Writes
 `OUT/<video_id>/img_00001.jpg ...` and the two SthV2 label JSON files.
 
-    python make_demo_data.py --out data/demo_sthv2 [--videos 24] [--frames 30] [--seed 0]
+    python make_demo_data.py --out data/demo_sthv2 [--videos 48] [--frames 16] [--seed 0]
 """
 import argparse
 import json
@@ -83,7 +83,7 @@ def render_video(out_dir, rng, frames):
         img.save(os.path.join(out_dir, f"img_{t + 1:05d}.jpg"), quality=90)
 
 
-def make_demo_data(out, videos=24, frames=30, seed=0, val_fraction=0.25):
+def make_demo_data(out, videos=48, frames=16, seed=0, val_fraction=0.25):
     rng = np.random.default_rng(seed)
     entries = []
     for k in range(videos):
@@ -106,8 +106,8 @@ def make_demo_data(out, videos=24, frames=30, seed=0, val_fraction=0.25):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--videos", type=int, default=24)
-    parser.add_argument("--frames", type=int, default=30, help="frames per video")
+    parser.add_argument("--videos", type=int, default=48)
+    parser.add_argument("--frames", type=int, default=16, help="frames per video")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.videos < 2 or args.frames < 1:
