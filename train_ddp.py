@@ -30,8 +30,12 @@ def main():
                                     **({"device_id": device} if device.type == "cuda" else {}))
         return Runtime(rank, local_rank, world_size, device)
 
+    # After an elastic restart (torchrun --max-restarts) continue from the last checkpoint.
+    resume = args.resume
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and resume is None:
+        resume = "auto"
     try:   # the config is checked before any GPU or network work
-        run(lambda: load_config(args.config, args.set, world_size), runtime, args.resume)
+        run(lambda: load_config(args.config, args.set, world_size), runtime, resume)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

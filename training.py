@@ -27,11 +27,14 @@ from tqdm import tqdm
 import checkpoint as ck
 from config import ConfigError
 from dataset_sthv2 import build_datasets, collate_frames
+from metrics import ImageMetrics
 from vanilla_vae_model import build_model, convert_sync_batchnorm, count_parameters
 
 log = logging.getLogger("vae")
 PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: the job wrote last.pt and should be requeued
 LOSS_KEYS = ("loss", "recon_loss", "kld", "neg_elbo")
+VAL_IMAGE_METRICS = ("psnr", "ssim")
+image_metrics = ImageMetrics("cpu", lpips_net="none")   # piq only: no network, any device
 # A skipped (non-finite) step still advances the schedule so the LR stays a function of step.
 warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
 
@@ -138,7 +141,8 @@ def validate(model, loader, rt, cfg, limit):
     """Mean of the training objective over the validation split, reduced over ranks."""
     model.eval()
     gen = torch.Generator(device=rt.device).manual_seed(cfg.exp_params.seed + 1)
-    sums = torch.zeros(len(LOSS_KEYS) + 1, device=rt.device, dtype=torch.float64)
+    keys = LOSS_KEYS + VAL_IMAGE_METRICS
+    sums = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)
     for i, (images, _) in enumerate(loader):
         if limit and i >= limit:
             break
@@ -147,12 +151,15 @@ def validate(model, loader, rt, cfg, limit):
         x = to_model_input(images, rt.device)
         recon, mu, logvar = model(x, noise[:len(x)])
         losses = model.loss_function(x, recon, mu, logvar, cfg.exp_params.kld_weight)
+        # image quality of the posterior-mean reconstruction, as evaluate.py reports it
+        scores = image_metrics((x + 1) / 2, (model.decode(mu).float() + 1) / 2)
         sums += torch.stack([losses[k].double() * len(x) for k in LOSS_KEYS]
+                            + [scores[k].sum().to(rt.device) for k in VAL_IMAGE_METRICS]
                             + [torch.tensor(float(len(x)), device=rt.device, dtype=torch.float64)])
     if rt.distributed:
         dist.all_reduce(sums)
     model.train()
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(LOSS_KEYS)}
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}
 
 
 @torch.no_grad()
@@ -194,7 +201,14 @@ def train(cfg, rt, resume=None):
     e, t, lg, d = cfg.exp_params, cfg.trainer_params, cfg.logging_params, cfg.data_params
     run_dir, ckpt_dir = cfg.run_dir, os.path.join(cfg.run_dir, "checkpoints")
     if rt.is_main:
-        os.makedirs(ckpt_dir, exist_ok=True)
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            with open(os.path.join(run_dir, ".write_test"), "w"):
+                pass
+            os.remove(os.path.join(run_dir, ".write_test"))
+        except OSError as err:
+            raise ConfigError(f"logging_params.save_dir: cannot write to {run_dir} "
+                              f"({err.strerror})") from None
     if rt.distributed:
         dist.barrier()
     setup_logging(rt, run_dir)
@@ -306,14 +320,19 @@ def train(cfg, rt, resume=None):
             rngs = [ck.rng_state()]
         path = os.path.join(ckpt_dir, f"step_{step:07d}.pt")
         if rt.is_main:
-            ck.save_atomic({"model": ck.bare_model(bare).state_dict(), "config": cfg.to_dict(),
-                            "step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch,
-                            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                            "scaler": scaler.state_dict(), "noise_generator": noise_gen.get_state(),
-                            "rng": rngs, "world_size": rt.world_size}, path)
-            ck.link_atomic(path, os.path.join(ckpt_dir, "last.pt"))
-            if name:
-                ck.link_atomic(path, os.path.join(ckpt_dir, name))
+            try:
+                ck.save_atomic({"model": ck.bare_model(bare).state_dict(), "config": cfg.to_dict(),
+                                "step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch,
+                                "optimizer": optimizer.state_dict(),
+                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                "noise_generator": noise_gen.get_state(), "rng": rngs,
+                                "world_size": rt.world_size}, path)
+                ck.link_atomic(path, os.path.join(ckpt_dir, "last.pt"))
+                if name:
+                    ck.link_atomic(path, os.path.join(ckpt_dir, name))
+            except OSError as err:
+                raise TrainingError(f"step {step}: cannot write checkpoint {path} ({err.strerror}); "
+                                    f"the previous checkpoints are intact") from None
             ck.prune_step_checkpoints(ckpt_dir, lg.keep_last_checkpoints)
             log.info("step %d: saved %s", step, path)
         if rt.distributed:
