@@ -7,12 +7,31 @@ NCCL on GPUs, gloo on CPUs. data_params.*_batch_size are global batches, split e
 the WORLD_SIZE processes. Run without torchrun it trains as a single process.
 """
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from config import load_config
 from training import Runtime, parse_args, pick_device, run
+
+
+def init_process_group(device, rank, world_size):
+    """Join the group described by the environment (torchrun, or srun setting RANK etc.).
+
+    Keys go under a prefix per torchrun restart: the elastic agent keeps one store across
+    restarts, and without the prefix restarted workers can read the dead workers' addresses
+    and fail to connect.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_store,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            store=dist.PrefixStore(f"train_ddp/attempt_{attempt}", store),
+                            rank=rank, world_size=world_size,
+                            **({"device_id": device} if device.type == "cuda" else {}))
 
 
 def main():
@@ -26,8 +45,7 @@ def main():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if "RANK" in os.environ:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
-                                    **({"device_id": device} if device.type == "cuda" else {}))
+            init_process_group(device, rank, world_size)
         return Runtime(rank, local_rank, world_size, device)
 
     # After an elastic restart (torchrun --max-restarts) continue from the last checkpoint.

@@ -6,6 +6,7 @@ fixed by the config, and the latent noise and flips are drawn for the whole glob
 from one generator and sliced per rank, so 1 process and N processes see the same samples
 with the same noise. Checkpoints carry everything needed to continue bit-exactly.
 """
+import glob
 import logging
 import math
 import os
@@ -143,9 +144,11 @@ def validate(model, loader, rt, cfg, limit):
     gen = torch.Generator(device=rt.device).manual_seed(cfg.exp_params.seed + 1)
     keys = LOSS_KEYS + VAL_IMAGE_METRICS
     sums = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)
-    for i, (images, _) in enumerate(loader):
+    unreadable = []
+    for i, (images, bad) in enumerate(loader):
         if limit and i >= limit:
             break
+        unreadable += bad
         noise = torch.randn(cfg.data_params.val_batch_size, model.latent_dim,
                             generator=gen, device=rt.device)[rt.rank::rt.world_size]
         x = to_model_input(images, rt.device)
@@ -159,7 +162,7 @@ def validate(model, loader, rt, cfg, limit):
     if rt.distributed:
         dist.all_reduce(sums)
     model.train()
-    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}
+    return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}, unreadable
 
 
 @torch.no_grad()
@@ -206,6 +209,8 @@ def train(cfg, rt, resume=None):
             with open(os.path.join(run_dir, ".write_test"), "w"):
                 pass
             os.remove(os.path.join(run_dir, ".write_test"))
+            for stale in glob.glob(os.path.join(ckpt_dir, "*.tmp.*")):   # left by a kill
+                os.remove(stale)
         except OSError as err:
             raise ConfigError(f"logging_params.save_dir: cannot write to {run_dir} "
                               f"({err.strerror})") from None
@@ -277,9 +282,14 @@ def train(cfg, rt, resume=None):
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state.get("scaler") or {})
-        noise_gen.set_state(state["noise_generator"])
+        if state.get("scaler") and scaler.is_enabled():
+            scaler.load_state_dict(state["scaler"])
         step, epoch = state["step"], state["epoch"]
+        try:
+            noise_gen.set_state(state["noise_generator"])
+        except RuntimeError:      # saved on another device type: continue, not bit-exactly
+            log.warning("noise generator state comes from another device type; reseeding")
+            noise_gen.manual_seed(e.seed + step)
         if len(state["rng"]) == rt.world_size:
             ck.set_rng_state(state["rng"][rt.rank])
     bare = model
@@ -330,9 +340,10 @@ def train(cfg, rt, resume=None):
                 ck.link_atomic(path, os.path.join(ckpt_dir, "last.pt"))
                 if name:
                     ck.link_atomic(path, os.path.join(ckpt_dir, name))
-            except OSError as err:
-                raise TrainingError(f"step {step}: cannot write checkpoint {path} ({err.strerror}); "
-                                    f"the previous checkpoints are intact") from None
+            except (OSError, RuntimeError) as err:   # torch.save reports short writes as RuntimeError
+                reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+                raise TrainingError(f"step {step}: cannot write checkpoint {path} ({reason}; is the "
+                                    f"disk full?); the previous checkpoints are intact") from None
             ck.prune_step_checkpoints(ckpt_dir, lg.keep_last_checkpoints)
             log.info("step %d: saved %s", step, path)
         if rt.distributed:
@@ -423,14 +434,15 @@ def train(cfg, rt, resume=None):
                 break
         epoch_done = step == (epoch + 1) * steps_per_epoch
         epoch += epoch_done
-        report_bad_frames(epoch_bad, seen_bad, writer, rt, step)
         if (epoch_done and epoch % t.check_val_every_n_epoch == 0) or step >= max_steps:
-            val = validate(bare, val_loader, rt, cfg, t.limit_val_batches)
+            val, val_bad = validate(bare, val_loader, rt, cfg, t.limit_val_batches)
+            epoch_bad += val_bad
             if writer:
                 for k, v in val.items():
                     writer.add_scalar(f"val/{k}", v, step)
             log.info("validation after epoch %d (step %d): %s", epoch, step,
                      " ".join(f"{k} {v:.4g}" for k, v in val.items()))
+        report_bad_frames(epoch_bad, seen_bad, writer, rt, step)
     bar.close()
     path = save("vae_final.pt")
     if writer:
@@ -448,9 +460,10 @@ def report_bad_frames(bad, seen, writer, rt, step):
         writer.add_scalar("data/unreadable_frames", len(bad), step)
     new = sorted(set(bad) - seen)
     seen.update(new)
-    if new:
-        log.warning("%d unreadable frames were replaced by readable neighbours this epoch; "
-                    "new ones: %s", len(bad), "; ".join(new[:5]) + (" ..." if len(new) > 5 else ""))
+    if bad:
+        listed = "; ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
+        log.warning("%d unreadable frames were replaced by readable neighbours this epoch%s",
+                    len(bad), f"; first seen now: {listed}" if new else "")
 
 
 def parse_args(description):

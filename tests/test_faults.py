@@ -1,0 +1,225 @@
+"""Fault injection, done for real: signals, kill -9 while a checkpoint is written, a torchrun
+worker killed, a full disk, broken data, a malicious checkpoint. After each, nothing is lost:
+the resumed run ends with the same weights as an uninterrupted one."""
+import glob
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT, run_script, tiny_config, write_config
+
+
+def cli(*args):
+    return [sys.executable, "train_single_gpu.py", *args, "--device", "cpu"]
+
+
+def start(cmd, env=None):
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **(env or {})}, start_new_session=True)
+
+
+def wait_for_line(proc, text, timeout=120):
+    """Read the process output until a line contains `text`; returns everything read."""
+    seen, deadline = [], time.monotonic() + timeout
+    for line in proc.stdout:
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+        assert time.monotonic() < deadline, "".join(seen)
+    raise AssertionError(f"process ended before {text!r}:\n{''.join(seen)}")
+
+
+def final_weights(save_dir, name):
+    return torch.load(os.path.join(save_dir, name, "checkpoints", "vae_final.pt"),
+                      weights_only=True)["model"]
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_data, tmp_path_factory):
+    """An uninterrupted 40-step run, the yardstick for every interrupted one."""
+    save_dir = str(tmp_path_factory.mktemp("reference"))
+    path = write_config(os.path.join(save_dir, "c.yaml"), config_dict(demo_data, save_dir, "ref"))
+    result = run_script(*cli("--config", path)[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return final_weights(save_dir, "ref")
+
+
+def config_dict(demo_data, save_dir, name, **overrides):
+    return tiny_config(demo_data, save_dir, **{
+        "logging_params.name": name, "trainer_params.max_steps": 40,
+        "trainer_params.log_every_n_steps": 1, "logging_params.save_every_n_steps": 10,
+        "logging_params.log_images_every_n_steps": 1000, "exp_params.hflip": True,
+        "trainer_params.max_epochs": 100, **overrides})
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_stop_signal_saves_exits_75_and_resumes_exactly(sig, reference, demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run"))
+    proc = start(cli("--config", path))
+    wait_for_line(proc, "step 13 ")
+    proc.send_signal(sig)
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert f"stopping on {sig.name}" in out
+    stopped_at = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"]
+    assert 13 <= stopped_at < 40
+    result = run_script(*cli("--config", path, "--resume", "auto")[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same(final_weights(str(tmp_path), "run"), reference)
+
+
+def test_kill_9_while_writing_a_checkpoint_loses_nothing(demo_data, tmp_path):
+    """A bigger model makes each checkpoint write take long enough to be caught mid-write."""
+    overrides = {"model_params.latent_dim": 256, "model_params.image_size": 64,
+                 "data_params.image_size": 64, "logging_params.save_every_n_steps": 3,
+                 "trainer_params.max_steps": 12, "logging_params.keep_last_checkpoints": 0}
+    ref_path = write_config(tmp_path / "ref.yaml", config_dict(demo_data, str(tmp_path), "ref", **overrides))
+    assert run_script(*cli("--config", ref_path)[1:]).returncode == 0
+    path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run", **overrides))
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    kills = 0
+    for attempt in range(4):                  # kill twice mid-write, then let it finish
+        proc = start(cli("--config", path, "--resume", "auto"))
+        deadline = time.monotonic() + 120
+        while kills < 2 and proc.poll() is None and time.monotonic() < deadline:
+            partial = glob.glob(str(ckpt_dir / "*.tmp.*"))
+            if partial and glob.glob(str(ckpt_dir / "step_*.pt")):   # not the very first write
+                os.killpg(proc.pid, signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.0005)
+        proc.communicate(timeout=60)
+        if proc.returncode == 0:
+            break
+        assert proc.returncode == -signal.SIGKILL
+        for f in glob.glob(str(ckpt_dir / "*.pt")):                  # everything left loads
+            torch.load(f, weights_only=True)
+    assert kills == 2, "never caught a checkpoint mid-write"
+    assert proc.returncode == 0
+    assert not glob.glob(str(ckpt_dir / "*.tmp.*"))
+    assert_same(final_weights(str(tmp_path), "run"), final_weights(str(tmp_path), "ref"))
+
+
+def worker_pids(torchrun_pid):
+    """PIDs of train_ddp.py processes started by this torchrun, by RANK."""
+    pids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmd = open(f"/proc/{entry}/cmdline", "rb").read().split(b"\0")
+            env = open(f"/proc/{entry}/environ", "rb").read().split(b"\0")
+            stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if b"train_ddp.py" in b" ".join(cmd) and int(stat[1]) == torchrun_pid:
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            pids[int(rank[0][5:])] = int(entry)
+    return pids
+
+
+def test_killed_torchrun_worker_restarts_and_resumes(demo_data, tmp_path):
+    def config(name):
+        return write_config(tmp_path / f"{name}.yaml", config_dict(
+            demo_data, str(tmp_path), name, **{"data_params.train_batch_size": 16,
+                                              "trainer_params.max_steps": 30,
+                                              "logging_params.save_every_n_steps": 5}))
+
+    def torchrun(path):
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "--max-restarts=1", "train_ddp.py", "--config", path,
+                "--device", "cpu"]
+
+    env = {"OMP_NUM_THREADS": "1"}
+    ref = subprocess.run(torchrun(config("ref")), cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = start(torchrun(config("run")), env=env)
+    wait_for_line(proc, "step 12 ")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "resuming from" in out
+    assert_same(final_weights(str(tmp_path), "run"), final_weights(str(tmp_path), "ref"))
+
+
+def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", config_dict(
+        demo_data, str(tmp_path), "run", **{"trainer_params.max_steps": 10}))
+    assert run_script(*cli("--config", path)[1:]).returncode == 0
+    last = tmp_path / "run/checkpoints/last.pt"
+    size = last.stat().st_size
+
+    def small_disk():                         # files may not grow past half a checkpoint
+        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+
+    result = subprocess.run(cli("--config", path, "--set", "trainer_params.max_steps=20",
+                                "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
+                            preexec_fn=small_disk, timeout=300)
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: step 20: cannot write checkpoint") and "intact" in message
+    assert torch.load(last, weights_only=True)["step"] == 10
+    assert not glob.glob(str(tmp_path / "run/checkpoints/*.tmp.*"))
+
+
+def test_unwritable_run_directory_is_refused_up_front(demo_data, tmp_path):
+    blocker = tmp_path / "not_a_dir"
+    blocker.write_text("")
+    path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(blocker), "run"))
+    result = run_script(*cli("--config", path)[1:])
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: logging_params.save_dir: cannot write to " \
+        f"{blocker}/run (Not a directory)"
+
+
+def test_broken_frames_are_counted_and_training_goes_on(demo_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    frames = sorted(glob.glob(str(data / "*" / "img_*.jpg")))
+    open(frames[0], "wb").close()                                      # zero bytes
+    blob = open(frames[5], "rb").read()
+    open(frames[5], "wb").write(blob[: len(blob) // 3])               # truncated
+    open(frames[9], "w").write("<html>not a frame</html>")            # wrong content
+    os.makedirs(data / "9999")                                         # empty video
+    path = write_config(tmp_path / "c.yaml", config_dict(str(data), str(tmp_path), "run", **{
+        "trainer_params.max_steps": 0, "trainer_params.max_epochs": 2}))
+    result = run_script(*cli("--config", path)[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = (tmp_path / "run/train.log").read_text()
+    assert "1 video folders hold no frames" in log
+    assert "unreadable frames were replaced" in log
+    assert all(sum(f in line for line in log.splitlines()) == 1 for f in (frames[0], frames[5], frames[9]))
+    assert log.count("unreadable frames were replaced") == 2                # counted each epoch
+
+
+def test_malicious_checkpoint_is_refused_for_resume(demo_data, tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"model": Payload(), "step": 1}, tmp_path / "evil.pt")
+    path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run"))
+    result = run_script(*cli("--config", path, "--resume", str(tmp_path / "evil.pt"))[1:])
+    assert result.returncode == 2 and "refused" in result.stderr
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_same_seed_gives_bit_identical_weights(reference, demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "again", **{
+        "trainer_params.deterministic": True}))
+    result = run_script(*cli("--config", path)[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert_same(final_weights(str(tmp_path), "again"), reference)
