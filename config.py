@@ -13,7 +13,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import List, Literal
 
 import yaml
 
@@ -79,6 +79,8 @@ class TrainerParams:
     log_every_n_steps: int = 50
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"   # GPU only; CPU trains in fp32
     sync_batchnorm: bool = False
+    compile: bool = True                # torch.compile the model (GPU only)
+    channels_last: bool = True          # channels-last memory format (GPU only)
     deterministic: bool = False
     max_nonfinite_steps: int = 20       # stop after this many non-finite steps in a row
 
@@ -205,7 +207,7 @@ def _validate(cfg, world_size):
             need(m[key] > 0, f"model_params.{key}", f"must be positive, got {m[key]}")
     if "hidden_dims" in m:
         need(len(m["hidden_dims"]) > 0 and all(h > 0 for h in m["hidden_dims"]),
-             "model_params.hidden_dims", f"must be a non-empty list of positive ints")
+             "model_params.hidden_dims", "must be a non-empty list of positive ints")
     for key in ("image_size", "train_batch_size", "val_batch_size", "frame_stride",
                 "prefetch_factor"):
         need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")

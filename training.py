@@ -7,6 +7,7 @@ from one generator and sliced per rank, so 1 process and N processes see the sam
 with the same noise. Checkpoints carry everything needed to continue bit-exactly.
 """
 import glob
+import importlib
 import logging
 import math
 import os
@@ -115,9 +116,12 @@ class BlockBatchSampler:
         return len(self.blocks)
 
 
-def to_model_input(images, device, flip=None):
+def to_model_input(images, device, flip=None, channels_last=False):
     """uint8 NCHW on any device -> float in [-1, 1] on `device`, optionally h-flipped."""
-    x = images.to(device, non_blocking=True).float().div_(127.5).sub_(1.0)
+    x = images.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.float().div_(127.5).sub_(1.0)
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x
@@ -135,6 +139,59 @@ def make_lr_lambda(warmup_steps, gamma, steps_per_epoch):
         warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
         return warm * gamma ** (step // steps_per_epoch)
     return lr_factor
+
+
+class Trainer:
+    """Model, optimizer, schedule and the training step: what the loop and bench.py share."""
+
+    def __init__(self, cfg, rt, steps_per_epoch):
+        e, t = cfg.exp_params, cfg.trainer_params
+        self.device, self.kld_weight, self.max_grad_norm = rt.device, e.kld_weight, e.max_grad_norm
+        cuda = rt.device.type == "cuda"
+        self.channels_last = cuda and t.channels_last
+        torch.manual_seed(e.seed)          # same initial weights whatever the world size
+        model = build_model(cfg.model_params)
+        torch.manual_seed(e.seed * rt.world_size + rt.rank)
+        np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
+        log.info("%s: %s parameters", cfg.model_params["name"], f"{count_parameters(model):,}")
+        if t.sync_batchnorm and rt.distributed:
+            model = convert_sync_batchnorm(model, rt.device)
+        model.to(rt.device, memory_format=torch.channels_last if self.channels_last
+                 else torch.contiguous_format)
+        opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
+        self.optimizer = opt_cls(model.parameters(), lr=e.LR, weight_decay=e.weight_decay,
+                                 **({"fused": True} if cuda else {}))
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) \
+            if cuda else None
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+        self.bare = self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if rt.distributed:
+            self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
+        if cuda and t.compile:
+            # a graph that fails to compile falls back to eager (with a warning)
+            importlib.import_module("torch._dynamo").config.suppress_errors = True
+            self.model = torch.compile(self.model)
+
+    def step(self, images, noise, flip=None):
+        """One optimizer step on uint8 images; returns (losses, grad norm, finite)."""
+        x = to_model_input(images, self.device, flip, self.channels_last)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            recon, mu, logvar = self.model(x, noise)
+        losses = self.bare.loss_function(x, recon, mu, logvar, self.kld_weight)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.unscale_(self.optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)      # the fp16 scaler itself skips non-finite steps
+        self.scaler.update()
+        self.scheduler.step()
+        return losses, grad_norm, finite
 
 
 @torch.no_grad()
@@ -260,26 +317,14 @@ def train(cfg, rt, resume=None):
     max_steps = min(max_steps, t.max_epochs * steps_per_epoch)
 
     # --- model, optimiser, schedule --------------------------------------------------
-    torch.manual_seed(e.seed)          # same initial weights whatever the world size
-    model = build_model(cfg.model_params)
-    torch.manual_seed(e.seed * rt.world_size + rt.rank)
-    np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
-    log.info("%s: %s parameters", cfg.model_params["name"], f"{count_parameters(model):,}")
-    if t.sync_batchnorm and rt.distributed:
-        model = convert_sync_batchnorm(model, rt.device)
-    model.to(rt.device)
+    trainer = Trainer(cfg, rt, steps_per_epoch)
+    bare, optimizer, scheduler, scaler = (trainer.bare, trainer.optimizer, trainer.scheduler,
+                                          trainer.scaler)
     cuda = rt.device.type == "cuda"
-    opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
-    optimizer = opt_cls(model.parameters(), lr=e.LR, weight_decay=e.weight_decay,
-                        **({"fused": True} if cuda else {}))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) if cuda else None
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype is torch.float16)
     noise_gen = torch.Generator(device=rt.device).manual_seed(e.seed)
     step, epoch = 0, 0
     if state is not None:
-        model.load_state_dict(state["model"])
+        bare.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         if state.get("scaler") and scaler.is_enabled():
@@ -292,9 +337,6 @@ def train(cfg, rt, resume=None):
             noise_gen.manual_seed(e.seed + step)
         if len(state["rng"]) == rt.world_size:
             ck.set_rng_state(state["rng"][rt.rank])
-    bare = model
-    if rt.distributed:
-        model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
 
     sampler = ResumableSampler(train_set, rt.world_size, rt.rank, shuffle=True,
                                seed=e.seed, drop_last=True)
@@ -353,8 +395,7 @@ def train(cfg, rt, resume=None):
     # --- the loop --------------------------------------------------------------------
     log.info("training %d steps (%d per epoch) at global batch %d = %d x %d processes on %s%s",
              max_steps, steps_per_epoch, d.train_batch_size, batch, rt.world_size,
-             rt.device.type, f" with {t.precision} autocast" if amp_dtype else " in fp32")
-    params = [p for p in model.parameters() if p.requires_grad]
+             rt.device.type, f" with {t.precision} autocast" if trainer.amp_dtype else " in fp32")
     sums = torch.zeros(len(LOSS_KEYS) + 1, device=rt.device)
     logged_steps, nonfinite_in_row, seen_bad = 0, 0, set()
     bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True,
@@ -371,20 +412,7 @@ def train(cfg, rt, resume=None):
                                 device=rt.device)[rows]
             flip = (torch.rand(d.train_batch_size, generator=noise_gen, device=rt.device)[rows]
                     < 0.5) if e.hflip else None
-            x = to_model_input(images, rt.device, flip)
-            with torch.autocast(rt.device.type, dtype=amp_dtype or torch.float32,
-                                enabled=amp_dtype is not None):
-                recon, mu, logvar = model(x, noise)
-            losses = bare.loss_function(x, recon, mu, logvar, e.kld_weight)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(losses["loss"]).backward()
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, e.max_grad_norm or math.inf)
-            finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
-            if finite or scaler.is_enabled():
-                scaler.step(optimizer)      # the fp16 scaler itself skips non-finite steps
-            scaler.update()
-            scheduler.step()
+            losses, grad_norm, finite = trainer.step(images, noise, flip)
             step += 1
             bar.update(1)
 

@@ -5,7 +5,6 @@ import math
 import typing
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

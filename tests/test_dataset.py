@@ -105,7 +105,8 @@ def test_frames_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
     reference = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
                                     transforms.PILToTensor()])(img)
     assert got.dtype == torch.uint8 and got.shape == (3, 32, 32)
-    assert torch.equal(got, reference)
+    diff = (got.int() - reference.int()).abs()          # uint8 tensor resize vs PIL's: rounding
+    assert diff.max() <= 1 and diff.float().mean() < 0.15     # never more than one level
 
 
 def test_bad_files_are_replaced_by_neighbours_and_reported(tmp_path):
