@@ -29,8 +29,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.overrides import TorchFunctionMode
 
 from checkpoint import CheckpointError, load_checkpoint
-from dataset_sthv2 import (DECODE_ERRORS, DataError, SthV2FramePairs, load_frame, load_index,
-                           split_videos)
+from dataset_sthv2 import (DECODE_ERRORS, DataError, SthV2FramePairs, decode_rgb, load_index,
+                           resize_frame, split_videos)
 from evaluate import load_model
 from metrics import (CI_METHOD, ImageMetrics, LpipsWeightsMissing, codebook_diagnostics,
                      latent_diagnostics, lpips_label, summarize)
@@ -177,16 +177,23 @@ def load_laq(args, device):
 
 # --- inputs -------------------------------------------------------------------------------
 
+def read_file_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def frame_pairs(args):
-    """[(current frame path, target frame path)] and a note describing where they came from."""
+    """[((current name, target name), read)] where read() returns both frames' encoded bytes,
+    and a note describing where the pairs came from."""
     if args.image:
-        return [(args.image, args.image)], {
+        return [((args.image, args.image), lambda: [read_file_bytes(args.image)] * 2)], {
             "source": "image", "identity_clip": True,
             "note": "--image: the image is both the current and the target frame (identity "
                     "clip), so LAQ's action codes carry no motion"}
     if args.frames:
-        return [tuple(args.frames)], {"source": "frames", "identity_clip": False}
-    index = load_index(args.data_path, args.index_cache_dir)
+        return [(tuple(args.frames), lambda: [read_file_bytes(p) for p in args.frames])], {
+            "source": "frames", "identity_clip": False}
+    index = load_index(args.data_path, args.index_cache_dir)   # a frames tree or packed shards
     train, val, split_source = split_videos(index)
     videos = val or train
     pairs = SthV2FramePairs(index, videos, image_size=None, offset=args.offset)
@@ -194,20 +201,24 @@ def frame_pairs(args):
         raise DataError(f"no video in {args.data_path} has more than {args.offset} frames")
     rng = np.random.default_rng(args.seed)
     chosen = sorted(rng.choice(len(pairs), size=min(args.num_pairs, len(pairs)), replace=False))
-    paths = [(pairs.path(i), index.frame_path(int(pairs.video[i]), int(pairs.pos[i]) + args.offset))
-             for i in chosen]
-    return paths, {"source": "data_path", "identity_clip": False, "data_path": args.data_path,
-                   "split": "val" if val else "train (no validation videos)",
-                   "split_source": split_source, "offset": args.offset, "seed": args.seed,
-                   "available_pairs": len(pairs)}
+    refs = [(int(pairs.video[i]), int(pairs.pos[i])) for i in chosen]
+    out = [((index.frame_path(v, t), index.frame_path(v, t + args.offset)),
+            lambda v=v, t=t: [index.read_bytes(v, t), index.read_bytes(v, t + args.offset)])
+           for v, t in refs]
+    return out, {"source": "data_path", "identity_clip": False, "data_path": args.data_path,
+                 "split": "val" if val else "train (no validation videos)",
+                 "split_source": split_source, "offset": args.offset, "seed": args.seed,
+                 "available_pairs": len(pairs)}
 
 
-def load_pair(paths, sizes, resize):
-    """{size: uint8 (2, 3, S, S)} for the (current, target) paths, or None if unreadable."""
+def load_pair(pair, sizes, resize):
+    """{size: uint8 (2, 3, S, S)} for a (current, target) pair, or None if unreadable."""
+    names, read = pair
     try:
-        return {s: torch.stack([load_frame(p, s, resize) for p in paths]) for s in sizes}
+        frames = [decode_rgb(data) for data in read()]
+        return {s: torch.stack([resize_frame(f, s, resize) for f in frames]) for s in sizes}
     except DECODE_ERRORS as e:
-        print(f"warning: skipping pair {paths}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"warning: skipping pair {names}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
 
 
@@ -225,8 +236,8 @@ def compare(vae, laq, pairs, metrics, sizes, args, device):
     rows, mus, logvars, codes, figure = [], [], [], [], []
     generator = torch.Generator(device=device).manual_seed(0)
     for start in range(0, len(pairs), args.batch_size):
-        batch = [(p, load_pair(p, {vae_size, laq_size, score_size}, args.resize))
-                 for p in pairs[start:start + args.batch_size]]
+        batch = [(pair[0], load_pair(pair, {vae_size, laq_size, score_size}, args.resize))
+                 for pair in pairs[start:start + args.batch_size]]
         batch = [(p, f) for p, f in batch if f is not None]
         if not batch:
             continue

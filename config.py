@@ -184,7 +184,7 @@ def _build_model_params(raw):
     return params
 
 
-def _validate(cfg, world_size):
+def _validate(cfg, world_size, check_paths=True):
     """Range and consistency checks that a type alone cannot express."""
     def need(ok, key, message):
         if not ok:
@@ -192,9 +192,11 @@ def _validate(cfg, world_size):
 
     m, d, e, t, lg = (cfg.model_params, cfg.data_params, cfg.exp_params,
                       cfg.trainer_params, cfg.logging_params)
-    need(d.data_path != "", "data_params.data_path", "missing (the folder of video frame folders)")
-    need(os.path.isdir(d.data_path), "data_params.data_path",
-         f"folder {d.data_path!r} does not exist")
+    if check_paths:
+        need(d.data_path != "", "data_params.data_path",
+             "missing (the folder of video frame folders)")
+        need(os.path.isdir(d.data_path), "data_params.data_path",
+             f"folder {d.data_path!r} does not exist")
     if "image_size" in m:
         need(m["image_size"] == d.image_size, "data_params.image_size",
              f"{d.image_size} differs from model_params.image_size {m['image_size']}")
@@ -255,7 +257,7 @@ def apply_override(raw, assignment):
     raw.setdefault(section, {})[key] = parse_yaml(value) if value != "" else ""
 
 
-def config_from_dict(raw, world_size=1):
+def config_from_dict(raw, world_size=1, check_paths=True):
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a mapping of sections")
     for section in raw:
@@ -269,11 +271,11 @@ def config_from_dict(raw, world_size=1):
             raise ConfigError(f"{section}: expected a mapping of keys, got {raw[section]!r}")
     cfg = Config(model_params=_build_model_params(raw["model_params"]),
                  **{s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()})
-    _validate(cfg, world_size)
+    _validate(cfg, world_size, check_paths)
     return cfg
 
 
-def load_config(path, overrides=(), world_size=1):
+def load_config(path, overrides=(), world_size=1, check_paths=True):
     """Read, override, type-check and validate; every failure is one ConfigError line."""
     try:
         with open(path) as f:
@@ -286,6 +288,6 @@ def load_config(path, overrides=(), world_size=1):
         raw = {} if raw is None else raw
         for assignment in overrides:
             apply_override(raw, assignment)
-        return config_from_dict(raw, world_size)
+        return config_from_dict(raw, world_size, check_paths)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

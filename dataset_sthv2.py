@@ -89,6 +89,10 @@ class FrameIndex:
         number = int(self.numbers[self.offsets[v] + pos])
         return os.path.join(self.root, video, f"{prefix}{number:0{width}d}{ext}")
 
+    def read_bytes(self, v, pos):
+        with open(self.frame_path(v, pos), "rb") as f:
+            return f.read()
+
     @classmethod
     def build(cls, root):
         videos, patterns, numbers, counts, fallback, empty = [], [], [], [], {}, []
@@ -139,6 +143,49 @@ class FrameIndex:
             return None
 
 
+PACKED_INDEX = "packed_index.npz"
+
+
+class PackedFrameIndex(FrameIndex):
+    """The frames of a tree packed by pack_frames.py into a few large shard files.
+
+    Same videos, order and names as the tree it was packed from (frame_path still names the
+    original file, for reports); read_bytes reads the JPEG bytes at an offset in a shard, so
+    a job opens tens of files instead of millions.
+    """
+
+    def __init__(self, root, meta, numbers, offsets, shard, start, length):
+        super().__init__(root, meta["videos"], [tuple(p) if p else None for p in meta["patterns"]],
+                         numbers, offsets, {int(k): v for k, v in meta["fallback"].items()}, [])
+        self.source_root, self.shard_names = meta["source_root"], meta["shards"]
+        self.shard, self.start, self.length = shard, start, length
+        self._files = {}                      # per process: opened on first use (fork-safe)
+
+    def frame_path(self, v, pos):
+        return os.path.join(self.source_root, os.path.relpath(super().frame_path(v, pos), self.root))
+
+    def read_bytes(self, v, pos):
+        i = int(self.offsets[v]) + pos
+        key = (os.getpid(), int(self.shard[i]))
+        if key not in self._files:
+            self._files[key] = open(os.path.join(self.root, self.shard_names[key[1]]), "rb")
+        data = os.pread(self._files[key].fileno(), int(self.length[i]), int(self.start[i]))
+        if len(data) != self.length[i]:
+            raise OSError(f"{self.shard_names[key[1]]} is shorter than its index says")
+        return data
+
+    @classmethod
+    def load(cls, root):
+        path = os.path.join(root, PACKED_INDEX)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes().decode())
+                return cls(root, meta, z["numbers"], z["offsets"], z["shard"], z["start"],
+                           z["length"])
+        except (OSError, ValueError, KeyError) as e:
+            raise DataError(f"packed index {path} is unreadable ({e}); re-run pack_frames.py")
+
+
 def _natural_key(name):
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
 
@@ -164,6 +211,8 @@ def load_index(root, cache_dir=""):
     root = os.path.abspath(root)
     if not os.path.isdir(root):
         raise DataError(f"data path {root} is not a folder")
+    if os.path.isfile(os.path.join(root, PACKED_INDEX)):
+        return PackedFrameIndex.load(root)
     cache_dir = cache_dir or default_cache_dir()
     cache = os.path.join(cache_dir, hashlib.sha1(root.encode()).hexdigest()[:16] + ".npz")
     signature = tree_signature(root)
@@ -218,11 +267,10 @@ def split_videos(index, labels_path="", val_fraction=0.05, seed=0):
     return train, val, f"hash split, val_fraction={val_fraction}"
 
 
-def decode_rgb(path):
-    """uint8 (3, H, W). Complete JPEGs go through libjpeg-turbo (torchvision); anything else
-    (PNG, a JPEG without its end marker) through PIL, which rejects truncated files."""
-    with open(path, "rb") as f:
-        data = f.read()
+def decode_rgb(data):
+    """uint8 (3, H, W) from encoded bytes. Complete JPEGs go through libjpeg-turbo
+    (torchvision); anything else (PNG, a JPEG without its end marker) through PIL, which
+    rejects truncated files."""
     if decode_jpeg is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
         try:
             with warnings.catch_warnings():
@@ -252,8 +300,9 @@ def resize_frame(img, image_size, resize="crop"):
 
 
 def load_frame(path, image_size, resize="crop"):
-    """uint8 (3, S, S) frame, resized as resize_frame says. Raises DECODE_ERRORS."""
-    return resize_frame(decode_rgb(path), image_size, resize)
+    """uint8 (3, S, S) frame from a file, resized as resize_frame says. Raises DECODE_ERRORS."""
+    with open(path, "rb") as f:
+        return resize_frame(decode_rgb(f.read()), image_size, resize)
 
 
 class SthV2Frames(Dataset):
@@ -287,11 +336,10 @@ class SthV2Frames(Dataset):
             p = pos + delta
             if not 0 <= p < n:
                 continue
-            path = self.index.frame_path(v, p)
             try:
-                return load_frame(path, self.image_size), bad
+                return resize_frame(decode_rgb(self.index.read_bytes(v, p)), self.image_size), bad
             except DECODE_ERRORS as e:
-                bad.append(f"{path} ({type(e).__name__}: {e})")
+                bad.append(f"{self.index.frame_path(v, p)} ({type(e).__name__}: {e})")
         return None, bad
 
     def __getitem__(self, i):

@@ -1,0 +1,208 @@
+"""Benchmarks: training-step throughput and MFU, and frame-loading speed against LAQ's loader.
+
+    python bench.py train --config FILE [--steps N] [--warmup W] [--batch-size B]
+                          [--device cpu|cuda] [--set SECTION.KEY=VALUE ...]
+    python bench.py data  --data-path DIR [--workers N] [--batches N] [--image-size 256]
+                          [--batch-size 32]
+
+Each prints one JSON line last. `train` times the training step of training.py on synthetic
+batches already on the device (data loading excluded), and in the same run a plain fp32
+eager loop of the same model for reference. `data` times the project's DataLoader over a
+frames folder and, in the same run, a loader that does what LAQ's published one does.
+"""
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from config import load_config
+from dataset_sthv2 import SthV2Frames, collate_frames, load_index
+from training import Runtime, Trainer, pick_device
+from vanilla_vae_model import build_model
+
+# Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, tf32 tensor cores). First match wins.
+PEAK_TFLOPS = [("H200", 989.4, 494.7), ("GH200", 989.4, 494.7), ("H100 PCIe", 756.5, 378.0),
+               ("H100 NVL", 835.5, 417.6), ("H100", 989.4, 494.7), ("A100", 312.0, 156.0),
+               ("L40S", 362.1, 183.0), ("A40", 149.7, 74.8), ("A10", 125.0, 62.5),
+               ("V100", 125.0, 15.7), ("RTX 4090", 165.2, 82.6), ("A6000", 154.8, 77.4)]
+
+
+def peak_flops(device, precision):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, low, tf32 in PEAK_TFLOPS:
+        if key in name:
+            return (low if precision in ("bf16", "fp16") else tf32) * 1e12
+    return None
+
+
+def flops_per_image(cfg, batch, device):
+    """Forward + backward FLOPs of one training step per image, by torch's flop counter."""
+    model = build_model(cfg.model_params).to(device)
+    size = cfg.model_params["image_size"]
+    x = torch.rand(batch, cfg.model_params["in_channels"], size, size, device=device) * 2 - 1
+    with FlopCounterMode(display=False) as counter:
+        recon, mu, logvar = model(x)
+        model.loss_function(x, recon, mu, logvar, 1e-4)["loss"].backward()
+    return counter.get_total_flops() / batch
+
+
+def time_steps(step, steps, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def bench_train(args):
+    overrides = list(args.set)
+    if args.batch_size:
+        overrides.append(f"data_params.train_batch_size={args.batch_size}")
+    cfg = load_config(args.config, overrides, check_paths=False)
+    device = pick_device(args.device, cfg.trainer_params.gpus)
+    batch, size = cfg.data_params.train_batch_size, cfg.model_params["image_size"]
+    trainer = Trainer(cfg, Runtime(device=device), steps_per_epoch=10 ** 9)
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    noise = torch.randn(batch, trainer.bare.latent_dim, device=device)
+
+    for _ in range(args.warmup):                        # includes torch.compile's first call
+        trainer.step(images, noise)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = time_steps(lambda: trainer.step(images, noise), args.steps, device)
+    peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+               resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
+
+    # the reference: a plain fp32 eager loop of the same model, no clipping, no extras
+    torch.manual_seed(0)
+    plain = build_model(cfg.model_params).to(device)
+    adam = torch.optim.Adam(plain.parameters(), lr=cfg.exp_params.LR)
+
+    def plain_step():
+        x = images.float() / 127.5 - 1
+        recon, mu, logvar = plain(x)
+        loss = plain.loss_function(x, recon, mu, logvar, cfg.exp_params.kld_weight)["loss"]
+        adam.zero_grad()
+        loss.backward()
+        adam.step()
+
+    for _ in range(args.warmup):
+        plain_step()
+    plain_seconds = time_steps(plain_step, args.steps, device)
+
+    flops = flops_per_image(cfg, min(batch, 8), device)
+    images_per_sec = batch * args.steps / seconds
+    peak = peak_flops(device, cfg.trainer_params.precision)
+    return {"images_per_sec": round(images_per_sec, 2),
+            "step_ms": round(1000 * seconds / args.steps, 3),
+            "gflop_per_image": round(flops / 1e9, 3),
+            "mfu": round(images_per_sec * flops / peak, 4) if peak else None,
+            "peak_mem_mb": round(peak_mb, 1),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "batch_size": batch, "steps": args.steps,
+            "precision": cfg.trainer_params.precision if device.type == "cuda" else "fp32",
+            "compile": device.type == "cuda" and cfg.trainer_params.compile,
+            "channels_last": trainer.channels_last,
+            "plain_eager_images_per_sec": round(batch * args.steps / plain_seconds, 2),
+            "speedup_vs_plain_eager": round(plain_seconds / seconds, 3),
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+class LaqStyleFrames(Dataset):
+    """What LAQ's published loader does per frame: list and sort the video folder, open the
+    file with PIL, torchvision Resize((S, S)) and ToTensor (float32 on the CPU)."""
+
+    def __init__(self, frames, image_size):
+        from torchvision import transforms
+        # the original frames tree, also when `frames` reads packed shards
+        self.items = [(os.path.dirname(frames.path(i)), int(frames.pos[i]))
+                      for i in range(len(frames))]
+        self.transform = transforms.Compose([transforms.Resize((image_size, image_size)),
+                                             transforms.ToTensor()])
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        folder, pos = self.items[i]
+        names = sorted(os.listdir(folder))
+        return self.transform(Image.open(os.path.join(folder, names[pos])).convert("RGB"))
+
+
+def time_loader(dataset, args, collate_fn=None):
+    loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers,
+                        collate_fn=collate_fn, drop_last=True,
+                        generator=torch.Generator().manual_seed(0),
+                        persistent_workers=args.workers > 0,
+                        **({"prefetch_factor": 4} if args.workers else {}))
+    batches = iter(loader)
+    for _ in range(max(2, 2 * args.workers)):          # start the workers, fill the queue
+        next(batches)
+    start = time.perf_counter()
+    for _ in range(args.batches):
+        next(batches)
+    return args.batch_size * args.batches / (time.perf_counter() - start)
+
+
+def bench_data(args):
+    index = load_index(args.data_path, args.index_cache_dir)
+    frames = SthV2Frames(index, range(len(index.videos)), args.image_size)
+    needed = (args.batches + max(2, 2 * args.workers) + 4 * max(args.workers, 1)) * args.batch_size
+    if len(frames) < needed:
+        sys.exit(f"error: {args.data_path} has {len(frames)} frames; this run needs {needed} "
+                 f"(lower --batches or --batch-size)")
+    for i in range(len(frames)):                       # both loaders read from the page cache
+        frames.index.read_bytes(int(frames.video[i]), int(frames.pos[i]))
+        if not os.path.isfile(frames.path(i)):
+            sys.exit(f"error: the baseline reads the frames tree, and {frames.path(i)} is missing")
+        with open(frames.path(i), "rb") as f:
+            f.read()
+    baseline = time_loader(LaqStyleFrames(frames, args.image_size), args)
+    ours = time_loader(frames, args, collate_frames)
+    return {"frames_per_sec": round(ours, 1), "baseline_frames_per_sec": round(baseline, 1),
+            "ratio": round(ours / baseline, 2), "workers": args.workers,
+            "batch_size": args.batch_size, "batches": args.batches,
+            "image_size": args.image_size, "cpus": os.cpu_count()}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="training-step throughput, FLOPs, MFU, memory")
+    train.add_argument("--config", required=True)
+    train.add_argument("--steps", type=int, default=20)
+    train.add_argument("--warmup", type=int, default=5)
+    train.add_argument("--batch-size", type=int, help="global batch (default: the config's)")
+    train.add_argument("--device", choices=["cpu", "cuda"])
+    train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    data = sub.add_parser("data", help="frame loading: this project's loader vs LAQ's")
+    data.add_argument("--data-path", required=True)
+    data.add_argument("--workers", type=int, default=2)
+    data.add_argument("--batches", type=int, default=20)
+    data.add_argument("--image-size", type=int, default=256)
+    data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--index-cache-dir", default="")
+    args = parser.parse_args()
+    from config import ConfigError
+    from dataset_sthv2 import DataError
+    try:
+        result = bench_train(args) if args.command == "train" else bench_data(args)
+    except (ConfigError, DataError) as e:
+        sys.exit(f"error: {e}")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
