@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from config import load_config
 from dataset_sthv2 import SthV2Frames, collate_frames, load_index
 from training import Runtime, Trainer, pick_device
-from vanilla_vae_model import build_model
+from models import build_model
 
 # Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, tf32 tensor cores). First match wins.
 PEAK_TFLOPS = [("H200", 989.4, 494.7), ("GH200", 989.4, 494.7), ("H100 PCIe", 756.5, 378.0),
@@ -50,8 +50,7 @@ def flops_per_image(cfg, batch, device):
     size = cfg.model_params["image_size"]
     x = torch.rand(batch, cfg.model_params["in_channels"], size, size, device=device) * 2 - 1
     with FlopCounterMode(display=False) as counter:
-        recon, mu, logvar = model(x)
-        model.loss_function(x, recon, mu, logvar, 1e-4)["loss"].backward()
+        model.loss_function(x, model(x), 1e-4)["loss"].backward()
     return counter.get_total_flops() / batch
 
 
@@ -75,7 +74,8 @@ def bench_train(args):
     batch, size = cfg.data_params.train_batch_size, cfg.model_params["image_size"]
     trainer = Trainer(cfg, Runtime(device=device), steps_per_epoch=10 ** 9)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    noise = torch.randn(batch, trainer.bare.latent_dim, device=device)
+    noise = (torch.randn(batch, trainer.bare.noise_dim, device=device)
+             if trainer.bare.noise_dim else None)
 
     for _ in range(args.warmup):                        # includes torch.compile's first call
         trainer.step(images, noise)
@@ -92,8 +92,7 @@ def bench_train(args):
 
     def plain_step():
         x = images.float() / 127.5 - 1
-        recon, mu, logvar = plain(x)
-        loss = plain.loss_function(x, recon, mu, logvar, cfg.exp_params.kld_weight)["loss"]
+        loss = plain.loss_function(x, plain(x), cfg.exp_params.kld_weight)["loss"]
         adam.zero_grad()
         loss.backward()
         adam.step()

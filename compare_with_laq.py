@@ -314,7 +314,7 @@ def print_table(report, names):
     print(f"LAQ codes: {laq['unique_codes']}/{laq['codebook_size']} used, "
           f"perplexity {laq['perplexity']:.2f}")
     vae = report["latent"]["vae"]
-    if vae:
+    if vae and "active_units" in vae:
         print(f"VAE latent: {vae['active_units']}/{vae['latent_dim']} active units, "
               f"KL {vae['kl_total']:.2f} nats")
 
@@ -376,7 +376,8 @@ def main():
               "resize": args.resize, "image_sizes": {"vae": vae_size, "laq": laq_size},
               "ci_method": CI_METHOD, "lpips_net": lpips_label(args),
               "vae": model_section("vae"), "laq": model_section("laq"),
-              "latent": {"vae": latent_diagnostics(torch.cat(mus), torch.cat(logvars)) if mus else None,
+              "latent": {"vae": latent_diagnostics(torch.cat(mus), torch.cat(logvars)) if mus
+                         else None,
                          "laq": codebook_diagnostics(torch.cat(codes), config["codebook_size"])},
               "checkpoints": {"vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
                               "laq_keys": key_report},

@@ -42,6 +42,7 @@ def parse_yaml(text):
 
 @dataclass
 class DataParams:
+    dataset: Literal["sthv2", "celeba"] = "sthv2"
     data_path: str = ""
     image_size: int = 256
     train_batch_size: int = 64          # global: split across all ranks
@@ -144,11 +145,11 @@ def _check_type(value, annotation, key):
 
 
 def _model_schema(name):
-    from vanilla_vae_model import VAE_MODELS
-    if name not in VAE_MODELS:
+    from models import MODELS
+    if name not in MODELS:
         raise ConfigError(f"model_params.name: unknown model {name!r}; "
-                          f"choose one of {sorted(VAE_MODELS)}")
-    cls = VAE_MODELS[name]
+                          f"choose one of {sorted(MODELS)}")
+    cls = MODELS[name]
     hints = typing.get_type_hints(cls.__init__)
     return {p.name: (hints[p.name], p.default)
             for p in inspect.signature(cls.__init__).parameters.values() if p.name != "self"}

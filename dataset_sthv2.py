@@ -403,8 +403,45 @@ def collate_frames(batch):
     return torch.stack(filled), bad
 
 
+CELEBA_FILES = {"train": "train_data.npy", "val": "eval_data.npy"}
+
+
+class CelebAArrays(Dataset):
+    """uint8 N x 3 x H x W images of prepare_celeba.py, read by memory map: each DataLoader
+    worker maps the file on first use instead of holding a copy of the 12-17 GB array."""
+
+    def __init__(self, path, image_size=None):
+        if not os.path.isfile(path):
+            raise DataError(f"{path} does not exist: run prepare_celeba.py -o {os.path.dirname(path)}")
+        array = np.load(path, mmap_mode="r")
+        if array.ndim != 4 or array.shape[1] != 3 or array.dtype != np.uint8:
+            raise DataError(f"{path} holds {array.dtype} {array.shape}, not uint8 N x 3 x H x W")
+        if image_size and array.shape[2:] != (image_size, image_size):
+            raise DataError(f"{path} holds {array.shape[2]}x{array.shape[3]} images, the model "
+                            f"wants {image_size}x{image_size}: re-run prepare_celeba.py "
+                            f"--image-size {image_size}")
+        self.file, self.shape, self._array = path, array.shape, None
+
+    def __len__(self):
+        return self.shape[0]
+
+    def path(self, i):
+        return f"{self.file}[{i}]"
+
+    def __getitem__(self, i):
+        if self._array is None:                 # opened lazily, once per process
+            self._array = np.load(self.file, mmap_mode="r")
+        return torch.from_numpy(np.array(self._array[i])), []
+
+
 def build_datasets(data_params, image_size):
-    """Train and val frame datasets for a validated data_params section."""
+    """Train and val datasets for a validated data_params section."""
+    if data_params.dataset == "celeba":
+        train_set, val_set = (CelebAArrays(os.path.join(data_params.data_path, CELEBA_FILES[s]),
+                                           image_size) for s in ("train", "val"))
+        log.info("data: CelebA arrays in %s: train %d / val %d images", data_params.data_path,
+                 len(train_set), len(val_set))
+        return train_set, val_set
     index = load_index(data_params.data_path, data_params.index_cache_dir)
     train, val, source = split_videos(index, data_params.labels_path, data_params.val_fraction)
     if not train:

@@ -25,8 +25,8 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, load_checkpoint
 from dataset_sthv2 import DataError, ImageFiles, SthV2Frames, load_index, split_videos
 from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
-                     latent_diagnostics, lpips_label, summarize)
-from vanilla_vae_model import build_model
+                     codebook_diagnostics, latent_diagnostics, lpips_label, summarize)
+from models import build_model
 
 GRID_IMAGES = 8
 
@@ -103,7 +103,7 @@ def evaluate(model, dataset, positions, metrics, args, device):
     loader = DataLoader(Indexed(dataset, positions), args.batch_size, num_workers=args.workers,
                         collate_fn=collate_readable)
     generator = torch.Generator(device=device).manual_seed(0)
-    rows, mus, logvars, unreadable, grid = [], [], [], [], None
+    rows, mus, logvars, codes, unreadable, grid = [], [], [], [], [], None
     recon_dir = os.path.join(args.output, "reconstructions")
     if args.save_reconstructions:
         os.makedirs(recon_dir, exist_ok=True)
@@ -112,7 +112,8 @@ def evaluate(model, dataset, positions, metrics, args, device):
         if len(index) == 0:
             continue
         x01 = images.to(device).float() / 255
-        recon, model_metrics, latents = model.evaluate_batch(x01 * 2 - 1, generator)
+        recon, model_metrics, latents = model.evaluate_batch(x01 * 2 - 1, generator,
+                                                             args.kld_weight)
         recon01 = (recon.float() + 1) / 2
         values = {**metrics(x01, recon01),
                   **{k: v.double().cpu() for k, v in model_metrics.items()}}
@@ -122,13 +123,16 @@ def evaluate(model, dataset, positions, metrics, args, device):
         if "mu" in latents:
             mus.append(latents["mu"].cpu())
             logvars.append(latents["logvar"].cpu())
+        if "codes" in latents:
+            codes.append(latents["codes"].cpu())
         if grid is None:
             grid = torch.cat([x01[:GRID_IMAGES], recon01[:GRID_IMAGES].clamp(0, 1)])
         if args.save_reconstructions:
             for k, i in enumerate(index.tolist()):
                 save_png(images[k], os.path.join(recon_dir, f"{i:06d}_input.png"))
                 save_png(to_uint8(recon01[k]), os.path.join(recon_dir, f"{i:06d}_recon.png"))
-    latent = latent_diagnostics(torch.cat(mus), torch.cat(logvars)) if mus else None
+    latent = latent_diagnostics(torch.cat(mus), torch.cat(logvars)) if mus else \
+        codebook_diagnostics(torch.cat(codes), model.num_embeddings) if codes else None
     return rows, latent, grid, unreadable
 
 
@@ -150,19 +154,22 @@ def generation_consistency(model, metrics, num_samples, batch_size, device):
 
 def print_table(report):
     print(f"\n{report['model']} on {report['dataset']} ({report['num_images']} images)")
-    print(f"{'metric':<8} {'mean':>10} {'std':>10}   95% CI")
+    print(f"{'metric':<18} {'mean':>10} {'std':>10}   95% CI")
     for title in ("reconstruction", "generation"):
         print(f"-- {title}")
         for name, s in report[title].items():
             if name != "not_applicable" and s is not None and s["mean"] is not None:
-                print(f"{name:<8} {s['mean']:>10.4f} {s['std']:>10.4f}   "
+                print(f"{name:<18} {s['mean']:>10.4f} {s['std']:>10.4f}   "
                       f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]")
-    if report["latent"]:
-        lat = report["latent"]
+    lat = report["latent"]
+    if lat and "active_units" in lat:
         print(f"-- latent: {lat['active_units']}/{lat['latent_dim']} active units, "
               f"KL {lat['kl_total']:.2f} nats")
         if lat["posterior_collapse_warning"]:
             print(f"warning: {lat['posterior_collapse_warning']}")
+    elif lat:
+        print(f"-- codebook: {lat['unique_codes']}/{lat['codebook_size']} codes used, "
+              f"perplexity {lat['perplexity']:.1f}")
 
 
 def parse_args():
@@ -199,6 +206,7 @@ def main():
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
         model, ckpt = load_model(args.checkpoint, device)
         image_size = ckpt["config"]["model_params"]["image_size"]
+        args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
         dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
     except (LpipsWeightsMissing, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")

@@ -127,13 +127,12 @@ def check_data(report, cfg):
 def check_model(report, cfg, device):
     import torch
 
-    from vanilla_vae_model import build_model, count_parameters
+    from models import build_model, count_parameters
     try:
         model = build_model(cfg.model_params).to(device)
         size = cfg.model_params["image_size"]
         x = torch.rand(2, cfg.model_params.get("in_channels", 3), size, size, device=device) * 2 - 1
-        recon, mu, logvar = model(x)
-        model.loss_function(x, recon, mu, logvar, cfg.exp_params.kld_weight)["loss"].backward()
+        model.loss_function(x, model(x), cfg.exp_params.kld_weight)["loss"].backward()
         report.add("✓", "model forward/backward",
                    f"{cfg.model_params['name']} {count_parameters(model):,} parameters on {device}")
     except RuntimeError as e:

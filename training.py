@@ -30,11 +30,11 @@ import checkpoint as ck
 from config import ConfigError
 from dataset_sthv2 import build_datasets, collate_frames
 from metrics import ImageMetrics
-from vanilla_vae_model import build_model, convert_sync_batchnorm, count_parameters
+from models import build_model, count_parameters
+from vanilla_vae_model import convert_sync_batchnorm
 
 log = logging.getLogger("vae")
 PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: the job wrote last.pt and should be requeued
-LOSS_KEYS = ("loss", "recon_loss", "kld", "neg_elbo")
 VAL_IMAGE_METRICS = ("psnr", "ssim")
 image_metrics = ImageMetrics("cpu", lpips_net="none")   # piq only: no network, any device
 # A skipped (non-finite) step still advances the schedule so the LR stays a function of step.
@@ -158,63 +158,118 @@ class Trainer:
             model = convert_sync_batchnorm(model, rt.device)
         model.to(rt.device, memory_format=torch.channels_last if self.channels_last
                  else torch.contiguous_format)
+        # one optimizer, or one per part for models that define groups (VAE-GAN)
+        groups = model.optimizer_groups() if hasattr(model, "optimizer_groups") else \
+            {"model": list(model.parameters())}
         opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(model.parameters(), lr=e.LR, weight_decay=e.weight_decay,
-                                 **({"fused": True} if cuda else {}))
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
+        self.optimizers = {name: opt_cls([p for p in params if p.requires_grad], lr=e.LR,
+                                         weight_decay=e.weight_decay,
+                                         **({"fused": True} if cuda else {}))
+                           for name, params in groups.items()}
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(
+            opt, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
+            for name, opt in self.optimizers.items()}
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) \
             if cuda else None
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
+        self.own_step = hasattr(model, "train_step")    # the model runs its own update rules
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype is torch.float16 and not self.own_step)
         self.bare = self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if rt.distributed:
+        if rt.distributed and not self.own_step:        # own_step models average their grads
             self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
-        if cuda and t.compile:
+        if cuda and t.compile and not self.own_step:
             # a graph that fails to compile falls back to eager (with a warning)
             importlib.import_module("torch._dynamo").config.suppress_errors = True
             self.model = torch.compile(self.model)
+        self.step_count = 0
+
+    @property
+    def lr(self):
+        return next(iter(self.schedulers.values())).get_last_lr()[0]
+
+    def state_dict(self):
+        """Optimizer and scheduler states: plain for one optimizer, by part for several."""
+        single = len(self.optimizers) == 1
+        opt = {k: o.state_dict() for k, o in self.optimizers.items()}
+        sched = {k: s.state_dict() for k, s in self.schedulers.items()}
+        return {"optimizer": opt["model"] if single else opt,
+                "scheduler": sched["model"] if single else sched,
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state, step):
+        single = len(self.optimizers) == 1
+        for name in self.optimizers:
+            self.optimizers[name].load_state_dict(state["optimizer"] if single
+                                                  else state["optimizer"][name])
+            self.schedulers[name].load_state_dict(state["scheduler"] if single
+                                                  else state["scheduler"][name])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step_count = step
 
     def step(self, images, noise, flip=None):
         """One optimizer step on uint8 images; returns (losses, grad norm, finite)."""
         x = to_model_input(images, self.device, flip, self.channels_last)
+        if self.own_step:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                result = self.bare.train_step(x, noise, self.optimizers, self.kld_weight,
+                                              self.max_grad_norm)
+        else:
+            result = self._standard_step(x, noise)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.step_count += 1
+        return result
+
+    def _standard_step(self, x, noise):
+        (optimizer,) = self.optimizers.values()
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
-            recon, mu, logvar = self.model(x, noise)
-        losses = self.bare.loss_function(x, recon, mu, logvar, self.kld_weight)
-        self.optimizer.zero_grad(set_to_none=True)
+            out = self.model(x, noise)
+        losses = self.bare.loss_function(x, out, self.kld_weight, self.step_count)
+        optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
-        self.scaler.unscale_(self.optimizer)
+        self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
         if finite or self.scaler.is_enabled():
-            self.scaler.step(self.optimizer)      # the fp16 scaler itself skips non-finite steps
+            self.scaler.step(optimizer)           # the fp16 scaler itself skips non-finite steps
         self.scaler.update()
-        self.scheduler.step()
         return losses, grad_norm, finite
+
+
+def draw_noise(model, global_batch, generator, rt):
+    """This rank's rows of N(0, I) noise drawn for the whole global batch, or None."""
+    if not model.noise_dim:
+        return None
+    noise = torch.randn(global_batch, model.noise_dim, generator=generator, device=rt.device)
+    return noise[rt.rank::rt.world_size]
 
 
 @torch.no_grad()
 def validate(model, loader, rt, cfg, limit):
-    """Mean of the training objective over the validation split, reduced over ranks."""
+    """Mean of the training objective over the validation split, reduced over ranks, and the
+    image quality of model.reconstruct (as evaluate.py reports it)."""
     model.eval()
     gen = torch.Generator(device=rt.device).manual_seed(cfg.exp_params.seed + 1)
-    keys = LOSS_KEYS + VAL_IMAGE_METRICS
-    sums = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)
-    unreadable = []
+    keys, sums, unreadable = None, None, []
     for i, (images, bad) in enumerate(loader):
         if limit and i >= limit:
             break
         unreadable += bad
-        noise = torch.randn(cfg.data_params.val_batch_size, model.latent_dim,
-                            generator=gen, device=rt.device)[rt.rank::rt.world_size]
+        noise = draw_noise(model, cfg.data_params.val_batch_size, gen, rt)
         x = to_model_input(images, rt.device)
-        recon, mu, logvar = model(x, noise[:len(x)])
-        losses = model.loss_function(x, recon, mu, logvar, cfg.exp_params.kld_weight)
-        # image quality of the posterior-mean reconstruction, as evaluate.py reports it
-        scores = image_metrics((x + 1) / 2, (model.decode(mu).float() + 1) / 2)
-        sums += torch.stack([losses[k].double() * len(x) for k in LOSS_KEYS]
-                            + [scores[k].sum().to(rt.device) for k in VAL_IMAGE_METRICS]
+        out = model(x, None if noise is None else noise[:len(x)])
+        losses = model.loss_function(x, out, cfg.exp_params.kld_weight)
+        scores = image_metrics((x + 1) / 2, (model.reconstruct(x).float() + 1) / 2)
+        values = {**{k: v.double() * len(x) for k, v in losses.items()},
+                  **{k: scores[k].sum().to(rt.device) for k in VAL_IMAGE_METRICS}}
+        if keys is None:
+            keys = sorted(values)
+            sums = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)
+        sums += torch.stack([values[k] for k in keys]
                             + [torch.tensor(float(len(x)), device=rt.device, dtype=torch.float64)])
     if rt.distributed:
         dist.all_reduce(sums)
@@ -223,13 +278,16 @@ def validate(model, loader, rt, cfg, limit):
 
 
 @torch.no_grad()
-def log_images(model, images, z, writer, run_dir, step):
+def log_images(model, images, writer, run_dir, step, seed):
+    """Fixed validation frames above their reconstructions; samples from fixed noise."""
     model.eval()
-    x = to_model_input(images, z.device)
+    device = next(model.parameters()).device
+    x = to_model_input(images, device)
     recon = model.reconstruct(x)
-    pairs = make_grid(torch.cat([x, recon]).float().add(1).div(2).clamp(0, 1), nrow=len(x))
-    samples = make_grid(model.decode(z).float().add(1).div(2).clamp(0, 1), nrow=len(z))
+    generated = model.sample(len(x), device, torch.Generator(device=device).manual_seed(seed))
     model.train()
+    pairs = make_grid(torch.cat([x, recon]).float().add(1).div(2).clamp(0, 1), nrow=len(x))
+    samples = make_grid(generated.float().add(1).div(2).clamp(0, 1), nrow=len(x))
     writer.add_image("images/reconstructions", pairs, step)
     writer.add_image("images/samples", samples, step)
     os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
@@ -318,18 +376,14 @@ def train(cfg, rt, resume=None):
 
     # --- model, optimiser, schedule --------------------------------------------------
     trainer = Trainer(cfg, rt, steps_per_epoch)
-    bare, optimizer, scheduler, scaler = (trainer.bare, trainer.optimizer, trainer.scheduler,
-                                          trainer.scaler)
+    bare = trainer.bare
     cuda = rt.device.type == "cuda"
     noise_gen = torch.Generator(device=rt.device).manual_seed(e.seed)
     step, epoch = 0, 0
     if state is not None:
         bare.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler") and scaler.is_enabled():
-            scaler.load_state_dict(state["scaler"])
         step, epoch = state["step"], state["epoch"]
+        trainer.load_state_dict(state, step)
         try:
             noise_gen.set_state(state["noise_generator"])
         except RuntimeError:      # saved on another device type: continue, not bit-exactly
@@ -360,8 +414,6 @@ def train(cfg, rt, resume=None):
         n = lg.num_image_samples
         fixed_images = collate_frames([val_set[int(i)] for i in
                                        np.linspace(0, len(val_set) - 1, n).round()])[0]
-        fixed_z = torch.randn(n, bare.latent_dim, device=rt.device,
-                              generator=torch.Generator(device=rt.device).manual_seed(e.seed + 2))
 
     def save(name=None):
         """Step checkpoint + last.pt (and `name`, e.g. vae_final.pt) from rank 0, then barrier."""
@@ -375,8 +427,7 @@ def train(cfg, rt, resume=None):
             try:
                 ck.save_atomic({"model": ck.bare_model(bare).state_dict(), "config": cfg.to_dict(),
                                 "step": step, "epoch": epoch, "steps_per_epoch": steps_per_epoch,
-                                "optimizer": optimizer.state_dict(),
-                                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                                **trainer.state_dict(),
                                 "noise_generator": noise_gen.get_state(), "rng": rngs,
                                 "world_size": rt.world_size}, path)
                 ck.link_atomic(path, os.path.join(ckpt_dir, "last.pt"))
@@ -396,8 +447,7 @@ def train(cfg, rt, resume=None):
     log.info("training %d steps (%d per epoch) at global batch %d = %d x %d processes on %s%s",
              max_steps, steps_per_epoch, d.train_batch_size, batch, rt.world_size,
              rt.device.type, f" with {t.precision} autocast" if trainer.amp_dtype else " in fp32")
-    sums = torch.zeros(len(LOSS_KEYS) + 1, device=rt.device)
-    logged_steps, nonfinite_in_row, seen_bad = 0, 0, set()
+    sums, logged_steps, nonfinite_in_row, seen_bad = {}, 0, 0, set()
     bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True,
                disable=not (rt.is_main and sys.stderr.isatty()))
     tick, tick_step = time.perf_counter(), step
@@ -407,20 +457,19 @@ def train(cfg, rt, resume=None):
         epoch_bad = []
         for images, bad in train_loader:
             epoch_bad += bad
-            rows = slice(rt.rank, d.train_batch_size, rt.world_size)
-            noise = torch.randn(d.train_batch_size, bare.latent_dim, generator=noise_gen,
-                                device=rt.device)[rows]
-            flip = (torch.rand(d.train_batch_size, generator=noise_gen, device=rt.device)[rows]
-                    < 0.5) if e.hflip else None
+            noise = draw_noise(bare, d.train_batch_size, noise_gen, rt)
+            flip = (torch.rand(d.train_batch_size, generator=noise_gen, device=rt.device)
+                    [rt.rank::rt.world_size] < 0.5) if e.hflip else None
             losses, grad_norm, finite = trainer.step(images, noise, flip)
             step += 1
             bar.update(1)
 
             if finite:
                 nonfinite_in_row = 0
-                sums += torch.stack([losses[k].detach() for k in LOSS_KEYS] + [grad_norm])
+                for k, v in {**losses, "grad_norm": grad_norm}.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
                 logged_steps += 1
-            elif not scaler.is_enabled():
+            elif not trainer.scaler.is_enabled():
                 nonfinite_in_row += 1
                 log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
                             step, nonfinite_in_row)
@@ -437,20 +486,22 @@ def train(cfg, rt, resume=None):
                 if cuda:
                     torch.cuda.synchronize()
                 now = time.perf_counter()
-                mean = all_reduce_mean(sums.clone(), rt) / max(logged_steps, 1)
-                stats = dict(zip(LOSS_KEYS + ("grad_norm",), mean.tolist()))
-                stats["lr"] = scheduler.get_last_lr()[0]
+                keys = sorted(sums)
+                mean = all_reduce_mean(torch.stack([sums[k] for k in keys]), rt) / logged_steps \
+                    if keys else torch.zeros(0)
+                stats = dict(zip(keys, mean.tolist()))
+                stats["lr"] = trainer.lr
                 stats["images_per_sec"] = d.train_batch_size * (step - tick_step) / (now - tick)
                 if writer:
                     for k, v in stats.items():
                         writer.add_scalar(f"train/{k}", v, step)
                 log.info("step %d (epoch %d): %s", step, epoch + 1,
                          " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
-                bar.set_postfix(loss=f"{stats['loss']:.4g}")
-                sums.zero_()
+                bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4g}")
+                sums = {}
                 logged_steps, tick, tick_step = 0, time.perf_counter(), step
             if writer and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
-                log_images(bare, fixed_images, fixed_z, writer, run_dir, step)
+                log_images(bare, fixed_images, writer, run_dir, step, e.seed + 2)
             if step % lg.save_every_n_steps == 0 and step < max_steps:
                 save()
             if (step % 10 == 0 or not rt.distributed) and stop.agreed(rt):

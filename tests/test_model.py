@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from vanilla_vae_model import VAE_MODELS, VanillaVAE, build_model, count_parameters
+from models import MODELS, build_model, count_parameters
+from vanilla_vae_model import VanillaVAE
 
 
 def expected_parameter_count(in_ch=3, dims=(64, 128, 256, 512, 1024), latent=256, size=256):
@@ -62,7 +63,7 @@ def test_loss_matches_hand_computation():
                                         for j in range(5)) for i in range(4)])
     sse_per_image = ((recon - x) ** 2).reshape(4, -1).sum(1)
     t = lambda a: torch.tensor(a, dtype=torch.float64)  # noqa: E731
-    out = VanillaVAE.loss_function(None, t(x), t(recon), t(mu), t(logvar), kld_weight)
+    out = VanillaVAE.loss_function(None, t(x), (t(recon), t(mu), t(logvar)), kld_weight)
     assert out["recon_loss"].item() == pytest.approx(mse, rel=1e-6)
     assert out["kld"].item() == pytest.approx(kl_per_image.mean(), rel=1e-6)
     assert out["kld"].item() > 0                                   # logged as a positive number
@@ -73,9 +74,9 @@ def test_loss_matches_hand_computation():
 
 def test_kl_vanishes_only_at_the_prior():
     zero = torch.zeros(2, 4)
-    out = VanillaVAE.loss_function(None, zero, zero, zero, zero, 1.0)
+    out = VanillaVAE.loss_function(None, zero, (zero, zero, zero), 1.0)
     assert out["kld"].item() == 0.0
-    assert VanillaVAE.loss_function(None, zero, zero, zero + 0.1, zero, 1.0)["kld"].item() > 0
+    assert VanillaVAE.loss_function(None, zero, (zero, zero + 0.1, zero), 1.0)["kld"].item() > 0
 
 
 def test_reparameterize_uses_given_noise():
@@ -85,4 +86,4 @@ def test_reparameterize_uses_given_noise():
 
 
 def test_registry_names_classes():
-    assert VAE_MODELS["VanillaVAE"] is VanillaVAE
+    assert MODELS["VanillaVAE"] is VanillaVAE

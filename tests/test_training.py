@@ -10,7 +10,8 @@ from checkpoint import REQUIRED_KEYS
 from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
 from training import Runtime, TrainingError, train
-from vanilla_vae_model import VanillaVAE, build_model
+from models import build_model
+from vanilla_vae_model import VanillaVAE
 
 CONTRACT_SCALARS = {"train/loss", "train/recon_loss", "train/kld", "train/lr", "train/grad_norm",
                     "train/images_per_sec", "val/loss", "val/recon_loss", "val/kld"}

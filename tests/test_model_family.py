@@ -1,0 +1,184 @@
+"""BetaVAE, VQ-VAE and VAE-GAN: objectives, the straight-through estimator, equilibrium rules,
+training through the shared loop, exact resume with three optimizers."""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from config import config_from_dict
+from conftest import run_script, tiny_config, write_config
+from dataset_sthv2 import SthV2Frames, collate_frames, load_index, split_videos
+from models import MODELS, build_model
+from training import Runtime, Trainer
+from vae_gan_model import VAEGAN, equilibrium_decisions
+from vanilla_vae_model import BetaVAE
+from vq_vae_model import VQVAE, VectorQuantizer
+
+SMALL = {"in_channels": 3, "hidden_dims": [8, 16], "image_size": 32}
+FAMILY = {"BetaVAE": {**SMALL, "latent_dim": 8, "beta": 2.0},
+          "VQVAE": {**SMALL, "num_embeddings": 16, "embedding_dim": 4},
+          "VAEGAN": {**SMALL, "latent_dim": 8, "feature_layer": 0},
+          "VanillaVAE": {**SMALL, "latent_dim": 8}}
+
+
+def family_config(demo_data, save_dir, name, **overrides):
+    cfg = tiny_config(demo_data, save_dir, **overrides)
+    cfg["model_params"] = {"name": name, **FAMILY[name]}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def batch(demo_data):
+    index = load_index(demo_data, os.path.join(demo_data, "..", "family_cache"))
+    frames = SthV2Frames(index, split_videos(index)[0], 32)
+    return collate_frames([frames[i] for i in range(16)])[0]
+
+
+@pytest.mark.parametrize("name,key", [("BetaVAE", "loss"), ("VQVAE", "loss"),
+                                      ("VAEGAN", "feature_recon"), ("VanillaVAE", "loss")])
+def test_each_model_learns_through_the_shared_step(name, key, demo_data, tmp_path, batch):
+    cfg = config_from_dict(family_config(demo_data, str(tmp_path), name,
+                                         **{"exp_params.LR": 3e-3}))
+    trainer = Trainer(cfg, Runtime(), steps_per_epoch=100)
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(25):
+        noise = torch.randn(len(batch), trainer.bare.noise_dim, generator=gen) \
+            if trainer.bare.noise_dim else None
+        losses, _, finite = trainer.step(batch, noise)
+        assert finite
+        values.append(losses[key].item())
+    assert np.mean(values[-5:]) < 0.8 * np.mean(values[:5]), values
+
+
+def test_straight_through_gradients_reach_the_encoder():
+    torch.manual_seed(0)
+    model = VQVAE(**FAMILY["VQVAE"])
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    out = model(x)
+    model.loss_function(x, out)["loss"].backward()
+    assert model.encoder[0][0].weight.grad.abs().sum() > 0
+    z = model.encode(x)
+    quantized, codes, _ = model.vq(z)
+    assert torch.allclose(quantized, model.vq.codebook[codes], atol=1e-6)   # forward value
+
+
+def test_commitment_weight_applies_to_the_commitment_term_only():
+    vq = VectorQuantizer(num_embeddings=2, embedding_dim=1, beta=0.25)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0], [1.0]]))
+    z = torch.tensor([[[[0.2]], [[0.9]]]], requires_grad=True)          # (1, 2, 1, 1)
+    _, codes, loss = vq(z)
+    assert codes.flatten().tolist() == [0, 1]
+    # codebook term and commitment term are both mean((z - e)^2) = (0.04 + 0.01) / 2
+    assert loss.item() == pytest.approx(1.25 * 0.025)
+    loss.sum().backward()
+    e = torch.tensor([0.0, 1.0])
+    assert torch.allclose(z.grad.flatten(), 0.25 * 2 * (z.detach().flatten() - e) / 2)
+    assert torch.allclose(vq.codebook.grad.flatten(), 2 * (e - z.detach().flatten()) / 2)
+
+
+def test_ema_codebook_and_dead_code_restart():
+    torch.manual_seed(0)
+    vq = VectorQuantizer(num_embeddings=3, embedding_dim=2, ema=True, decay=0.5,
+                         dead_code_steps=2)
+    with torch.no_grad():
+        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [1.0, 1.0], [50.0, 50.0]]))
+        vq.ema_sum.copy_(vq.codebook)
+    z = torch.tensor([[[0.1, 0.1], [0.9, 0.9]]]).view(1, 2, 1, 2)
+    for _ in range(2):
+        vq(z)
+    assert not torch.allclose(vq.codebook[2], torch.tensor([50.0, 50.0]))   # restarted
+    assert any(torch.allclose(vq.codebook[2], v) for v in z.view(-1, 2))
+    assert vq.codebook[0, 0] < 0.1 and vq.codebook[0, 0] > 0.0              # moved toward 0.1
+
+
+def test_beta_vae_objectives():
+    torch.manual_seed(0)
+    model = BetaVAE(**FAMILY["BetaVAE"], recon_loss="bce", capacity_annealing=True, gamma=10.0,
+                    max_capacity=20.0, capacity_steps=100)
+    x = torch.rand(3, 3, 32, 32) * 2 - 1
+    out = model(x)
+    recon, mu, logvar, logits = out
+    losses = model.loss_function(x, out, kld_weight=0.5, step=25)
+    p = torch.sigmoid(2 * logits)
+    assert torch.allclose((recon + 1) / 2, p, atol=1e-5)                      # same output
+    bce = -((x + 1) / 2 * torch.log(p) + (1 - x) / 2 * torch.log(1 - p)).mean()
+    assert losses["recon_loss"].item() == pytest.approx(bce.item(), rel=1e-4)
+    kl = (-0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)).mean()
+    assert losses["capacity"].item() == 5.0
+    assert losses["loss"].item() == pytest.approx((bce + 10 * 0.5 * (kl - 5).abs()).item(), rel=1e-4)
+    plain = BetaVAE(**FAMILY["BetaVAE"])
+    out = plain(x)
+    l2 = plain.loss_function(x, out, kld_weight=0.5)
+    assert l2["loss"].item() == pytest.approx(
+        (F.mse_loss(out[0], x) + 2.0 * 0.5 * l2["kld"]).item(), rel=1e-5)
+
+
+def test_equilibrium_rules():
+    assert equilibrium_decisions(0.7, 0.7) == (True, True)
+    assert equilibrium_decisions(0.1, 0.7) == (False, True)     # discriminator too strong
+    assert equilibrium_decisions(0.7, 1.3) == (True, False)     # discriminator too weak
+    assert equilibrium_decisions(0.1, 1.3) == (True, True)      # both would stop: train both
+
+
+@pytest.mark.parametrize("real_logit,fake_logit,skipped", [
+    (0.8, 0.8, "decoder"),           # real BCE 0.37, fake BCE 1.17 > 0.68 + 0.4: too weak
+    (3.0, -3.0, "discriminator"),    # real BCE 0.05 < 0.68 - 0.4: too strong
+])
+def test_vae_gan_skips_the_update_its_rules_name(real_logit, fake_logit, skipped, monkeypatch):
+    from vae_gan_model import Discriminator
+    torch.manual_seed(0)
+    model = VAEGAN(**FAMILY["VAEGAN"])
+    optimizers = {k: torch.optim.Adam(v, lr=1e-2) for k, v in model.optimizer_groups().items()}
+    original, calls = Discriminator.forward, []
+
+    def judged(self, image, feature_layer):      # losses() asks about real, recon, prior
+        logit, features = original(self, image, feature_layer)
+        value = real_logit if len(calls) % 3 == 0 else fake_logit
+        calls.append(value)
+        return value + (logit - logit.detach()), features      # forced value, real gradient
+
+    monkeypatch.setattr(Discriminator, "forward", judged)
+    before = {k: [p.detach().clone() for p in v] for k, v in model.optimizer_groups().items()}
+    losses, _, finite = model.train_step(torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 16),
+                                         optimizers, 1e-3, 1.0)
+    assert finite
+    assert losses["decoder_skipped"].item() == float(skipped == "decoder")
+    assert losses["discriminator_skipped"].item() == float(skipped == "discriminator")
+    after = model.optimizer_groups()
+    changed = {k: any(not torch.equal(a, b) for a, b in zip(before[k], after[k])) for k in before}
+    assert changed == {part: part != skipped for part in ("encoder", "decoder", "discriminator")}
+
+
+def test_vq_vae_config_rejects_gaussian_keys(demo_data, tmp_path):
+    raw = family_config(demo_data, str(tmp_path), "VQVAE")
+    raw["model_params"]["latent_dim"] = 8
+    with pytest.raises(Exception, match="model_params.latent_dim: unknown key for VQVAE"):
+        config_from_dict(raw)
+    assert set(MODELS) == {"VanillaVAE", "BetaVAE", "VQVAE", "VAEGAN"}
+    assert isinstance(build_model({"name": "VQVAE", **FAMILY["VQVAE"]}), VQVAE)
+
+
+def test_three_optimizer_resume_is_exact(demo_data, tmp_path):
+    def config(name, steps):
+        return write_config(tmp_path / f"{name}.yaml", family_config(
+            demo_data, str(tmp_path / "logs"), "VAEGAN", **{
+                "logging_params.name": name, "trainer_params.max_steps": steps,
+                "exp_params.hflip": True}))
+
+    for args in ([config("straight", 12)], [config("resumed", 7)],
+                 [config("resumed", 12), "--resume", "auto"]):
+        result = run_script("train_single_gpu.py", "--config", *args, "--device", "cpu")
+        assert result.returncode == 0, result.stderr[-3000:]
+    a = torch.load(tmp_path / "logs/straight/checkpoints/vae_final.pt", weights_only=True)
+    b = torch.load(tmp_path / "logs/resumed/checkpoints/vae_final.pt", weights_only=True)
+    assert set(a["optimizer"]) == {"encoder", "decoder", "discriminator"}
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for part in a["optimizer"]:
+        for i, state in a["optimizer"][part]["state"].items():
+            for key, value in state.items():
+                assert torch.equal(value, b["optimizer"][part]["state"][i][key]), (part, key)
