@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 with warnings.catch_warnings():   # torchvision >= 0.29 marks its decoders as deprecated
@@ -279,8 +279,13 @@ def decode_rgb(data):
                                    mode=ImageReadMode.RGB)
         except RuntimeError as e:
             raise ValueError(f"JPEG decode failed: {str(e).splitlines()[-1][:200]}") from None
-    with Image.open(io.BytesIO(data)) as im:
-        return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    if not data:
+        raise ValueError("empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+    except UnidentifiedImageError:
+        raise ValueError("not an image format PIL can read") from None
 
 
 def resize_frame(img, image_size, resize="crop"):

@@ -1,6 +1,6 @@
-"""Evaluate a trained autoencoder checkpoint on a dataset split.
+"""Evaluate a trained autoencoder checkpoint (or a pythae model folder) on a dataset split.
 
-    python evaluate.py --checkpoint CKPT --output DIR [--data-path PATH] [--dataset sthv2|images]
+    python evaluate.py --checkpoint CKPT --output DIR [--data-path PATH] [--dataset sthv2|images|celeba]
                        [--split val] [--max-images N] [--batch-size B] [--lpips-net alex|vgg|none]
                        [--num-samples N] [--save-reconstructions] [--device cpu|cuda]
 
@@ -23,10 +23,12 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint
-from dataset_sthv2 import DataError, ImageFiles, SthV2Frames, load_index, split_videos
+from dataset_sthv2 import (CELEBA_FILES, CelebAArrays, DataError, ImageFiles, SthV2Frames,
+                           load_index, split_videos)
 from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
                      codebook_diagnostics, latent_diagnostics, lpips_label, summarize)
 from models import build_model
+from pythae_adapter import PythaeError, is_pythae_folder, load_pythae
 
 GRID_IMAGES = 8
 
@@ -66,11 +68,20 @@ def load_model(path, device):
 
 def build_eval_dataset(args, config, image_size):
     data = config["data_params"]
+    if args.dataset == "celeba":
+        path = args.data_path or data.get("data_path")
+        if not path:
+            raise DataError("--data-path is needed: the checkpoint names no dataset")
+        split = CELEBA_FILES["val" if args.split == "val" else "train"]
+        return CelebAArrays(os.path.join(path, split), image_size), {
+            "data_path": path, "split": args.split, "file": split}
     if args.dataset == "images":
         if not args.data_path:
             raise DataError("--dataset images needs --data-path FOLDER")
         return ImageFiles(args.data_path, image_size), {"data_path": args.data_path}
-    path = args.data_path or data["data_path"]
+    path = args.data_path or data.get("data_path")
+    if not path:
+        raise DataError("--data-path is needed: the checkpoint names no dataset")
     index = load_index(path, data.get("index_cache_dir", ""))
     train, val, source = split_videos(index, data.get("labels_path", ""),
                                       data.get("val_fraction", 0.05))
@@ -174,10 +185,11 @@ def print_table(report):
 
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint of this project, or a model folder saved by pythae")
     parser.add_argument("--output", required=True, help="folder for the results")
     parser.add_argument("--data-path", help="default: data_params.data_path of the checkpoint")
-    parser.add_argument("--dataset", choices=["sthv2", "images"], default="sthv2")
+    parser.add_argument("--dataset", choices=["sthv2", "images", "celeba"], default="sthv2")
     parser.add_argument("--split", choices=["val", "train"], default="val")
     parser.add_argument("--max-images", type=int, default=0,
                         help="evenly spaced subset of the split (0 = all)")
@@ -190,6 +202,8 @@ def parse_args():
     parser.add_argument("--num-samples", type=int, default=64,
                         help="prior samples for generation self-consistency (0 = skip)")
     parser.add_argument("--save-reconstructions", action="store_true")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a pythae folder's pickled encoder/decoder (trusted files only)")
     parser.add_argument("--device", choices=["cpu", "cuda"])
     args = parser.parse_args()
     if args.batch_size < 1 or args.max_images < 0 or args.num_samples < 0 or args.workers < 0:
@@ -204,11 +218,15 @@ def main():
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
-        model, ckpt = load_model(args.checkpoint, device)
+        if is_pythae_folder(args.checkpoint):
+            model, config = load_pythae(args.checkpoint, device, args.allow_pickle)
+            ckpt = {"config": config, "step": None}
+        else:
+            model, ckpt = load_model(args.checkpoint, device)
         image_size = ckpt["config"]["model_params"]["image_size"]
         args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
         dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
-    except (LpipsWeightsMissing, CheckpointError, DataError) as e:
+    except (LpipsWeightsMissing, CheckpointError, DataError, PythaeError) as e:
         sys.exit(f"error: {e}")
     positions = list(range(len(dataset)))
     if args.max_images and args.max_images < len(positions):

@@ -537,8 +537,9 @@ def report_bad_frames(bad, seen, writer, rt, step):
         bad = [p for part in gathered for p in part]
     if writer:
         writer.add_scalar("data/unreadable_frames", len(bad), step)
-    new = sorted(set(bad) - seen)
-    seen.update(new)
+    by_path = {message.split(" (", 1)[0]: message for message in bad}
+    new = sorted(by_path[p] for p in set(by_path) - seen)
+    seen.update(by_path)
     if bad:
         listed = "; ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
         log.warning("%d unreadable frames were replaced by readable neighbours this epoch%s",

@@ -98,3 +98,28 @@ def test_refuses_a_checkpoint_that_would_run_code(tmp_path, demo_data):
                           "--data-path", demo_data, "--lpips-net", "none")
     assert result.returncode == 1 and "refused" in result.stderr
     assert not (tmp_path / "pwned").exists()
+
+
+def test_pythae_model_folder_is_scored_like_our_models(demo_data, tmp_path):
+    pythae = pytest.importorskip("pythae.models")
+    torch.manual_seed(0)
+    model = pythae.VAE(pythae.VAEConfig(input_dim=(3, 32, 32), latent_dim=6))
+    model.save(str(tmp_path / "pythae_vae"))
+    out = tmp_path / "eval"
+    result = evaluate_cli("--checkpoint", str(tmp_path / "pythae_vae"), "--output", str(out),
+                          "--data-path", demo_data, "--max-images", "6", "--lpips-net", "none",
+                          "--num-samples", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["model"] == "pythae:VAE" and report["num_images"] == 6
+    assert report["reconstruction"]["elbo"] is None and report["latent"]["latent_dim"] == 6
+    row = next(csv.DictReader(open(out / "per_image.csv")))
+    x = load_frame(row["path"], 32).float()[None] / 255        # pythae's own [0, 1] convention
+    with torch.no_grad():
+        recon = model.decoder(model.encoder(x).embedding).reconstruction.clamp(0, 1)
+    assert float(((recon - x) ** 2).mean()) == pytest.approx(float(row["mse"]), rel=1e-4)
+
+    (tmp_path / "pythae_vae" / "encoder.pkl").write_bytes(b"not to be unpickled")
+    result = evaluate_cli("--checkpoint", str(tmp_path / "pythae_vae"), "--output", str(out),
+                          "--data-path", demo_data, "--lpips-net", "none")
+    assert result.returncode == 1 and "--allow-pickle" in result.stderr
