@@ -32,8 +32,9 @@ from checkpoint import CheckpointError, load_checkpoint
 from dataset_sthv2 import (DECODE_ERRORS, DataError, SthV2FramePairs, decode_rgb, load_index,
                            resize_frame, split_videos)
 from evaluate import load_model
-from metrics import (CI_METHOD, ImageMetrics, LpipsWeightsMissing, codebook_diagnostics,
-                     latent_diagnostics, lpips_label, summarize)
+from metrics import (CI_METHOD, ImageMetrics, LpipsWeightsMissing, add_lpips_arguments,
+                     codebook_diagnostics, evaluation_device, latent_diagnostics, lpips_label,
+                     summarize)
 
 # LAPA's SthV2 hyperparameters for LatentActionQuantization (--laq-config overrides them).
 LAPA_LAQ_CONFIG = {"dim": 1024, "quant_dim": 32, "codebook_size": 8, "image_size": 256,
@@ -339,10 +340,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", required=True)
     parser.add_argument("--device", choices=["cpu", "cuda"])
-    parser.add_argument("--lpips-net", choices=["alex", "vgg", "none"], default="alex")
-    parser.add_argument("--lpips-random-backbone", action="store_true",
-                        help="untrained LPIPS backbone: tests the pipeline offline; the LPIPS "
-                             "numbers are then meaningless and metrics.json says so")
+    add_lpips_arguments(parser)
     args = parser.parse_args()
     if args.num_pairs < 1 or args.offset < 1 or args.batch_size < 1:
         parser.error("--num-pairs, --offset and --batch-size must be >= 1")
@@ -351,9 +349,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: no CUDA device is visible")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = evaluation_device(args.device)
     try:
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)
         vae, vae_ckpt = load_model(args.vae, device)

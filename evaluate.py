@@ -26,7 +26,8 @@ from checkpoint import CheckpointError, load_checkpoint
 from dataset_sthv2 import (CELEBA_FILES, CelebAArrays, DataError, ImageFiles, SthV2Frames,
                            load_index, split_videos)
 from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
-                     codebook_diagnostics, latent_diagnostics, lpips_label, summarize)
+                     add_lpips_arguments, codebook_diagnostics, evaluation_device,
+                     latent_diagnostics, lpips_label, summarize)
 from models import build_model
 from pythae_adapter import PythaeError, is_pythae_folder, load_pythae
 
@@ -195,10 +196,7 @@ def parse_args():
                         help="evenly spaced subset of the split (0 = all)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--lpips-net", choices=["alex", "vgg", "none"], default="alex")
-    parser.add_argument("--lpips-random-backbone", action="store_true",
-                        help="untrained LPIPS backbone: tests the pipeline offline; the LPIPS "
-                             "numbers are then meaningless and metrics.json says so")
+    add_lpips_arguments(parser)
     parser.add_argument("--num-samples", type=int, default=64,
                         help="prior samples for generation self-consistency (0 = skip)")
     parser.add_argument("--save-reconstructions", action="store_true")
@@ -213,9 +211,7 @@ def parse_args():
 
 def main():
     args = parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("error: --device cuda: no CUDA device is visible")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = evaluation_device(args.device)
     try:
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
         if is_pythae_folder(args.checkpoint):

@@ -90,6 +90,20 @@ class ImageMetrics:
         return {k: v.double().cpu() for k, v in out.items()}
 
 
+def add_lpips_arguments(parser):
+    parser.add_argument("--lpips-net", choices=["alex", "vgg", "none"], default="alex")
+    parser.add_argument("--lpips-random-backbone", action="store_true",
+                        help="untrained LPIPS backbone: tests the pipeline offline; the LPIPS "
+                             "numbers are then meaningless and metrics.json says so")
+
+
+def evaluation_device(requested):
+    """torch.device for --device cpu|cuda|None (None: cuda when available)."""
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda: no CUDA device is visible")
+    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def lpips_label(args):
     """How LPIPS was computed, for metrics.json."""
     return args.lpips_net + (" (random backbone: LPIPS values meaningless)"

@@ -307,10 +307,12 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def agreed(self, rt):
-        """True on every rank as soon as any rank got a signal (collective when distributed)."""
+        """True on every rank as soon as any rank got a signal (collective when distributed,
+        so every rank must call it at the same steps)."""
+        if not rt.distributed:
+            return self.received is not None        # no device round trip
         flag = torch.tensor([1.0 if self.received else 0.0], device=rt.device)
-        if rt.distributed:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
 

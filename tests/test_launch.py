@@ -1,0 +1,65 @@
+"""run_train.sh and test_setup.py as a user runs them; the other model families under torchrun."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from conftest import ROOT, run_script, tiny_config, write_config
+from test_model_family import family_config
+
+
+def shell(*args, env=None):
+    return subprocess.run(["bash", os.path.join(ROOT, "run_train.sh"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})})
+
+
+def test_run_train_sh_trains_in_one_process_without_gpus(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(
+        demo_data, str(tmp_path / "logs"), **{"trainer_params.max_steps": 3}))
+    result = shell("--config", path, "--device", "cpu", env={"CUDA_VISIBLE_DEVICES": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 processes on cpu" in result.stdout
+    assert (tmp_path / "logs/run/checkpoints/vae_final.pt").exists()
+
+
+def test_run_train_sh_checks_the_config_before_launching(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(
+        demo_data, str(tmp_path / "logs"), **{"trainer_params.gpus": "all"}))
+    result = shell("--config", path)
+    assert result.returncode != 0
+    assert "trainer_params.gpus: expected int, got str 'all'" in result.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_test_setup_passes_on_a_good_setup_and_names_the_fix_otherwise(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(demo_data, str(tmp_path / "logs")))
+    ok = run_script("test_setup.py", "--config", path, "--device", "cpu")
+    assert ok.returncode == 0, ok.stdout[-3000:]
+    for check in ("package lpips", "config", "data layout", "sample batch",
+                  "model forward/backward", "log directory"):
+        assert any(line.startswith(" ✓") and check in line for line in ok.stdout.splitlines()), check
+    bad = run_script("test_setup.py", "--config", path, "--set",
+                     f"data_params.data_path={tmp_path / 'missing'}")
+    assert bad.returncode == 1
+    assert " ✗  config" in bad.stdout and "fix:" in bad.stdout
+
+
+def test_vq_vae_and_vae_gan_train_under_torchrun(demo_data, tmp_path):
+    """VQ-VAE syncs its EMA codebook inside forward; VAE-GAN averages its own gradients."""
+    for name, extra in (("VQVAE", {"model_params.ema": True, "model_params.dead_code_steps": 2}),
+                        ("VAEGAN", {})):
+        raw = family_config(demo_data, str(tmp_path / "logs"), name, **{
+            "logging_params.name": name, "data_params.train_batch_size": 16,
+            "trainer_params.max_steps": 4})
+        for key, value in extra.items():
+            raw["model_params"][key.split(".")[1]] = value
+        path = write_config(tmp_path / f"{name}.yaml", raw)
+        result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                            "train_ddp.py", "--config", path, "--device", "cpu",
+                            env={"OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-3000:]
+        ckpt = torch.load(tmp_path / "logs" / name / "checkpoints" / "vae_final.pt",
+                          weights_only=True)
+        assert ckpt["world_size"] == 2 and ckpt["step"] == 4
