@@ -6,13 +6,18 @@ PY := $(VENV)/bin/python
 DEMO_DATA := data/demo_sthv2
 DEMO_RUN := logs_demo/VanillaVAE_demo
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test venv venv-dev clean-demo
 
-venv: $(VENV)/.installed
+venv: $(VENV)/.runtime            # what the scripts need
+venv-dev: $(VENV)/.dev            # + what the tests need
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
@@ -29,7 +34,7 @@ demo: venv $(DEMO_DATA)/something-something-v2-train.json
 	@echo "Training pictures: $(DEMO_RUN)/images/"
 	@echo "Evaluation:        $(DEMO_RUN)/eval/metrics.json, $(DEMO_RUN)/eval/reconstructions/"
 
-test: venv
+test: venv-dev
 	$(PY) -m pytest -q tests
 
 clean-demo:

@@ -111,11 +111,13 @@ def section(per_image, names, not_applicable):
 
 @torch.no_grad()
 def evaluate(model, dataset, positions, metrics, args, device):
-    """Per-image metrics over `positions` of the dataset; returns (rows, latents, grid)."""
+    """Per-image metrics over `positions` of the dataset; returns (rows, latent diagnostics,
+    [(input, reconstruction)] for the picture, unreadable files)."""
     loader = DataLoader(Indexed(dataset, positions), args.batch_size, num_workers=args.workers,
                         collate_fn=collate_readable)
     generator = torch.Generator(device=device).manual_seed(0)
-    rows, mus, logvars, codes, unreadable, grid = [], [], [], [], [], None
+    rows, mus, logvars, codes, unreadable, grid = [], [], [], [], [], []
+    shown = {positions[int(k)] for k in np.linspace(0, len(positions) - 1, GRID_IMAGES)}
     recon_dir = os.path.join(args.output, "reconstructions")
     if args.save_reconstructions:
         os.makedirs(recon_dir, exist_ok=True)
@@ -137,8 +139,9 @@ def evaluate(model, dataset, positions, metrics, args, device):
             logvars.append(latents["logvar"].cpu())
         if "codes" in latents:
             codes.append(latents["codes"].cpu())
-        if grid is None:
-            grid = torch.cat([x01[:GRID_IMAGES], recon01[:GRID_IMAGES].clamp(0, 1)])
+        for k, i in enumerate(index.tolist()):                    # spread over the split
+            if i in shown:
+                grid.append((x01[k].cpu(), recon01[k].clamp(0, 1).cpu()))
         if args.save_reconstructions:
             for k, i in enumerate(index.tolist()):
                 save_png(images[k], os.path.join(recon_dir, f"{i:06d}_input.png"))
@@ -261,7 +264,9 @@ def main():
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    save_image(make_grid(grid, nrow=len(grid) // 2), os.path.join(args.output, "reconstructions.png"))
+    inputs, recons = zip(*grid)
+    save_image(make_grid(torch.stack(inputs + recons), nrow=len(inputs)),
+               os.path.join(args.output, "reconstructions.png"))
     print_table(report)
     print(f"\nwrote {args.output}/metrics.json, per_image.csv, reconstructions.png"
           + (", samples.png" if args.num_samples else "")
