@@ -24,7 +24,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from config import load_config
 from dataset_sthv2 import SthV2Frames, collate_frames, load_index
-from training import Runtime, Trainer, pick_device
+from runtime import Runtime, pick_device
+from trainer import Trainer
 from models import build_model
 
 # Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, tf32 tensor cores). First match wins.

@@ -85,7 +85,7 @@ def main():
         report.print()
         sys.exit(1)
 
-    from training import pick_device
+    from runtime import pick_device
     try:
         device = pick_device(args.device, cfg.trainer_params.gpus)
     except ConfigError as e:

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from config import load_config
-from training import Runtime, parse_args, pick_device, run
+from runtime import Runtime, parse_args, pick_device
+from training import run
 
 
 def init_process_group(device, rank, world_size):

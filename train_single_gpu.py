@@ -6,7 +6,8 @@
 import torch
 
 from config import load_config
-from training import Runtime, parse_args, pick_device, run
+from runtime import Runtime, parse_args, pick_device
+from training import run
 
 
 def main():

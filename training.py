@@ -1,27 +1,21 @@
 """The one training loop behind train_single_gpu.py and train_ddp.py.
 
-The scripts only decide the Runtime (rank, world size, device) and tear down; everything
-else is here. The run is independent of how many processes share it: the global batch is
+The scripts only decide the Runtime (rank, world size, device) and tear down; the loop is
+here, the optimizer step in trainer.py, the process plumbing in runtime.py. The run is independent of how many processes share it: the global batch is
 fixed by the config, and the latent noise and flips are drawn for the whole global batch
 from one generator and sliced per rank, so 1 process and N processes see the same samples
 with the same noise. Checkpoints carry everything needed to continue bit-exactly.
 """
 import glob
-import importlib
 import logging
-import math
 import os
-import signal
 import sys
 import time
-import warnings
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
@@ -30,63 +24,12 @@ import checkpoint as ck
 from config import ConfigError
 from dataset_sthv2 import build_datasets, collate_frames
 from metrics import ImageMetrics
-from models import build_model, count_parameters
-from vanilla_vae_model import convert_sync_batchnorm
+from runtime import PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError, setup_logging
+from trainer import Trainer, draw_noise, to_model_input
 
 log = logging.getLogger("vae")
-PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: the job wrote last.pt and should be requeued
 VAL_IMAGE_METRICS = ("psnr", "ssim")
 image_metrics = ImageMetrics("cpu", lpips_net="none")   # piq only: no network, any device
-# A skipped (non-finite) step still advances the schedule so the LR stays a function of step.
-warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (one line that says what happened and where)."""
-
-
-class Preempted(Exception):
-    """A stop signal arrived; a checkpoint was written and the job can be resumed."""
-
-
-@dataclass
-class Runtime:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-
-class _TqdmHandler(logging.StreamHandler):
-    def emit(self, record):
-        tqdm.write(self.format(record), file=sys.stdout)
-
-
-def setup_logging(rt, run_dir=None):
-    """Rank 0 logs to stdout and run_dir/train.log; other ranks print warnings only."""
-    log.handlers.clear()
-    log.propagate = False
-    if rt.is_main:
-        log.setLevel(logging.INFO)
-        handlers = [_TqdmHandler()]
-        if run_dir:
-            handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log")))
-        for h in handlers:
-            h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-            log.addHandler(h)
-    else:
-        log.setLevel(logging.WARNING)
-        h = logging.StreamHandler(sys.stderr)
-        h.setFormatter(logging.Formatter(f"[rank {rt.rank}] %(message)s"))
-        log.addHandler(h)
 
 
 class ResumableSampler(DistributedSampler):
@@ -116,136 +59,11 @@ class BlockBatchSampler:
         return len(self.blocks)
 
 
-def to_model_input(images, device, flip=None, channels_last=False):
-    """uint8 NCHW on any device -> float in [-1, 1] on `device`, optionally h-flipped."""
-    x = images.to(device, non_blocking=True)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x = x.float().div_(127.5).sub_(1.0)
-    if flip is not None:
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-    return x
-
-
 def all_reduce_mean(t, rt):
     if rt.distributed:
         dist.all_reduce(t)
         t /= rt.world_size
     return t
-
-
-def make_lr_lambda(warmup_steps, gamma, steps_per_epoch):
-    def lr_factor(step):
-        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
-        return warm * gamma ** (step // steps_per_epoch)
-    return lr_factor
-
-
-class Trainer:
-    """Model, optimizer, schedule and the training step: what the loop and bench.py share."""
-
-    def __init__(self, cfg, rt, steps_per_epoch):
-        e, t = cfg.exp_params, cfg.trainer_params
-        self.device, self.kld_weight, self.max_grad_norm = rt.device, e.kld_weight, e.max_grad_norm
-        cuda = rt.device.type == "cuda"
-        self.channels_last = cuda and t.channels_last
-        torch.manual_seed(e.seed)          # same initial weights whatever the world size
-        model = build_model(cfg.model_params)
-        torch.manual_seed(e.seed * rt.world_size + rt.rank)
-        np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
-        log.info("%s: %s parameters", cfg.model_params["name"], f"{count_parameters(model):,}")
-        if t.sync_batchnorm and rt.distributed:
-            model = convert_sync_batchnorm(model, rt.device)
-        model.to(rt.device, memory_format=torch.channels_last if self.channels_last
-                 else torch.contiguous_format)
-        # one optimizer, or one per part for models that define groups (VAE-GAN)
-        groups = model.optimizer_groups() if hasattr(model, "optimizer_groups") else \
-            {"model": list(model.parameters())}
-        opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
-        self.optimizers = {name: opt_cls([p for p in params if p.requires_grad], lr=e.LR,
-                                         weight_decay=e.weight_decay,
-                                         **({"fused": True} if cuda else {}))
-                           for name, params in groups.items()}
-        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(
-            opt, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
-            for name, opt in self.optimizers.items()}
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) \
-            if cuda else None
-        self.own_step = hasattr(model, "train_step")    # the model runs its own update rules
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.amp_dtype is torch.float16 and not self.own_step)
-        self.bare = self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if rt.distributed and not self.own_step:        # own_step models average their grads
-            self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
-        if cuda and t.compile and not self.own_step:
-            # a graph that fails to compile falls back to eager (with a warning)
-            importlib.import_module("torch._dynamo").config.suppress_errors = True
-            self.model = torch.compile(self.model)
-        self.step_count = 0
-
-    @property
-    def lr(self):
-        return next(iter(self.schedulers.values())).get_last_lr()[0]
-
-    def state_dict(self):
-        """Optimizer and scheduler states: plain for one optimizer, by part for several."""
-        single = len(self.optimizers) == 1
-        opt = {k: o.state_dict() for k, o in self.optimizers.items()}
-        sched = {k: s.state_dict() for k, s in self.schedulers.items()}
-        return {"optimizer": opt["model"] if single else opt,
-                "scheduler": sched["model"] if single else sched,
-                "scaler": self.scaler.state_dict()}
-
-    def load_state_dict(self, state, step):
-        single = len(self.optimizers) == 1
-        for name in self.optimizers:
-            self.optimizers[name].load_state_dict(state["optimizer"] if single
-                                                  else state["optimizer"][name])
-            self.schedulers[name].load_state_dict(state["scheduler"] if single
-                                                  else state["scheduler"][name])
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
-        self.step_count = step
-
-    def step(self, images, noise, flip=None):
-        """One optimizer step on uint8 images; returns (losses, grad norm, finite)."""
-        x = to_model_input(images, self.device, flip, self.channels_last)
-        if self.own_step:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                result = self.bare.train_step(x, noise, self.optimizers, self.kld_weight,
-                                              self.max_grad_norm)
-        else:
-            result = self._standard_step(x, noise)
-        for scheduler in self.schedulers.values():
-            scheduler.step()
-        self.step_count += 1
-        return result
-
-    def _standard_step(self, x, noise):
-        (optimizer,) = self.optimizers.values()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            out = self.model(x, noise)
-        losses = self.bare.loss_function(x, out, self.kld_weight, self.step_count)
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
-        if finite or self.scaler.is_enabled():
-            self.scaler.step(optimizer)           # the fp16 scaler itself skips non-finite steps
-        self.scaler.update()
-        return losses, grad_norm, finite
-
-
-def draw_noise(model, global_batch, generator, rt):
-    """This rank's rows of N(0, I) noise drawn for the whole global batch, or None."""
-    if not model.noise_dim:
-        return None
-    noise = torch.randn(global_batch, model.noise_dim, generator=generator, device=rt.device)
-    return noise[rt.rank::rt.world_size]
 
 
 @torch.no_grad()
@@ -293,27 +111,6 @@ def log_images(model, images, writer, run_dir, step, seed):
     os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
     save_image(pairs, os.path.join(run_dir, "images", f"reconstructions_{step:07d}.png"))
     save_image(samples, os.path.join(run_dir, "images", f"samples_{step:07d}.png"))
-
-
-class StopSignal:
-    """Remember SIGTERM / SIGUSR1 (SLURM's warning before the time limit) instead of dying."""
-
-    def __init__(self):
-        self.received = None
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        self.received = signal.Signals(signum).name
-
-    def agreed(self, rt):
-        """True on every rank as soon as any rank got a signal (collective when distributed,
-        so every rank must call it at the same steps)."""
-        if not rt.distributed:
-            return self.received is not None        # no device round trip
-        flag = torch.tensor([1.0 if self.received else 0.0], device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
 
 
 def train(cfg, rt, resume=None):
@@ -546,27 +343,6 @@ def report_bad_frames(bad, seen, writer, rt, step):
         listed = "; ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
         log.warning("%d unreadable frames were replaced by readable neighbours this epoch%s",
                     len(bad), f"; first seen now: {listed}" if new else "")
-
-
-def parse_args(description):
-    import argparse
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key (repeatable), e.g. --set exp_params.LR=3e-4")
-    parser.add_argument("--resume", metavar="PATH|auto",
-                        help="checkpoint to continue from; 'auto' = newest valid one of the run")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        help="default: cuda when available and trainer_params.gpus != 0")
-    return parser.parse_args()
-
-
-def pick_device(requested, gpus, local_rank=0):
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda: no CUDA device is visible to this process")
-    use_cuda = requested == "cuda" or (requested is None and gpus != 0
-                                       and torch.cuda.is_available())
-    return torch.device(f"cuda:{local_rank}") if use_cuda else torch.device("cpu")
 
 
 def run(cfg_loader, rt_factory, resume):

@@ -54,7 +54,8 @@ def run_script(*args, timeout=300, env=None):
 def trained_checkpoint(demo_data, tmp_path_factory):
     """vae_final.pt of a tiny VanillaVAE trained for a few steps on the demo data."""
     from config import config_from_dict
-    from training import Runtime, train
+    from runtime import Runtime
+    from training import train
     save_dir = str(tmp_path_factory.mktemp("trained"))
     cfg = config_from_dict(tiny_config(demo_data, save_dir, **{"trainer_params.max_steps": 6}))
     return train(cfg, Runtime())

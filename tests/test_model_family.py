@@ -11,7 +11,8 @@ from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
 from dataset_sthv2 import SthV2Frames, collate_frames, load_index, split_videos
 from models import MODELS, build_model
-from training import Runtime, Trainer
+from runtime import Runtime
+from trainer import Trainer
 from vae_gan_model import VAEGAN, equilibrium_decisions
 from vanilla_vae_model import BetaVAE
 from vq_vae_model import VQVAE, VectorQuantizer

@@ -9,7 +9,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from checkpoint import REQUIRED_KEYS
 from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
-from training import Runtime, TrainingError, train
+from runtime import Runtime, TrainingError
+from training import train
 from models import build_model
 from vanilla_vae_model import VanillaVAE
 

@@ -1,0 +1,146 @@
+"""The optimizer step every model trains with: model, optimizers, schedules, precision.
+
+Shared by the training loop (training.py) and bench.py. One optimizer by default; models that
+define optimizer_groups() get one per group, and models with their own train_step() (VAE-GAN)
+run their update rules themselves.
+"""
+import importlib
+import logging
+import math
+import warnings
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from models import build_model, count_parameters
+from vanilla_vae_model import convert_sync_batchnorm
+
+log = logging.getLogger("vae")
+# A skipped (non-finite) step still advances the schedule so the LR stays a function of step.
+warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+
+
+def to_model_input(images, device, flip=None, channels_last=False):
+    """uint8 NCHW on any device -> float in [-1, 1] on `device`, optionally h-flipped."""
+    x = images.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.float().div_(127.5).sub_(1.0)
+    if flip is not None:
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def make_lr_lambda(warmup_steps, gamma, steps_per_epoch):
+    def lr_factor(step):
+        warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+        return warm * gamma ** (step // steps_per_epoch)
+    return lr_factor
+
+
+class Trainer:
+    """Model, optimizer, schedule and the training step: what the loop and bench.py share."""
+
+    def __init__(self, cfg, rt, steps_per_epoch):
+        e, t = cfg.exp_params, cfg.trainer_params
+        self.device, self.kld_weight, self.max_grad_norm = rt.device, e.kld_weight, e.max_grad_norm
+        cuda = rt.device.type == "cuda"
+        self.channels_last = cuda and t.channels_last
+        torch.manual_seed(e.seed)          # same initial weights whatever the world size
+        model = build_model(cfg.model_params)
+        torch.manual_seed(e.seed * rt.world_size + rt.rank)
+        np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
+        log.info("%s: %s parameters", cfg.model_params["name"], f"{count_parameters(model):,}")
+        if t.sync_batchnorm and rt.distributed:
+            model = convert_sync_batchnorm(model, rt.device)
+        model.to(rt.device, memory_format=torch.channels_last if self.channels_last
+                 else torch.contiguous_format)
+        # one optimizer, or one per part for models that define groups (VAE-GAN)
+        groups = model.optimizer_groups() if hasattr(model, "optimizer_groups") else \
+            {"model": list(model.parameters())}
+        opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
+        self.optimizers = {name: opt_cls([p for p in params if p.requires_grad], lr=e.LR,
+                                         weight_decay=e.weight_decay,
+                                         **({"fused": True} if cuda else {}))
+                           for name, params in groups.items()}
+        self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(
+            opt, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
+            for name, opt in self.optimizers.items()}
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) \
+            if cuda else None
+        self.own_step = hasattr(model, "train_step")    # the model runs its own update rules
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype is torch.float16 and not self.own_step)
+        self.bare = self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if rt.distributed and not self.own_step:        # own_step models average their grads
+            self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
+        if cuda and t.compile and not self.own_step:
+            # a graph that fails to compile falls back to eager (with a warning)
+            importlib.import_module("torch._dynamo").config.suppress_errors = True
+            self.model = torch.compile(self.model)
+        self.step_count = 0
+
+    @property
+    def lr(self):
+        return next(iter(self.schedulers.values())).get_last_lr()[0]
+
+    def state_dict(self):
+        """Optimizer and scheduler states: plain for one optimizer, by part for several."""
+        single = len(self.optimizers) == 1
+        opt = {k: o.state_dict() for k, o in self.optimizers.items()}
+        sched = {k: s.state_dict() for k, s in self.schedulers.items()}
+        return {"optimizer": opt["model"] if single else opt,
+                "scheduler": sched["model"] if single else sched,
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state, step):
+        single = len(self.optimizers) == 1
+        for name in self.optimizers:
+            self.optimizers[name].load_state_dict(state["optimizer"] if single
+                                                  else state["optimizer"][name])
+            self.schedulers[name].load_state_dict(state["scheduler"] if single
+                                                  else state["scheduler"][name])
+        if state.get("scaler") and self.scaler.is_enabled():
+            self.scaler.load_state_dict(state["scaler"])
+        self.step_count = step
+
+    def step(self, images, noise, flip=None):
+        """One optimizer step on uint8 images; returns (losses, grad norm, finite)."""
+        x = to_model_input(images, self.device, flip, self.channels_last)
+        if self.own_step:
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                enabled=self.amp_dtype is not None):
+                result = self.bare.train_step(x, noise, self.optimizers, self.kld_weight,
+                                              self.max_grad_norm)
+        else:
+            result = self._standard_step(x, noise)
+        for scheduler in self.schedulers.values():
+            scheduler.step()
+        self.step_count += 1
+        return result
+
+    def _standard_step(self, x, noise):
+        (optimizer,) = self.optimizers.values()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.model(x, noise)
+        losses = self.bare.loss_function(x, out, self.kld_weight, self.step_count)
+        optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(losses["loss"]).backward()
+        self.scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
+        if finite or self.scaler.is_enabled():
+            self.scaler.step(optimizer)           # the fp16 scaler itself skips non-finite steps
+        self.scaler.update()
+        return losses, grad_norm, finite
+
+
+def draw_noise(model, global_batch, generator, rt):
+    """This rank's rows of N(0, I) noise drawn for the whole global batch, or None."""
+    if not model.noise_dim:
+        return None
+    noise = torch.randn(global_batch, model.noise_dim, generator=generator, device=rt.device)
+    return noise[rt.rank::rt.world_size]
