@@ -17,8 +17,6 @@ from models import build_model, count_parameters
 from vanilla_vae_model import convert_sync_batchnorm
 
 log = logging.getLogger("vae")
-# A skipped (non-finite) step still advances the schedule so the LR stays a function of step.
-warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
 
 
 def to_model_input(images, device, flip=None, channels_last=False):
@@ -116,8 +114,12 @@ class Trainer:
                                               self.max_grad_norm)
         else:
             result = self._standard_step(x, noise)
-        for scheduler in self.schedulers.values():
-            scheduler.step()
+        with warnings.catch_warnings():
+            # a skipped update (non-finite, or a VAE-GAN rule) still advances the schedule,
+            # so the learning rate stays a function of the step; torch warns about that
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            for scheduler in self.schedulers.values():
+                scheduler.step()
         self.step_count += 1
         return result
 
