@@ -45,9 +45,9 @@ class DataError(RuntimeError):
     """The data on disk cannot serve what was asked (one line, names the path)."""
 
 
-def _name_pattern(names):
-    """(prefix, width, ext) that formats every name of a video, or None if they differ."""
-    parsed = [FRAME_NAME.match(n) for n in names]
+def _name_pattern(parsed):
+    """(prefix, width, ext) that formats every name of a video (given as FRAME_NAME matches),
+    or None if they differ."""
     prefixes = {m["prefix"] for m in parsed}
     exts = {m["ext"] for m in parsed}
     widths = {len(m["number"]) for m in parsed}
@@ -101,46 +101,57 @@ class FrameIndex:
                              key=_natural_key)
         for video in folders:
             with os.scandir(os.path.join(root, video)) as it:
-                names = [e.name for e in it if FRAME_NAME.match(e.name) and e.is_file()]
-            if not names:
+                parsed = [m for m in (FRAME_NAME.match(e.name) for e in it if e.is_file()) if m]
+            if not parsed:
                 empty.append(video)
                 continue
-            names.sort(key=lambda n: (int(FRAME_NAME.match(n)["number"]), n))
-            pattern = _name_pattern(names)
+            parsed.sort(key=lambda m: (int(m["number"]), m.string))
+            pattern = _name_pattern(parsed)
             if pattern is None:
-                fallback[len(videos)] = names
+                fallback[len(videos)] = [m.string for m in parsed]
             videos.append(video)
             patterns.append(pattern)
-            numbers.extend(int(FRAME_NAME.match(n)["number"]) for n in names)
-            counts.append(len(names))
+            numbers.extend(int(m["number"]) for m in parsed)
+            counts.append(len(parsed))
         offsets = np.zeros(len(videos) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
         return cls(root, videos, patterns, np.asarray(numbers, dtype=np.int64), offsets,
                    fallback, empty)
 
-    def save(self, path, signature):
-        meta = {"version": INDEX_VERSION, "signature": signature, "videos": self.videos,
-                "patterns": self.patterns, "empty": self.empty_videos,
-                "fallback": {str(k): v for k, v in self.fallback.items()}}
+    def save(self, path, extra_meta=None, **extra_arrays):
+        """Write the index (and any extra arrays) atomically: numpy arrays plus JSON meta."""
+        meta = {"version": INDEX_VERSION, "videos": self.videos, "patterns": self.patterns,
+                "empty": self.empty_videos,
+                "fallback": {str(k): v for k, v in self.fallback.items()}, **(extra_meta or {})}
         tmp = f"{path}.tmp.{os.getpid()}"
         with open(tmp, "wb") as f:
-            np.savez(f, numbers=self.numbers, offsets=self.offsets,
+            np.savez(f, numbers=self.numbers, offsets=self.offsets, **extra_arrays,
                      meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
         os.replace(tmp, path)
+
+    @staticmethod
+    def read(path):
+        """(meta, arrays) of a file written by save(). Raises OSError, ValueError, KeyError."""
+        with np.load(path, allow_pickle=False) as z:
+            return (json.loads(z["meta"].tobytes().decode()),
+                    {k: z[k] for k in z.files if k != "meta"})
+
+    @classmethod
+    def from_meta(cls, root, meta, arrays):
+        return cls(root, meta["videos"], [tuple(p) if p else None for p in meta["patterns"]],
+                   arrays["numbers"], arrays["offsets"],
+                   {int(k): v for k, v in meta["fallback"].items()}, meta["empty"])
 
     @classmethod
     def load(cls, path, root, signature):
         """The cached index if it matches `signature`, else None."""
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(z["meta"].tobytes().decode())
-                if meta.get("version") != INDEX_VERSION or meta.get("signature") != signature:
-                    return None
-                return cls(root, meta["videos"], [tuple(p) if p else None for p in meta["patterns"]],
-                           z["numbers"], z["offsets"],
-                           {int(k): v for k, v in meta["fallback"].items()}, meta["empty"])
+            meta, arrays = cls.read(path)
         except (OSError, ValueError, KeyError):
             return None
+        if meta.get("version") != INDEX_VERSION or meta.get("signature") != signature:
+            return None
+        return cls.from_meta(root, meta, arrays)
 
 
 PACKED_INDEX = "packed_index.npz"
@@ -154,10 +165,10 @@ class PackedFrameIndex(FrameIndex):
     a job opens tens of files instead of millions.
     """
 
-    def __init__(self, root, meta, numbers, offsets, shard, start, length):
-        super().__init__(root, meta["videos"], [tuple(p) if p else None for p in meta["patterns"]],
-                         numbers, offsets, {int(k): v for k, v in meta["fallback"].items()}, [])
-        self.source_root, self.shard_names = meta["source_root"], meta["shards"]
+    def __init__(self, tree, source_root, shard_names, shard, start, length):
+        super().__init__(tree.root, tree.videos, tree.patterns, tree.numbers, tree.offsets,
+                         tree.fallback, [])
+        self.source_root, self.shard_names = source_root, shard_names
         self.shard, self.start, self.length = shard, start, length
         self._files = {}                      # per process: opened on first use (fork-safe)
 
@@ -178,10 +189,9 @@ class PackedFrameIndex(FrameIndex):
     def load(cls, root):
         path = os.path.join(root, PACKED_INDEX)
         try:
-            with np.load(path, allow_pickle=False) as z:
-                meta = json.loads(z["meta"].tobytes().decode())
-                return cls(root, meta, z["numbers"], z["offsets"], z["shard"], z["start"],
-                           z["length"])
+            meta, arrays = FrameIndex.read(path)
+            return cls(FrameIndex.from_meta(root, meta, arrays), meta["source_root"],
+                       meta["shards"], arrays["shard"], arrays["start"], arrays["length"])
         except (OSError, ValueError, KeyError) as e:
             raise DataError(f"packed index {path} is unreadable ({e}); re-run pack_frames.py")
 
@@ -222,7 +232,7 @@ def load_index(root, cache_dir=""):
         index = FrameIndex.build(root)
         try:
             os.makedirs(cache_dir, exist_ok=True)
-            index.save(cache, signature)
+            index.save(cache, {"signature": signature})
         except OSError as e:
             log.warning("could not cache the frame index in %s (%s); it is rebuilt next time",
                         cache_dir, e.strerror)
@@ -356,8 +366,7 @@ class SthV2FramePairs(SthV2Frames):
 
     def __init__(self, index, video_positions, image_size, offset=30, frame_stride=1):
         super().__init__(index, video_positions, image_size, frame_stride)
-        keep = self.pos + offset < np.array([index.num_frames(int(v)) for v in self.video],
-                                            dtype=np.int64)
+        keep = self.pos + offset < np.diff(index.offsets)[self.video]
         self.video, self.pos, self.offset = self.video[keep], self.pos[keep], offset
 
     def __getitem__(self, i):

@@ -53,14 +53,8 @@ def pack(data_path, out, shard_size, index_cache_dir=""):
         progress.close()
     for name in shards:                       # complete: publish the shards, then the index
         os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
-    meta = {"videos": index.videos, "patterns": index.patterns,
-            "fallback": {str(k): v for k, v in index.fallback.items()},
-            "source_root": index.root, "shards": shards}
-    tmp = os.path.join(out, PACKED_INDEX + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, numbers=index.numbers, offsets=index.offsets, shard=shard, start=start,
-                 length=length, meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    os.replace(tmp, os.path.join(out, PACKED_INDEX))
+    index.save(os.path.join(out, PACKED_INDEX), {"source_root": index.root, "shards": shards},
+               shard=shard, start=start, length=length)
     labels_dir = index.root
     for name in LABEL_FILES.values():
         if os.path.isfile(os.path.join(labels_dir, name)):
