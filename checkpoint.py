@@ -9,6 +9,7 @@ import os
 import pickle
 import random
 import re
+import shutil
 
 import numpy as np
 import torch
@@ -30,13 +31,13 @@ def bare_model(model):
 
 
 def rng_state():
-    np_state = np.random.get_state()
+    np_state, py_state = np.random.get_state(), random.getstate()
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                       "cached_gaussian": float(np_state[4])},
-            "python": [list(random.getstate()[1]), random.getstate()[2], random.getstate()[0]]}
+            "python": [list(py_state[1]), py_state[2], py_state[0]]}
 
 
 def set_rng_state(state):
@@ -71,9 +72,15 @@ def link_atomic(src, dst):
     tmp = f"{dst}.tmp.{os.getpid()}"
     try:
         os.link(src, tmp)
-    except OSError:
-        save_atomic(torch.load(src, map_location="cpu", weights_only=True), dst)
-        return
+    except OSError:                     # no hard links here: copy the bytes, then rename
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
     os.replace(tmp, dst)
 
 

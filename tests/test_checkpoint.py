@@ -1,0 +1,33 @@
+"""Checkpoint helpers: copies without hard links, RNG state round trip."""
+import os
+import random
+
+import numpy as np
+import torch
+
+import checkpoint as ck
+
+
+def test_last_pt_is_a_byte_copy_where_hard_links_fail(tmp_path, monkeypatch):
+    src = tmp_path / "step_0000010.pt"
+    torch.save({"model": {"w": torch.arange(6.0)}}, src)
+    (tmp_path / "last.pt").write_bytes(b"previous")
+
+    def no_links(*args):
+        raise OSError("hard links not supported")
+
+    monkeypatch.setattr(os, "link", no_links)
+    ck.link_atomic(str(src), str(tmp_path / "last.pt"))
+    assert (tmp_path / "last.pt").read_bytes() == src.read_bytes()
+    assert sorted(os.listdir(tmp_path)) == ["last.pt", "step_0000010.pt"]   # no temp left
+
+
+def test_rng_state_round_trip_restores_every_generator():
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    state = ck.rng_state()
+    expected = (torch.rand(3), np.random.rand(3), [random.random() for _ in range(3)])
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    ck.set_rng_state(state)
+    assert torch.equal(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1])
+    assert [random.random() for _ in range(3)] == expected[2]
