@@ -29,12 +29,13 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.overrides import TorchFunctionMode
 
 from checkpoint import CheckpointError, load_checkpoint
+from config import ConfigError
 from dataset_sthv2 import (DECODE_ERRORS, DataError, SthV2FramePairs, decode_rgb, load_index,
                            resize_frame, split_videos)
-from evaluate import load_model
+from evaluate import load_model, section
 from metrics import (CI_METHOD, ImageMetrics, LpipsWeightsMissing, add_lpips_arguments,
-                     codebook_diagnostics, evaluation_device, latent_diagnostics, lpips_label,
-                     summarize)
+                     codebook_diagnostics, latent_diagnostics, lpips_label)
+from runtime import pick_device
 
 # LAPA's SthV2 hyperparameters for LatentActionQuantization (--laq-config overrides them).
 LAPA_LAQ_CONFIG = {"dim": 1024, "quant_dim": 32, "codebook_size": 8, "image_size": 256,
@@ -349,13 +350,13 @@ def parse_args():
 
 def main():
     args = parse_args()
-    device = evaluation_device(args.device)
     try:
+        device = pick_device(args.device, gpus=-1)
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)
         vae, vae_ckpt = load_model(args.vae, device)
         laq, config, key_report = load_laq(args, device)
         pairs, inputs = frame_pairs(args)
-    except (LaqError, LpipsWeightsMissing, CheckpointError, DataError) as e:
+    except (ConfigError, LaqError, LpipsWeightsMissing, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     vae_size, laq_size = vae_ckpt["config"]["model_params"]["image_size"], config["image_size"]
     score_size = min(vae_size, laq_size)
@@ -366,8 +367,8 @@ def main():
     os.makedirs(args.output, exist_ok=True)
     names = metrics.names
     skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}
-    model_section = lambda m: {**{n: summarize([r[f"{m}_{n}"] for r in rows]) for n in names},  # noqa: E731
-                               **{n: None for n in skipped}, "not_applicable": skipped}
+    model_section = lambda m: section({n: [r[f"{m}_{n}"] for r in rows] for n in names},  # noqa: E731
+                                      names, skipped)
     report = {"pairs": len(rows), "inputs": inputs, "scoring_size": score_size,
               "resize": args.resize, "image_sizes": {"vae": vae_size, "laq": laq_size},
               "ci_method": CI_METHOD, "lpips_net": lpips_label(args),

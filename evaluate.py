@@ -23,12 +23,14 @@ from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
 from checkpoint import CheckpointError, load_checkpoint
+from config import ConfigError
 from dataset_sthv2 import (CELEBA_FILES, CelebAArrays, DataError, ImageFiles, SthV2Frames,
                            load_index, split_videos)
 from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
-                     add_lpips_arguments, codebook_diagnostics, evaluation_device,
+                     add_lpips_arguments, codebook_diagnostics,
                      latent_diagnostics, lpips_label, summarize)
 from models import build_model
+from runtime import pick_device
 from pythae_adapter import PythaeError, is_pythae_folder, load_pythae
 
 GRID_IMAGES = 8
@@ -214,8 +216,8 @@ def parse_args():
 
 def main():
     args = parse_args()
-    device = evaluation_device(args.device)
     try:
+        device = pick_device(args.device, gpus=-1)
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
         if is_pythae_folder(args.checkpoint):
             model, config = load_pythae(args.checkpoint, device, args.allow_pickle)
@@ -225,7 +227,7 @@ def main():
         image_size = ckpt["config"]["model_params"]["image_size"]
         args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
         dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
-    except (LpipsWeightsMissing, CheckpointError, DataError, PythaeError) as e:
+    except (ConfigError, LpipsWeightsMissing, CheckpointError, DataError, PythaeError) as e:
         sys.exit(f"error: {e}")
     positions = list(range(len(dataset)))
     if args.max_images and args.max_images < len(positions):

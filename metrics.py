@@ -97,13 +97,6 @@ def add_lpips_arguments(parser):
                              "numbers are then meaningless and metrics.json says so")
 
 
-def evaluation_device(requested):
-    """torch.device for --device cpu|cuda|None (None: cuda when available)."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda: no CUDA device is visible")
-    return torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def lpips_label(args):
     """How LPIPS was computed, for metrics.json."""
     return args.lpips_net + (" (random backbone: LPIPS values meaningless)"
