@@ -107,20 +107,25 @@ class VAEGAN(VanillaVAE):
                 "real_bce": real_bce, "fake_bce": 0.5 * (recon_bce + prior_bce),
                 "pixel_mse": (recon.float() - x.float()).pow(2).flatten(1).mean(1)}
 
-    def loss_function(self, x, out, kld_weight, step=0):
-        """Batch means for logging and validation; `loss` is the sum of the three parts."""
-        m = {k: v.mean() for k, v in self.losses(x, out, kld_weight).items()}
+    def batch_losses(self, x, out, kld_weight):
+        """Batch means of losses(): what is logged, and what the optimizers minimise."""
+        return {k: v.mean() for k, v in self.losses(x, out, kld_weight).items()}
+
+    @staticmethod
+    def logged(m):
+        """The logged values from batch_losses(); `loss` is the sum of the three parts."""
         return {"loss": m["encoder_loss"] + m["decoder_loss"] + m["discriminator_loss"],
                 "recon_loss": m["pixel_mse"], "kld": m["kl"], "encoder_loss": m["encoder_loss"],
                 "decoder_loss": m["decoder_loss"], "discriminator_loss": m["discriminator_loss"],
                 "feature_recon": m["feature_recon"]}
 
+    def loss_function(self, x, out, kld_weight, step=0):
+        return self.logged(self.batch_losses(x, out, kld_weight))
+
     def train_step(self, x, noise, optimizers, kld_weight, max_grad_norm):
         """One VAE-GAN step with its own gradients per part; returns (losses, grad norm,
         finite). Gradients are averaged over ranks here (the model is not wrapped in DDP)."""
-        out = self(x, noise)
-        per_image = self.losses(x, out, kld_weight)
-        m = {k: v.mean() for k, v in per_image.items()}
+        m = self.batch_losses(x, self(x, noise), kld_weight)
         groups = self.optimizer_groups()
         objectives = {"encoder": m["encoder_loss"], "decoder": m["decoder_loss"],
                       "discriminator": m["discriminator_loss"]}
@@ -151,10 +156,7 @@ class VAEGAN(VanillaVAE):
                     optimizers[name].step()
         for name in names:
             optimizers[name].zero_grad(set_to_none=True)
-        losses = {"loss": sum(objectives.values()), "recon_loss": m["pixel_mse"], "kld": m["kl"],
-                  "encoder_loss": m["encoder_loss"], "decoder_loss": m["decoder_loss"],
-                  "discriminator_loss": m["discriminator_loss"],
-                  "feature_recon": m["feature_recon"],
+        losses = {**self.logged(m),
                   "decoder_skipped": torch.tensor(float(not update_dec), device=x.device),
                   "discriminator_skipped": torch.tensor(float(not update_disc), device=x.device)}
         return losses, total_sq.sqrt(), finite
