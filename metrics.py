@@ -72,22 +72,22 @@ class ImageMetrics:
         return ["mse", "bce", "psnr", "ssim", "gmsd"] + (["lpips"] if self.lpips else [])
 
     @torch.no_grad()
-    def __call__(self, target, recon):
-        """dict name -> (B,) float64 CPU tensor. Both inputs are clamped into [0, 1] first
-        (model outputs may overshoot; piq asserts the range)."""
+    def __call__(self, target, recon, names=None):
+        """dict name -> (B,) float64 CPU tensor for `names` (default: all of self.names).
+        Both inputs are clamped into [0, 1] first (model outputs may overshoot; piq asserts
+        the range)."""
         target = target.float().clamp(0, 1)
         recon = recon.float().clamp(0, 1)
-        out = {
-            "mse": (recon - target).pow(2).flatten(1).mean(1),
-            "bce": F.binary_cross_entropy(recon.clamp(1e-6, 1 - 1e-6), target,
-                                          reduction="none").flatten(1).mean(1),
-            "psnr": piq.psnr(recon, target, data_range=1.0, reduction="none"),
-            "ssim": piq.ssim(recon, target, reduction="none", **SSIM_SETTINGS),
-            "gmsd": piq.gmsd(recon, target, data_range=1.0, reduction="none"),
+        compute = {
+            "mse": lambda: (recon - target).pow(2).flatten(1).mean(1),
+            "bce": lambda: F.binary_cross_entropy(recon.clamp(1e-6, 1 - 1e-6), target,
+                                                  reduction="none").flatten(1).mean(1),
+            "psnr": lambda: piq.psnr(recon, target, data_range=1.0, reduction="none"),
+            "ssim": lambda: piq.ssim(recon, target, reduction="none", **SSIM_SETTINGS),
+            "gmsd": lambda: piq.gmsd(recon, target, data_range=1.0, reduction="none"),
+            "lpips": lambda: self.lpips(recon, target, normalize=True).flatten(),
         }
-        if self.lpips is not None:
-            out["lpips"] = self.lpips(recon, target, normalize=True).flatten()
-        return {k: v.double().cpu() for k, v in out.items()}
+        return {k: compute[k]().double().cpu() for k in (names or self.names)}
 
 
 def add_lpips_arguments(parser):

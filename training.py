@@ -81,7 +81,8 @@ def validate(model, loader, rt, cfg, limit):
         x = to_model_input(images, rt.device)
         out = model(x, None if noise is None else noise[:len(x)])
         losses = model.loss_function(x, out, cfg.exp_params.kld_weight)
-        scores = image_metrics((x + 1) / 2, (model.reconstruct(x).float() + 1) / 2)
+        scores = image_metrics((x + 1) / 2, (model.reconstruct(x).float() + 1) / 2,
+                               VAL_IMAGE_METRICS)
         values = {**{k: v.double() * len(x) for k, v in losses.items()},
                   **{k: scores[k].sum().to(rt.device) for k in VAL_IMAGE_METRICS}}
         if keys is None:
