@@ -145,44 +145,46 @@ def prepare(args):
     for split, partitions in splits.items():
         names = [n for n, p in entries if p in partitions]
         chunks = [names[i:i + args.chunk_size] for i in range(0, len(names), args.chunk_size)]
-        todo = [k for k in range(len(chunks)) if not os.path.exists(_chunk_path(chunk_dir, split, k))]
+        chunk_path = lambda k: _chunk_path(chunk_dir, split, k, args.image_size, args.crop)  # noqa: E731
+        todo = [k for k in range(len(chunks)) if not os.path.exists(chunk_path(k))]
         with ProcessPoolExecutor(args.workers, initializer=_init_worker,
                                  initargs=(args.src,)) as pool, \
                 tqdm(total=len(names), desc=split, disable=not sys.stderr.isatty()) as bar:
             bar.update(len(names) - sum(len(chunks[k]) for k in todo))
             jobs = pool.map(_work, [(chunks[k], args.crop, args.image_size) for k in todo])
             for k, (array, kept, problems) in zip(todo, jobs):
-                path = _chunk_path(chunk_dir, split, k)
+                path = chunk_path(k)
                 with open(path + ".tmp", "wb") as f:
                     np.savez(f, images=array, filenames=np.array(kept),
                              problems=np.array(json.dumps(problems)))
                 os.replace(path + ".tmp", path)
                 bar.update(len(chunks[k]))
-        report["splits"][split] = write_split(chunk_dir, split, len(chunks), args.out, partitions)
+        report["splits"][split] = write_split([chunk_path(k) for k in range(len(chunks))],
+                                              args.out, split, args.image_size, partitions)
     with open(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
 
 
-def _chunk_path(chunk_dir, split, k):
-    return os.path.join(chunk_dir, f"{split}_{k:05d}.npz")
+def _chunk_path(chunk_dir, split, k, size, crop):
+    """Finished chunk k; named by the settings so a run with other settings never reuses it."""
+    return os.path.join(chunk_dir, f"{split}_{size}px_crop{crop}_{k:05d}.npz")
 
 
-def write_split(chunk_dir, split, n_chunks, out, partitions):
+def write_split(chunk_paths, out, split, size, partitions):
     """Join the chunks into OUT/{split}_data.npy (by memory map) and .npz."""
     total, problems, names = 0, [], []
-    for k in range(n_chunks):
-        with np.load(_chunk_path(chunk_dir, split, k)) as z:
+    for path in chunk_paths:
+        with np.load(path) as z:
             total += len(z["filenames"])
             names += z["filenames"].tolist()
             problems += json.loads(str(z["problems"]))
-    first = np.load(_chunk_path(chunk_dir, split, 0))["images"] if n_chunks else None
-    shape = (total, 3) + (first.shape[2:] if first is not None else (0, 0))
+    shape = (total, 3, size, size)
     npy = os.path.join(out, f"{split}_data.npy")
     array = np.lib.format.open_memmap(npy + ".tmp.npy", mode="w+", dtype=np.uint8, shape=shape)
     at = 0
-    for k in range(n_chunks):
-        images = np.load(_chunk_path(chunk_dir, split, k))["images"]
+    for path in chunk_paths:
+        images = np.load(path)["images"]
         array[at:at + len(images)] = images
         at += len(images)
     array.flush()

@@ -76,7 +76,8 @@ def test_interrupted_run_resumes_from_finished_chunks(celeba, tmp_path):
     assert prepare(*args).returncode == 0
     reference = np.load(out / "train_data.npy")
     # as if killed after the first chunks: later chunks and the outputs are gone ...
-    for name in ("train_00002.npz", "train_00003.npz", "eval_00000.npz"):
+    for name in ("train_32px_crop148_00002.npz", "train_32px_crop148_00003.npz",
+                 "eval_32px_crop148_00000.npz"):
         (chunks / name).unlink()
     for name in os.listdir(out):
         os.remove(out / name)
@@ -87,6 +88,12 @@ def test_interrupted_run_resumes_from_finished_chunks(celeba, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert np.array_equal(np.load(out / "train_data.npy"), reference)
     assert (out / "eval_data.npz").exists()
+    # other settings never reuse those chunks: the changed 000001.jpg is read this time
+    result = prepare(*args[:-4], "--crop", "120", *args[-4:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    with np.load(out / "train_data.npz") as z:
+        first = z["images"][list(z["filenames"]).index("000001.jpg")]
+    assert np.array_equal(first, expected_image(src / "000001.jpg", crop=120))
 
 
 def test_zip_source_gives_the_same_arrays(celeba, tmp_path):
