@@ -120,3 +120,30 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
     torch.manual_seed(cfg.exp_params.seed)                    # the run's initialisation
     for name, p in build_model(cfg.model_params).named_parameters():
         assert torch.equal(saved["model"][name], p), name
+
+
+def test_flip_mask_flips_exactly_the_chosen_images():
+    from trainer import to_model_input
+    images = torch.arange(2 * 3 * 2 * 4, dtype=torch.uint8).view(2, 3, 2, 4)
+    x = to_model_input(images, torch.device("cpu"), flip=torch.tensor([True, False]))
+    expected = images.float() / 127.5 - 1
+    assert torch.equal(x[0], expected[0].flip(-1)) and torch.equal(x[1], expected[1])
+
+
+def test_learning_rate_warms_up_then_decays_once_per_epoch():
+    from trainer import make_lr_lambda
+    factor = make_lr_lambda(warmup_steps=4, gamma=0.5, steps_per_epoch=10)
+    assert [factor(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert factor(9) == 1.0 and factor(10) == 0.5 and factor(25) == 0.25
+
+
+def test_hflip_switch_reaches_the_training_batches(demo_data, tmp_path):
+    def final(name, hflip):
+        cfg = config_from_dict(tiny_config(demo_data, str(tmp_path), **{
+            "logging_params.name": name, "exp_params.hflip": hflip,
+            "trainer_params.max_steps": 2}))
+        return torch.load(train(cfg, Runtime()), weights_only=True)["model"]
+
+    plain, flipped, plain_again = final("a", False), final("b", True), final("c", False)
+    assert all(torch.equal(plain[k], plain_again[k]) for k in plain)
+    assert any(not torch.equal(plain[k], flipped[k]) for k in plain)
