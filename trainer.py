@@ -78,11 +78,15 @@ class Trainer:
             # a graph that fails to compile falls back to eager (with a warning)
             importlib.import_module("torch._dynamo").config.suppress_errors = True
             self.model = torch.compile(self.model)
-        self.step_count = 0
 
     @property
     def lr(self):
         return next(iter(self.schedulers.values())).get_last_lr()[0]
+
+    @property
+    def steps_done(self):
+        """Optimizer steps taken so far, as the schedules count them (restored on resume)."""
+        return next(iter(self.schedulers.values())).last_epoch
 
     def state_dict(self):
         """Optimizer and scheduler states: plain for one optimizer, by part for several."""
@@ -93,7 +97,7 @@ class Trainer:
                 "scheduler": sched["model"] if single else sched,
                 "scaler": self.scaler.state_dict()}
 
-    def load_state_dict(self, state, step):
+    def load_state_dict(self, state):
         single = len(self.optimizers) == 1
         for name in self.optimizers:
             self.optimizers[name].load_state_dict(state["optimizer"] if single
@@ -102,7 +106,6 @@ class Trainer:
                                                   else state["scheduler"][name])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
-        self.step_count = step
 
     def step(self, images, noise, flip=None):
         """One optimizer step on uint8 images; returns (losses, grad norm, finite)."""
@@ -120,7 +123,6 @@ class Trainer:
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             for scheduler in self.schedulers.values():
                 scheduler.step()
-        self.step_count += 1
         return result
 
     def _standard_step(self, x, noise):
@@ -128,7 +130,7 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             out = self.model(x, noise)
-        losses = self.bare.loss_function(x, out, self.kld_weight, self.step_count)
+        losses = self.bare.loss_function(x, out, self.kld_weight, self.steps_done)
         optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(losses["loss"]).backward()
         self.scaler.unscale_(optimizer)

@@ -171,8 +171,8 @@ def train(cfg, rt, resume=None):
     if steps_per_epoch == 0:
         raise TrainingError(f"the train split has {len(train_set)} frames, fewer than one "
                             f"global batch (data_params.train_batch_size={d.train_batch_size})")
-    max_steps = t.max_steps or t.max_epochs * steps_per_epoch
-    max_steps = min(max_steps, t.max_epochs * steps_per_epoch)
+    max_steps = t.max_epochs * steps_per_epoch            # max_steps (if set) can only shorten it
+    max_steps = min(max_steps, t.max_steps) if t.max_steps else max_steps
 
     # --- model, optimiser, schedule --------------------------------------------------
     trainer = Trainer(cfg, rt, steps_per_epoch)
@@ -183,7 +183,7 @@ def train(cfg, rt, resume=None):
     if state is not None:
         bare.load_state_dict(state["model"])
         step, epoch = state["step"], state["epoch"]
-        trainer.load_state_dict(state, step)
+        trainer.load_state_dict(state)
         try:
             noise_gen.set_state(state["noise_generator"])
         except RuntimeError:      # saved on another device type: continue, not bit-exactly

@@ -183,3 +183,16 @@ def test_three_optimizer_resume_is_exact(demo_data, tmp_path):
         for i, state in a["optimizer"][part]["state"].items():
             for key, value in state.items():
                 assert torch.equal(value, b["optimizer"][part]["state"][i][key]), (part, key)
+
+
+def test_capacity_follows_the_trainer_step_count_across_a_resume(demo_data, tmp_path, batch):
+    raw = family_config(demo_data, str(tmp_path), "BetaVAE")
+    raw["model_params"].update(capacity_annealing=True, max_capacity=10.0, capacity_steps=100)
+    cfg = config_from_dict(raw)
+    trainer = Trainer(cfg, Runtime(), steps_per_epoch=100)
+    capacities = [trainer.step(batch, torch.randn(len(batch), 8))[0]["capacity"].item()
+                  for _ in range(3)]
+    assert capacities == pytest.approx([0.0, 0.1, 0.2])
+    resumed = Trainer(cfg, Runtime(), steps_per_epoch=100)
+    resumed.load_state_dict(trainer.state_dict())
+    assert resumed.step(batch, torch.randn(len(batch), 8))[0]["capacity"].item() == pytest.approx(0.3)
