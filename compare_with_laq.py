@@ -34,7 +34,7 @@ from dataset_sthv2 import (DECODE_ERRORS, DataError, SthV2FramePairs, decode_rgb
                            resize_frame, split_videos)
 from evaluate import load_model, section
 from metrics import (CI_METHOD, ImageMetrics, LpipsWeightsMissing, add_lpips_arguments,
-                     codebook_diagnostics, latent_diagnostics, lpips_label)
+                     codebook_diagnostics, latent_summary, lpips_label)
 from runtime import pick_device
 
 # LAPA's SthV2 hyperparameters for LatentActionQuantization (--laq-config overrides them).
@@ -235,7 +235,7 @@ def at_size(x, size):
 @torch.no_grad()
 def compare(vae, laq, pairs, metrics, sizes, args, device):
     vae_size, laq_size, score_size = sizes
-    rows, mus, logvars, codes, figure = [], [], [], [], []
+    rows, vae_latents, codes, figure = [], [], [], []
     generator = torch.Generator(device=device).manual_seed(0)
     for start in range(0, len(pairs), args.batch_size):
         batch = [(pair[0], load_pair(pair, {vae_size, laq_size, score_size}, args.resize))
@@ -256,14 +256,12 @@ def compare(vae, laq, pairs, metrics, sizes, args, device):
             rows.append({"current": paths[0], "target": paths[1],
                          **{f"{m}_{name}": float(v[k]) for m, s in scores.items()
                             for name, v in s.items()}})
-        if "mu" in latents:
-            mus.append(latents["mu"].cpu())
-            logvars.append(latents["logvar"].cpu())
+        vae_latents.append({k: v.cpu() for k, v in latents.items()})
         first_row = len(rows) - len(batch)
         for k in range(min(len(batch), FIGURE_ROWS - len(figure))):
             figure.append((stack[score_size][k, 0].cpu(), target[k].cpu(),
                            vae_recon[k].cpu(), laq_recon[k].cpu(), rows[first_row + k]))
-    return rows, mus, logvars, codes, figure
+    return rows, vae_latents, codes, figure
 
 
 def colormap(values, vmax):
@@ -360,7 +358,7 @@ def main():
         sys.exit(f"error: {e}")
     vae_size, laq_size = vae_ckpt["config"]["model_params"]["image_size"], config["image_size"]
     score_size = min(vae_size, laq_size)
-    rows, mus, logvars, codes, figure = compare(vae, laq, pairs, metrics,
+    rows, vae_latents, codes, figure = compare(vae, laq, pairs, metrics,
                                                 (vae_size, laq_size, score_size), args, device)
     if not rows:
         sys.exit("error: none of the frame pairs could be read")
@@ -373,8 +371,7 @@ def main():
               "resize": args.resize, "image_sizes": {"vae": vae_size, "laq": laq_size},
               "ci_method": CI_METHOD, "lpips_net": lpips_label(args),
               "vae": model_section("vae"), "laq": model_section("laq"),
-              "latent": {"vae": latent_diagnostics(torch.cat(mus), torch.cat(logvars)) if mus
-                         else None,
+              "latent": {"vae": latent_summary(vae_latents, getattr(vae, "num_embeddings", None)),
                          "laq": codebook_diagnostics(torch.cat(codes), config["codebook_size"])},
               "checkpoints": {"vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
                               "laq_keys": key_report},

@@ -27,8 +27,7 @@ from config import ConfigError
 from dataset_sthv2 import (CELEBA_FILES, CelebAArrays, DataError, ImageFiles, SthV2Frames,
                            load_index, split_videos)
 from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
-                     add_lpips_arguments, codebook_diagnostics,
-                     latent_diagnostics, lpips_label, summarize)
+                     add_lpips_arguments, latent_summary, lpips_label, summarize)
 from models import build_model
 from runtime import pick_device
 from pythae_adapter import PythaeError, is_pythae_folder, load_pythae
@@ -118,7 +117,7 @@ def evaluate(model, dataset, positions, metrics, args, device):
     loader = DataLoader(Indexed(dataset, positions), args.batch_size, num_workers=args.workers,
                         collate_fn=collate_readable)
     generator = torch.Generator(device=device).manual_seed(0)
-    rows, mus, logvars, codes, unreadable, grid = [], [], [], [], [], []
+    rows, latent_batches, unreadable, grid = [], [], [], []
     shown = {positions[int(k)] for k in np.linspace(0, len(positions) - 1, GRID_IMAGES)}
     recon_dir = os.path.join(args.output, "reconstructions")
     if args.save_reconstructions:
@@ -133,23 +132,16 @@ def evaluate(model, dataset, positions, metrics, args, device):
         recon01 = (recon.float() + 1) / 2
         values = {**metrics(x01, recon01),
                   **{k: v.double().cpu() for k, v in model_metrics.items()}}
+        latent_batches.append({k: v.cpu() for k, v in latents.items()})
         for k, i in enumerate(index.tolist()):
             rows.append({"index": i, "path": dataset.path(i),
                          **{name: float(v[k]) for name, v in values.items()}})
-        if "mu" in latents:
-            mus.append(latents["mu"].cpu())
-            logvars.append(latents["logvar"].cpu())
-        if "codes" in latents:
-            codes.append(latents["codes"].cpu())
-        for k, i in enumerate(index.tolist()):                    # spread over the split
-            if i in shown:
+            if i in shown:                                         # spread over the split
                 grid.append((x01[k].cpu(), recon01[k].clamp(0, 1).cpu()))
-        if args.save_reconstructions:
-            for k, i in enumerate(index.tolist()):
+            if args.save_reconstructions:
                 save_png(images[k], os.path.join(recon_dir, f"{i:06d}_input.png"))
                 save_png(to_uint8(recon01[k]), os.path.join(recon_dir, f"{i:06d}_recon.png"))
-    latent = latent_diagnostics(torch.cat(mus), torch.cat(logvars)) if mus else \
-        codebook_diagnostics(torch.cat(codes), model.num_embeddings) if codes else None
+    latent = latent_summary(latent_batches, getattr(model, "num_embeddings", None))
     return rows, latent, grid, unreadable
 
 

@@ -147,6 +147,17 @@ def latent_diagnostics(mu, logvar, active_threshold=0.01):
     return out
 
 
+def latent_summary(batches, codebook_size=None):
+    """Diagnostics from the `latents` dicts that evaluate_batch returned for every batch:
+    Gaussian (mu, logvar) or codebook (codes); None when the model reports neither."""
+    if batches and "mu" in batches[0]:
+        return latent_diagnostics(torch.cat([b["mu"] for b in batches]),
+                                  torch.cat([b["logvar"] for b in batches]))
+    if batches and "codes" in batches[0]:
+        return codebook_diagnostics(torch.cat([b["codes"] for b in batches]), codebook_size)
+    return None
+
+
 def codebook_diagnostics(codes, codebook_size):
     """Usage of discrete codes: histogram, perplexity, unique codes. codes: integer tensor."""
     counts = torch.bincount(codes.flatten().long().cpu(), minlength=codebook_size).double()

@@ -123,3 +123,23 @@ def test_pythae_model_folder_is_scored_like_our_models(demo_data, tmp_path):
     result = evaluate_cli("--checkpoint", str(tmp_path / "pythae_vae"), "--output", str(out),
                           "--data-path", demo_data, "--lpips-net", "none")
     assert result.returncode == 1 and "--allow-pickle" in result.stderr
+
+
+def test_vq_vae_reports_codebook_latents_and_its_own_metrics(demo_data, tmp_path):
+    from config import config_from_dict
+    from runtime import Runtime
+    from test_model_family import family_config
+    from training import train
+    checkpoint = train(config_from_dict(family_config(
+        demo_data, str(tmp_path / "logs"), "VQVAE", **{"trainer_params.max_steps": 2})), Runtime())
+    out = tmp_path / "eval"
+    result = evaluate_cli("--checkpoint", checkpoint, "--output", str(out), "--data-path",
+                          demo_data, "--max-images", "6", "--lpips-net", "none",
+                          "--num-samples", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    rec = report["reconstruction"]
+    assert rec["kl"] is None and rec["elbo"] is None and "deterministic" in rec["not_applicable"]["kl"]
+    assert rec["vq_loss"]["mean"] > 0
+    latent = report["latent"]
+    assert latent["codebook_size"] == 16 and sum(latent["histogram"]) == 6 * 8 * 8
