@@ -99,9 +99,10 @@ class VanillaVAE(nn.Module):
     # Evaluation metrics this model does not define, with the reason (metrics.json lists them).
     not_applicable = {"vq_loss": "a Gaussian VAE has no codebook"}
 
-    def per_image_neg_log_likelihood(self, x, sampled):
-        """-log p(x | z) per image, constant dropped: unit-variance Gaussian on [-1, 1]."""
-        return 0.5 * (sampled.float() - x.float()).pow(2).flatten(1).sum(1)
+    def per_image_neg_log_likelihood(self, x, logits):
+        """-log p(x | z) per image from the decoder's pre-Tanh output, constant dropped:
+        unit-variance Gaussian on [-1, 1] pixels."""
+        return 0.5 * (torch.tanh(logits.float()) - x.float()).pow(2).flatten(1).sum(1)
 
     @torch.no_grad()
     def evaluate_batch(self, x, generator=None, kld_weight=1.0):
@@ -112,9 +113,9 @@ class VanillaVAE(nn.Module):
         """
         mu, logvar = self.encode(x)
         noise = torch.randn(mu.shape, generator=generator, device=mu.device)
-        sampled = self.decode(self.reparameterize(mu, logvar, noise))
+        logits = self.decode(self.reparameterize(mu, logvar, noise), logits=True)
         kl = gaussian_kl(mu.float(), logvar.float())
-        nll = self.per_image_neg_log_likelihood(x, sampled)
+        nll = self.per_image_neg_log_likelihood(x, logits)
         return self.decode(mu), {"kl": kl, "elbo": -(nll + kl)}, \
             {"mu": mu.float(), "logvar": logvar.float()}
 
@@ -173,16 +174,13 @@ class BetaVAE(VanillaVAE):
             loss = recon_loss + self.gamma * kld_weight * (kld - capacity).abs()
         else:
             capacity, loss = 0.0, recon_loss + self.beta * kld_weight * kld
-        nll = self.per_image_neg_log_likelihood(x, None, logits).mean()
+        nll = self.per_image_neg_log_likelihood(x, logits).mean()
         return {"loss": loss, "recon_loss": recon_loss, "kld": kld, "neg_elbo": nll + kld,
                 "capacity": torch.tensor(float(capacity), device=x.device)}
 
-    def per_image_neg_log_likelihood(self, x, sampled, logits=None):
+    def per_image_neg_log_likelihood(self, x, logits):
         if self.recon_kind != "bce":
-            return super().per_image_neg_log_likelihood(x, sampled if logits is None
-                                                        else torch.tanh(logits))
-        if logits is None:               # evaluation passes the image; recover its logits
-            logits = torch.atanh(sampled.float().clamp(-1 + 1e-6, 1 - 1e-6))
+            return super().per_image_neg_log_likelihood(x, logits)
         return F.binary_cross_entropy_with_logits(2 * logits.float(), (x.float() + 1) / 2,
                                                   reduction="none").flatten(1).sum(1)
 

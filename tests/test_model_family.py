@@ -196,3 +196,18 @@ def test_capacity_follows_the_trainer_step_count_across_a_resume(demo_data, tmp_
     resumed = Trainer(cfg, Runtime(), steps_per_epoch=100)
     resumed.load_state_dict(trainer.state_dict())
     assert resumed.step(batch, torch.randn(len(batch), 8))[0]["capacity"].item() == pytest.approx(0.3)
+
+
+def test_beta_vae_bce_elbo_is_the_bernoulli_bound():
+    torch.manual_seed(0)
+    model = BetaVAE(**FAMILY["BetaVAE"], recon_loss="bce").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    _, metrics, latents = model.evaluate_batch(x, torch.Generator().manual_seed(5))
+    mu, logvar = latents["mu"], latents["logvar"]
+    eps = torch.randn(mu.shape, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        p = (model.decode(mu + eps * torch.exp(0.5 * logvar)) + 1) / 2
+    t = (x + 1) / 2
+    bce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).flatten(1).sum(1)
+    kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
+    assert torch.allclose(metrics["elbo"], -(bce + kl), rtol=1e-4)
