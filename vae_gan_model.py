@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
-from vanilla_vae_model import VanillaVAE, conv_block, gaussian_kl
+from vanilla_vae_model import VanillaVAE, conv_block, gaussian_kl, output_grid
 
 
 class Discriminator(nn.Module):
@@ -31,7 +31,7 @@ class Discriminator(nn.Module):
         super().__init__()
         widths = [in_channels] + list(hidden_dims)
         self.blocks = nn.ModuleList(conv_block(a, b) for a, b in zip(widths, widths[1:]))
-        grid = image_size // 2 ** len(hidden_dims)
+        grid = output_grid(image_size, len(hidden_dims))
         self.head = nn.Linear(hidden_dims[-1] * grid * grid, 1)
 
     def forward(self, x, feature_layer):

@@ -24,6 +24,15 @@ def deconv_block(in_ch, out_ch):
                          nn.BatchNorm2d(out_ch), nn.LeakyReLU())
 
 
+def output_grid(image_size, depth):
+    """Side of the feature grid after `depth` stride-2 blocks; the size must halve evenly."""
+    grid = image_size // 2 ** depth
+    if grid < 1 or grid * 2 ** depth != image_size:
+        raise ValueError(f"image_size {image_size} is not divisible by 2^{depth} "
+                         f"(one halving per hidden dim)")
+    return grid
+
+
 def gaussian_kl(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, I)) per image, summed over latent dimensions (>= 0)."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
@@ -35,10 +44,7 @@ class VanillaVAE(nn.Module):
         super().__init__()
         hidden_dims = list(hidden_dims)
         self.latent_dim, self.image_size = latent_dim, image_size
-        self.grid = image_size // 2 ** len(hidden_dims)    # 8 for 256 px and five blocks
-        if self.grid < 1 or self.grid * 2 ** len(hidden_dims) != image_size:
-            raise ValueError(f"image_size {image_size} is not divisible by "
-                             f"2^{len(hidden_dims)} (one halving per hidden dim)")
+        self.grid = output_grid(image_size, len(hidden_dims))   # 8 for 256 px, five blocks
         widths = [in_channels] + hidden_dims
         self.encoder = nn.Sequential(*[conv_block(a, b) for a, b in zip(widths, widths[1:])])
         flat = hidden_dims[-1] * self.grid ** 2

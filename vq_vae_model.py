@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vanilla_vae_model import conv_block, deconv_block
+from vanilla_vae_model import conv_block, deconv_block, output_grid
 
 
 def _distributed():
@@ -94,9 +94,7 @@ class VQVAE(nn.Module):
                  dead_code_steps: int = 0):
         super().__init__()
         hidden_dims = list(hidden_dims)
-        self.grid = image_size // 2 ** len(hidden_dims)
-        if self.grid < 1 or self.grid * 2 ** len(hidden_dims) != image_size:
-            raise ValueError(f"image_size {image_size} is not divisible by 2^{len(hidden_dims)}")
+        self.grid = output_grid(image_size, len(hidden_dims))
         if not 0 < ema_decay < 1 or beta < 0 or dead_code_steps < 0 or num_embeddings < 1:
             raise ValueError("need 0 < ema_decay < 1, beta >= 0, dead_code_steps >= 0")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
