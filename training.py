@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 import checkpoint as ck
 from config import ConfigError
-from dataset_sthv2 import build_datasets, collate_frames
+from dataset_sthv2 import DataError, build_datasets, collate_frames
 from metrics import ImageMetrics
 from runtime import PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError, setup_logging
 from trainer import Trainer, draw_noise, to_model_input
@@ -352,13 +352,11 @@ def run(cfg_loader, rt_factory, resume):
     Exit codes: 0 done, 1 training failed, 2 bad config / data / checkpoint,
     75 stopped by a signal after writing a checkpoint (requeue and --resume auto).
     """
-    from checkpoint import CheckpointError
-    from dataset_sthv2 import DataError
     try:
         cfg = cfg_loader()
         rt = rt_factory(cfg)
         return train(cfg, rt, resume)
-    except (ConfigError, DataError, CheckpointError) as err:
+    except (ConfigError, DataError, ck.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
     except TrainingError as err:
