@@ -3,17 +3,19 @@
     python bench.py train --config FILE [--steps N] [--warmup W] [--batch-size B]
                           [--device cpu|cuda] [--set SECTION.KEY=VALUE ...]
     python bench.py data  --data-path DIR [--workers N] [--batches N] [--image-size 256]
-                          [--batch-size 32]
+                          [--batch-size 32] [--rounds 3]
 
 Each prints one JSON line last. `train` times the training step of training.py on synthetic
 batches already on the device (data loading excluded), and in the same run a plain fp32
 eager loop of the same model for reference. `data` times the project's DataLoader over a
-frames folder and, in the same run, a loader that does what LAQ's published one does.
+frames folder and, in the same run, a loader that does what LAQ's published one does
+(alternating, `--rounds` times each; medians).
 """
 import argparse
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import load_config
-from dataset_sthv2 import SthV2Frames, collate_frames, load_index
+from dataset_sthv2 import PooledCollate, SthV2Frames, load_index
 from runtime import Runtime, pick_device
 from trainer import Trainer
 from models import build_model
@@ -141,18 +143,27 @@ class LaqStyleFrames(Dataset):
         return self.transform(Image.open(os.path.join(folder, names[pos])).convert("RGB"))
 
 
+PREFETCH = 4
+
+
 def time_loader(dataset, args, collate_fn=None):
     loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers,
                         collate_fn=collate_fn, drop_last=True,
                         generator=torch.Generator().manual_seed(0),
                         persistent_workers=args.workers > 0,
-                        **({"prefetch_factor": 4} if args.workers else {}))
+                        **({"prefetch_factor": PREFETCH} if args.workers else {}))
     batches = iter(loader)
+
+    def take():
+        batch = next(batches)
+        if isinstance(batch, tuple) and len(batch) == 3 and batch[2] is not None:
+            batch[2].release()                          # as the training loop does
+
     for _ in range(max(2, 2 * args.workers)):          # start the workers, fill the queue
-        next(batches)
+        take()
     start = time.perf_counter()
     for _ in range(args.batches):
-        next(batches)
+        take()
     return args.batch_size * args.batches / (time.perf_counter() - start)
 
 
@@ -169,12 +180,19 @@ def bench_data(args):
             sys.exit(f"error: the baseline reads the frames tree, and {frames.path(i)} is missing")
         with open(frames.path(i), "rb") as f:
             f.read()
-    baseline = time_loader(LaqStyleFrames(frames, args.image_size), args)
-    ours = time_loader(frames, args, collate_frames)
-    return {"frames_per_sec": round(ours, 1), "baseline_frames_per_sec": round(baseline, 1),
+    # alternate the two loaders over several rounds: this machine's speed drifts
+    laq_style, pooled = LaqStyleFrames(frames, args.image_size), PooledCollate(PREFETCH + 2)
+    rounds = []
+    for r in range(args.rounds):
+        order = ["baseline", "ours"] if r % 2 == 0 else ["ours", "baseline"]
+        rounds.append({name: round(time_loader(laq_style, args) if name == "baseline" else
+                                   time_loader(frames, args, pooled), 1) for name in order})
+    ours = statistics.median(r["ours"] for r in rounds)
+    baseline = statistics.median(r["baseline"] for r in rounds)
+    return {"frames_per_sec": ours, "baseline_frames_per_sec": baseline,
             "ratio": round(ours / baseline, 2), "workers": args.workers,
             "batch_size": args.batch_size, "batches": args.batches,
-            "image_size": args.image_size, "cpus": os.cpu_count()}
+            "image_size": args.image_size, "rounds": rounds, "cpus": os.cpu_count()}
 
 
 def main():
@@ -193,6 +211,8 @@ def main():
     data.add_argument("--batches", type=int, default=20)
     data.add_argument("--image-size", type=int, default=256)
     data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--rounds", type=int, default=3,
+                      help="alternating timings of each loader; medians are reported")
     data.add_argument("--index-cache-dir", default="")
     args = parser.parse_args()
     from config import ConfigError

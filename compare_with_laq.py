@@ -333,7 +333,7 @@ def parse_args():
     parser.add_argument("--offset", type=int, default=30, help="frames between the pair (LAPA: 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing the pairs")
     parser.add_argument("--resize", choices=["crop", "stretch"], default="crop",
-                        help="crop: short side + centre crop (the VAE's training); "
+                        help="crop: the centre square, resized (the VAE's training); "
                              "stretch: straight to a square (LAPA's inference)")
     parser.add_argument("--index-cache-dir", default="")
     parser.add_argument("--batch-size", type=int, default=16)

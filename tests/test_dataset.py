@@ -96,13 +96,13 @@ def test_hash_split_is_deterministic_disjoint_and_complete(tmp_path):
         ds.split_videos(index, labels_path=str(tmp_path))
 
 
-def test_frames_are_resized_on_the_short_side_and_centre_cropped(tmp_path):
+def test_frames_are_centre_square_cropped_and_resized(tmp_path):
     root = str(tmp_path / "frames")
     os.makedirs(os.path.join(root, "v"))
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8))
     img.save(os.path.join(root, "v", "img_00001.png"))
     got = ds.load_frame(os.path.join(root, "v", "img_00001.png"), 32)
-    reference = transforms.Compose([transforms.Resize(32), transforms.CenterCrop(32),
+    reference = transforms.Compose([transforms.CenterCrop(40), transforms.Resize(32),
                                     transforms.PILToTensor()])(img)
     assert got.dtype == torch.uint8 and got.shape == (3, 32, 32)
     diff = (got.int() - reference.int()).abs()          # uint8 tensor resize vs PIL's: rounding
@@ -160,3 +160,37 @@ def test_frame_pairs_use_the_same_index(tmp_path):
     clip, bad = pairs[2]
     assert clip.shape == (2, 3, 16, 16) and not bad
     assert (red_of(clip[0]), red_of(clip[1])) == (20, 50)
+
+
+def pooled_loader(frames, slots, epochs):
+    loader = torch.utils.data.DataLoader(frames, 4, num_workers=2, prefetch_factor=2,
+                                         persistent_workers=True,
+                                         collate_fn=ds.PooledCollate(slots))
+    for _ in range(epochs):
+        yield from loader
+
+
+def test_pooled_batches_reuse_released_buffers_and_match_plain_ones(tmp_path):
+    root = str(tmp_path / "frames")
+    make_video(root, "v", [f"img_{k:05d}.jpg" for k in range(1, 25)], [10 * k for k in range(24)])
+    frames = ds.SthV2Frames(ds.load_index(root, str(tmp_path / "cache")), [0], 16)
+    expected = [ds.collate_frames([frames[i] for i in range(b, b + 4)])[0] for b in range(0, 24, 4)]
+    slots, leases = 4, []
+    for k, (images, bad, lease) in enumerate(pooled_loader(frames, slots, epochs=3)):
+        assert torch.equal(images, expected[k % 6]) and not bad
+        leases.append(lease)
+        lease.release()
+    # 18 batches from 2 workers of at most 4 buffers each: every buffer was filled again
+    assert len(leases) == 18 and all(lease is not None for lease in leases)
+
+
+def test_pooled_buffers_are_never_refilled_before_release(tmp_path):
+    root = str(tmp_path / "frames")
+    make_video(root, "v", [f"img_{k:05d}.jpg" for k in range(1, 25)], [10 * k for k in range(24)])
+    frames = ds.SthV2Frames(ds.load_index(root, str(tmp_path / "cache")), [0], 16)
+    expected = [ds.collate_frames([frames[i] for i in range(b, b + 4)])[0] for b in range(0, 24, 4)]
+    kept = list(pooled_loader(frames, slots=2, epochs=2))      # held, never released
+    for k, (images, _, _) in enumerate(kept):
+        assert torch.equal(images, expected[k % 6])
+    leases = [lease for _, _, lease in kept]
+    assert sum(lease is not None for lease in leases) == 4     # 2 per worker, then fresh memory
