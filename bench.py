@@ -3,7 +3,7 @@
     python bench.py train --config FILE [--steps N] [--warmup W] [--batch-size B]
                           [--device cpu|cuda] [--set SECTION.KEY=VALUE ...]
     python bench.py data  --data-path DIR [--workers N] [--batches N] [--image-size 256]
-                          [--batch-size 32] [--rounds 3]
+                          [--batch-size 32] [--rounds 3] [--decode-on cpu|cuda]
 
 Each prints one JSON line last. `train` times the training step of training.py on synthetic
 batches already on the device (data loading excluded), and in the same run a plain fp32
@@ -12,6 +12,7 @@ frames folder and, in the same run, a loader that does what LAQ's published one 
 (alternating, `--rounds` times each; medians).
 """
 import argparse
+import functools
 import json
 import os
 import resource
@@ -25,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import load_config
-from dataset_sthv2 import PooledCollate, SthV2Frames, load_index
+from dataset_sthv2 import PooledCollate, SthV2Frames, collate_encoded, load_index
 from runtime import Runtime, pick_device
 from trainer import Trainer
 from models import build_model
@@ -146,9 +147,11 @@ class LaqStyleFrames(Dataset):
 PREFETCH = 4
 
 
-def time_loader(dataset, args, collate_fn=None):
+def time_loader(dataset, args, collate_fn=None, device=None):
+    """Frames/s of a DataLoader; `device`: batches are EncodedBatch, decoded there."""
+    cuda = device is not None and device.type == "cuda"
     loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers,
-                        collate_fn=collate_fn, drop_last=True,
+                        collate_fn=collate_fn, drop_last=True, pin_memory=cuda,
                         generator=torch.Generator().manual_seed(0),
                         persistent_workers=args.workers > 0,
                         **({"prefetch_factor": PREFETCH} if args.workers else {}))
@@ -156,14 +159,20 @@ def time_loader(dataset, args, collate_fn=None):
 
     def take():
         batch = next(batches)
-        if isinstance(batch, tuple) and len(batch) == 3 and batch[2] is not None:
+        if device is not None:
+            batch[0].decode(device)
+        elif isinstance(batch, tuple) and len(batch) == 3 and batch[2] is not None:
             batch[2].release()                          # as the training loop does
 
     for _ in range(max(2, 2 * args.workers)):          # start the workers, fill the queue
         take()
+    if cuda:
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(args.batches):
         take()
+    if cuda:
+        torch.cuda.synchronize(device)
     return args.batch_size * args.batches / (time.perf_counter() - start)
 
 
@@ -181,18 +190,27 @@ def bench_data(args):
         with open(frames.path(i), "rb") as f:
             f.read()
     # alternate the two loaders over several rounds: this machine's speed drifts
-    laq_style, pooled = LaqStyleFrames(frames, args.image_size), PooledCollate(PREFETCH + 2)
+    laq_style = LaqStyleFrames(frames, args.image_size)
+    if args.decode_on:              # workers read bytes; this process decodes on the device
+        if args.decode_on == "cuda" and not torch.cuda.is_available():
+            sys.exit("error: --decode-on cuda: no CUDA device is visible to this process")
+        decode_device = torch.device(args.decode_on)
+        frames.encoded = True
+        ours = functools.partial(time_loader, frames, args, collate_encoded, decode_device)
+    else:
+        ours = functools.partial(time_loader, frames, args, PooledCollate(PREFETCH + 2))
     rounds = []
     for r in range(args.rounds):
         order = ["baseline", "ours"] if r % 2 == 0 else ["ours", "baseline"]
         rounds.append({name: round(time_loader(laq_style, args) if name == "baseline" else
-                                   time_loader(frames, args, pooled), 1) for name in order})
+                                   ours(), 1) for name in order})
     ours = statistics.median(r["ours"] for r in rounds)
     baseline = statistics.median(r["baseline"] for r in rounds)
     return {"frames_per_sec": ours, "baseline_frames_per_sec": baseline,
             "ratio": round(ours / baseline, 2), "workers": args.workers,
             "batch_size": args.batch_size, "batches": args.batches,
-            "image_size": args.image_size, "rounds": rounds, "cpus": os.cpu_count()}
+            "image_size": args.image_size, "decode_on": args.decode_on or "workers",
+            "rounds": rounds, "cpus": os.cpu_count()}
 
 
 def main():
@@ -211,6 +229,9 @@ def main():
     data.add_argument("--batches", type=int, default=20)
     data.add_argument("--image-size", type=int, default=256)
     data.add_argument("--batch-size", type=int, default=32)
+    data.add_argument("--decode-on", choices=["cpu", "cuda"],
+                      help="decode JPEGs in this process on the device (decode_on_device) "
+                           "instead of in the workers")
     data.add_argument("--rounds", type=int, default=3,
                       help="alternating timings of each loader; medians are reported")
     data.add_argument("--index-cache-dir", default="")

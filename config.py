@@ -54,6 +54,8 @@ class DataParams:
     frame_stride: int = 1
     index_cache_dir: str = ""           # "" = $XDG_CACHE_HOME/sthv2_frame_index
     prefetch_factor: int = 4
+    decode_on_device: bool = False      # training JPEGs decoded by the training process on its
+                                        # device (nvJPEG on a GPU) instead of by the workers
 
 
 @dataclass
@@ -215,6 +217,8 @@ def _validate(cfg, world_size, check_paths=True):
                 "prefetch_factor"):
         need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")
     need(d.num_workers >= 0, "data_params.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(not (d.decode_on_device and d.dataset == "celeba"), "data_params.decode_on_device",
+         "applies to SthV2 JPEG frames; CelebA arrays are already decoded")
     need(0.0 < d.val_fraction < 1.0, "data_params.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
     for key in ("train_batch_size", "val_batch_size"):

@@ -17,6 +17,7 @@ import logging
 import os
 import re
 import warnings
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -277,11 +278,16 @@ def split_videos(index, labels_path="", val_fraction=0.05, seed=0):
     return train, val, f"hash split, val_fraction={val_fraction}"
 
 
+def is_complete_jpeg(data):
+    """Start and end markers in place, and a JPEG decoder to hand."""
+    return decode_jpeg is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+
+
 def decode_rgb(data):
     """uint8 (3, H, W) from encoded bytes. Complete JPEGs go through libjpeg-turbo
     (torchvision); anything else (PNG, a JPEG without its end marker) through PIL, which
     rejects truncated files."""
-    if decode_jpeg is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9":
+    if is_complete_jpeg(data):
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -308,8 +314,13 @@ def resize_frame(img, image_size, resize="crop"):
         top, left = (h - side) // 2, (w - side) // 2
         img = img[:, top:top + side, left:left + side]
     if img.shape[-2:] != (image_size, image_size):
-        img = F.interpolate(img[None], size=(image_size, image_size), mode="bilinear",
-                            antialias=True, align_corners=False)[0]
+        size = (image_size, image_size)
+        if img.device.type == "cpu":
+            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True,
+                                align_corners=False)[0]
+        else:                         # GPUs resize floats only (frames decoded on the device)
+            img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True,
+                                align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
     return img.contiguous()
 
 
@@ -319,15 +330,24 @@ def load_frame(path, image_size, resize="crop"):
         return resize_frame(decode_rgb(f.read()), image_size, resize)
 
 
+class EncodedFrame(NamedTuple):
+    """A JPEG read by a worker and left for the training device to decode."""
+    data: torch.Tensor                        # the file's bytes, uint8
+    path: str
+    image_size: int
+
+
 class SthV2Frames(Dataset):
     """Single frames of the given videos, every `frame_stride`-th one.
 
-    An item is (uint8 image, list of unreadable paths it had to skip).
+    An item is (uint8 image, list of unreadable paths it had to skip); with encoded=True,
+    complete JPEGs come as EncodedFrame instead of an image (other files are still decoded).
     """
 
     def __init__(self, index, video_positions, image_size, frame_stride=1,
-                 neighbour_tries=NEIGHBOUR_TRIES):
+                 neighbour_tries=NEIGHBOUR_TRIES, encoded=False):
         self.index, self.image_size, self.neighbour_tries = index, image_size, neighbour_tries
+        self.encoded = encoded                # JPEGs left for the device: see EncodedBatch
         vids, poss = [], []
         for v in video_positions:
             pos = np.arange(0, index.num_frames(v), frame_stride, dtype=np.int64)
@@ -351,7 +371,11 @@ class SthV2Frames(Dataset):
             if not 0 <= p < n:
                 continue
             try:
-                return resize_frame(decode_rgb(self.index.read_bytes(v, p)), self.image_size), bad
+                data = self.index.read_bytes(v, p)
+                if self.encoded and is_complete_jpeg(data):
+                    return EncodedFrame(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                        self.index.frame_path(v, p), self.image_size), bad
+                return resize_frame(decode_rgb(data), self.image_size), bad
             except DECODE_ERRORS as e:
                 bad.append(f"{self.index.frame_path(v, p)} ({type(e).__name__}: {e})")
         return None, bad
@@ -404,22 +428,75 @@ class ImageFiles(Dataset):
             return None, [f"{self.paths[i]} ({type(e).__name__}: {e})"]
 
 
-def _fill_unreadable(batch):
-    images = [img for img, _ in batch]
-    bad = [path for _, paths in batch for path in paths]
+def _split(batch):
+    """The items' images (None where unreadable) and all their unreadable paths."""
+    return [img for img, _ in batch], [path for _, paths in batch for path in paths]
+
+
+def _fill_unreadable(images, bad):
+    """Images with each None replaced by a readable image of the same batch, so that every
+    rank keeps the same batch size."""
     good = [img for img in images if img is not None]
     if not good:
         raise DataError(f"every frame of a batch failed to decode, e.g. {bad[0]}")
-    return [img if img is not None else good[k % len(good)] for k, img in enumerate(images)], bad
+    return [img if img is not None else good[k % len(good)] for k, img in enumerate(images)]
 
 
 def collate_frames(batch):
     """Stack the images; an item no neighbour could replace is filled with a readable one of
     the same batch so that every rank keeps the same batch size."""
-    images, bad = _fill_unreadable(batch)
+    images, bad = _split(batch)
+    images = _fill_unreadable(images, bad)
     # default_collate stacks straight into shared memory inside a DataLoader worker, which
     # saves copying every batch once more on its way to the main process
     return default_collate(images), bad
+
+
+class EncodedBatch:
+    """A batch whose JPEGs are decoded where the model is (decode_on_device): nvJPEG on a GPU,
+    all at once. Frames the workers already decoded (PNGs, odd files) are simply moved."""
+
+    def __init__(self, frames):
+        self.frames = frames                  # EncodedFrame, uint8 image, or None (unreadable)
+
+    def pin_memory(self):                     # called by the DataLoader's pin_memory thread
+        return EncodedBatch([f._replace(data=f.data.pin_memory()) if isinstance(f, EncodedFrame)
+                             else f if f is None else f.pin_memory() for f in self.frames])
+
+    def decode(self, device):
+        """(uint8 B x 3 x S x S on device, unreadable paths). A frame the device cannot decode
+        is replaced by another frame of the batch and reported, as collate_frames does."""
+        jpegs = [k for k, f in enumerate(self.frames) if isinstance(f, EncodedFrame)]
+        images = [None if f is None or k in jpegs else f.to(device, non_blocking=True)
+                  for k, f in enumerate(self.frames)]
+        bad = []
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = decode_jpeg([self.frames[k].data for k in jpegs], device=device,
+                                      mode=ImageReadMode.RGB) if jpegs else []
+            except RuntimeError:              # one broken file fails the batch: find it
+                decoded = []
+                for k in jpegs:
+                    try:
+                        decoded.append(decode_jpeg(self.frames[k].data, device=device,
+                                                   mode=ImageReadMode.RGB))
+                    except RuntimeError as e:
+                        decoded.append(None)
+                        bad.append(f"{self.frames[k].path} (JPEG decode on {device} failed: "
+                                   f"{str(e).splitlines()[-1][:200]})")
+        for k, img in zip(jpegs, decoded):
+            if img is not None:
+                images[k] = resize_frame(img, self.frames[k].image_size)
+        return torch.stack(_fill_unreadable(images, bad)), bad
+
+
+def collate_encoded(batch):
+    """collate_frames for datasets with encoded=True: (EncodedBatch, bad paths, None)."""
+    frames, bad = _split(batch)
+    if all(frame is None for frame in frames):
+        raise DataError(f"every frame of a batch failed to decode, e.g. {bad[0]}")
+    return EncodedBatch(frames), bad, None
 
 
 class BatchLease:
@@ -448,7 +525,8 @@ class PooledCollate:
         self._pool = None                     # (pid, busy flags, buffers), made in the worker
 
     def __call__(self, batch):
-        images, bad = _fill_unreadable(batch)
+        images, bad = _split(batch)
+        images = _fill_unreadable(images, bad)
         if get_worker_info() is None:
             return default_collate(images), bad, None
         if self._pool is None or self._pool[0] != os.getpid():
@@ -514,7 +592,8 @@ def build_datasets(data_params, image_size):
     if not val:
         raise DataError(f"the validation split of {index.root} has no videos ({source}); "
                         f"raise data_params.val_fraction or add videos")
-    train_set = SthV2Frames(index, train, image_size, data_params.frame_stride)
+    train_set = SthV2Frames(index, train, image_size, data_params.frame_stride,
+                            encoded=data_params.decode_on_device)
     val_set = SthV2Frames(index, val, image_size, data_params.frame_stride)
     log.info("data: %d videos (%s): train %d videos / %d frames, val %d videos / %d frames "
              "(frame_stride %d)", len(index.videos), source, len(train), len(train_set),

@@ -22,7 +22,8 @@ from tqdm import tqdm
 
 import checkpoint as ck
 from config import ConfigError
-from dataset_sthv2 import DataError, PooledCollate, build_datasets, collate_frames
+from dataset_sthv2 import (DataError, EncodedBatch, PooledCollate, build_datasets,
+                           collate_encoded, collate_frames)
 from metrics import ImageMetrics
 from runtime import PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError, setup_logging
 from trainer import Trainer, draw_noise, to_model_input
@@ -199,7 +200,8 @@ def train(cfg, rt, resume=None):
                        **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {}))
     train_loader = DataLoader(train_set, batch, sampler=sampler, drop_last=True,
                               generator=torch.Generator(),
-                              **{**loader_args, "collate_fn": PooledCollate(d.prefetch_factor + 2)})
+                              **{**loader_args, "collate_fn": collate_encoded if d.decode_on_device
+                                 else PooledCollate(d.prefetch_factor + 2)})
     val_indices = list(range(len(val_set)))
     if t.limit_val_batches and t.limit_val_batches * d.val_batch_size < len(val_set):
         val_indices = np.linspace(0, len(val_set) - 1, t.limit_val_batches * d.val_batch_size)
@@ -257,6 +259,9 @@ def train(cfg, rt, resume=None):
         sampler.start = (step - epoch * steps_per_epoch) * batch
         epoch_bad = []
         for images, bad, lease in train_loader:
+            if isinstance(images, EncodedBatch):          # decode_on_device
+                images, failed = images.decode(rt.device)
+                bad += failed
             epoch_bad += bad
             noise = draw_noise(bare, d.train_batch_size, noise_gen, rt)
             flip = (torch.rand(d.train_batch_size, generator=noise_gen, device=rt.device)
