@@ -2,7 +2,8 @@
 
 Shared by the training loop (training.py) and bench.py. One optimizer by default; models that
 define optimizer_groups() get one per group, and models with their own train_step() (VAE-GAN)
-run their update rules themselves.
+compute their gradients and decide, per group, which updates apply. Nothing in a step reads a
+device value on the host: skipped updates are decided on the device (step_where).
 """
 import importlib
 import logging
@@ -28,6 +29,29 @@ def to_model_input(images, device, flip=None, channels_last=False):
     if flip is not None:
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
     return x
+
+
+def make_optimizer(opt_cls, params, **kwargs):
+    """The fused implementation where this torch has it for these parameters (CUDA; CPU
+    from torch 2.4): faster, and it can skip a step on a device-side flag (step_where)."""
+    try:
+        return opt_cls(params, fused=True, **kwargs)
+    except (RuntimeError, ValueError, TypeError):
+        return opt_cls(params, **kwargs)
+
+
+def step_where(optimizer, apply):
+    """optimizer.step() if the device-side bool `apply` is true, else nothing (no moments, no
+    step count), without the host waiting for it: fused Adam skips the update itself where
+    `found_inf` is set, the way GradScaler uses it. Unfused, `apply` is read on the host."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~apply).float()
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif apply:
+        optimizer.step()
 
 
 def make_lr_lambda(warmup_steps, gamma, steps_per_epoch):
@@ -58,9 +82,8 @@ class Trainer:
         groups = model.optimizer_groups() if hasattr(model, "optimizer_groups") else \
             {"model": list(model.parameters())}
         opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
-        self.optimizers = {name: opt_cls([p for p in params if p.requires_grad], lr=e.LR,
-                                         weight_decay=e.weight_decay,
-                                         **({"fused": True} if cuda else {}))
+        self.optimizers = {name: make_optimizer(opt_cls, [p for p in params if p.requires_grad],
+                                                lr=e.LR, weight_decay=e.weight_decay)
                            for name, params in groups.items()}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(
             opt, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
@@ -108,13 +131,18 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
 
     def step(self, images, noise, flip=None):
-        """One optimizer step on uint8 images; returns (losses, grad norm, finite)."""
+        """One optimizer step on uint8 images; returns (losses, grad norm, finite), all
+        tensors on the device: nothing here waits for the device."""
         x = to_model_input(images, self.device, flip, self.channels_last)
         if self.own_step:
             with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
-                result = self.bare.train_step(x, noise, self.optimizers, self.kld_weight,
-                                              self.max_grad_norm)
+                losses, grad_norm, finite, apply = self.bare.train_step(
+                    x, noise, self.kld_weight, self.max_grad_norm)
+            for name, optimizer in self.optimizers.items():
+                step_where(optimizer, finite & apply[name])
+                optimizer.zero_grad(set_to_none=True)
+            result = losses, grad_norm, finite
         else:
             result = self._standard_step(x, noise)
         with warnings.catch_warnings():
@@ -135,9 +163,11 @@ class Trainer:
         self.scaler.scale(losses["loss"]).backward()
         self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
-        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(losses["loss"]))
-        if finite or self.scaler.is_enabled():
+        finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
+        if self.scaler.is_enabled():
             self.scaler.step(optimizer)           # the fp16 scaler itself skips non-finite steps
+        else:
+            step_where(optimizer, finite)
         self.scaler.update()
         return losses, grad_norm, finite
 

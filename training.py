@@ -250,7 +250,11 @@ def train(cfg, rt, resume=None):
     log.info("training %d steps (%d per epoch) at global batch %d = %d x %d processes on %s%s",
              max_steps, steps_per_epoch, d.train_batch_size, batch, rt.world_size,
              rt.device.type, f" with {t.precision} autocast" if trainer.amp_dtype else " in fp32")
-    sums, logged_steps, nonfinite_in_row, seen_bad = {}, 0, 0, set()
+    # per-step numbers stay on the device and are read at log steps only
+    sums, seen_bad = {}, set()
+    finite_steps, skipped_steps, in_row, worst_in_row = (
+        torch.zeros((), dtype=torch.int64, device=rt.device) for _ in range(4))
+    count_nonfinite = not trainer.scaler.is_enabled()   # fp16's scaler skips steps by design
     bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True,
                disable=not (rt.is_main and sys.stderr.isatty()))
     tick, tick_step = time.perf_counter(), step
@@ -272,42 +276,49 @@ def train(cfg, rt, resume=None):
             step += 1
             bar.update(1)
 
-            if finite:
-                nonfinite_in_row = 0
-                for k, v in {**losses, "grad_norm": grad_norm}.items():
-                    sums[k] = sums.get(k, 0) + v.detach().float()
-                logged_steps += 1
-            elif not trainer.scaler.is_enabled():
-                nonfinite_in_row += 1
-                log.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)",
-                            step, nonfinite_in_row)
-                if writer:
-                    writer.add_scalar("train/nonfinite_skipped", nonfinite_in_row, step)
-                if nonfinite_in_row >= t.max_nonfinite_steps:
-                    path = save()
-                    raise TrainingError(
-                        f"{nonfinite_in_row} non-finite steps in a row at step {step} "
-                        f"(loss {losses['loss'].item()}, grad norm {grad_norm.item()}); "
-                        f"state saved to {path}; lower exp_params.LR or check the data")
+            for k, v in {**losses, "grad_norm": grad_norm}.items():
+                sums[k] = sums.get(k, 0) + torch.where(finite, v.detach().float(), 0.0)
+            finite_steps += finite
+            if count_nonfinite:
+                skipped_steps += ~finite
+                in_row = (in_row + 1) * ~finite
+                worst_in_row = torch.maximum(worst_in_row, in_row)
 
             if step % t.log_every_n_steps == 0 or step == max_steps:
                 if cuda:
                     torch.cuda.synchronize()
                 now = time.perf_counter()
                 keys = sorted(sums)
-                mean = all_reduce_mean(torch.stack([sums[k] for k in keys]), rt) / logged_steps \
-                    if keys else torch.zeros(0)
-                stats = dict(zip(keys, mean.tolist()))
+                n_finite, n_skipped, worst = (int(v) for v in torch.stack(
+                    [finite_steps, skipped_steps, worst_in_row]).tolist())
+                stats = {}
+                if n_finite:
+                    mean = all_reduce_mean(torch.stack([sums[k] for k in keys]), rt) / n_finite
+                    stats = dict(zip(keys, mean.tolist()))
                 stats["lr"] = trainer.lr
                 stats["images_per_sec"] = d.train_batch_size * (step - tick_step) / (now - tick)
+                if n_skipped:
+                    stats["nonfinite_skipped"] = n_skipped
+                    log.warning("steps %d-%d: %d non-finite losses or gradients, their updates "
+                                "skipped (%d in a row at most)", tick_step + 1, step, n_skipped,
+                                worst)
                 if writer:
                     for k, v in stats.items():
                         writer.add_scalar(f"train/{k}", v, step)
                 log.info("step %d (epoch %d): %s", step, epoch + 1,
                          " ".join(f"{k} {v:.4g}" for k, v in stats.items()))
                 bar.set_postfix(loss=f"{stats.get('loss', float('nan')):.4g}")
+                if worst >= t.max_nonfinite_steps:
+                    path = save()
+                    raise TrainingError(
+                        f"{worst} non-finite steps in a row by step {step} (last loss "
+                        f"{losses['loss'].item()}, grad norm {grad_norm.item()}); state saved to "
+                        f"{path}; lower exp_params.LR or check the data")
                 sums = {}
-                logged_steps, tick, tick_step = 0, time.perf_counter(), step
+                finite_steps.zero_()
+                skipped_steps.zero_()
+                worst_in_row.copy_(in_row)
+                tick, tick_step = time.perf_counter(), step
             if writer and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
                 log_images(bare, fixed_images, writer, run_dir, step, e.seed + 2)
             if step % lg.save_every_n_steps == 0 and step < max_steps:

@@ -45,13 +45,13 @@ class Discriminator(nn.Module):
 
 
 def equilibrium_decisions(real_bce, fake_bce, equilibrium=0.68, margin=0.4):
-    """(update discriminator, update decoder) from the discriminator's mean BCE on real and
-    on fake images (floats)."""
-    update_disc = not (real_bce < equilibrium - margin or fake_bce < equilibrium - margin)
-    update_dec = not (real_bce > equilibrium + margin or fake_bce > equilibrium + margin)
-    if not update_disc and not update_dec:
-        return True, True
-    return update_disc, update_dec
+    """(update discriminator, update decoder) as bool tensors, from the discriminator's mean
+    BCE on real and on fake images (tensors, decided on their device)."""
+    real_bce, fake_bce = torch.as_tensor(real_bce), torch.as_tensor(fake_bce)
+    update_disc = ~((real_bce < equilibrium - margin) | (fake_bce < equilibrium - margin))
+    update_dec = ~((real_bce > equilibrium + margin) | (fake_bce > equilibrium + margin))
+    neither = ~update_disc & ~update_dec          # both would stop: train both
+    return update_disc | neither, update_dec | neither
 
 
 class VAEGAN(VanillaVAE):
@@ -122,16 +122,19 @@ class VAEGAN(VanillaVAE):
     def loss_function(self, x, out, kld_weight, step=0):
         return self.logged(self.batch_losses(x, out, kld_weight))
 
-    def train_step(self, x, noise, optimizers, kld_weight, max_grad_norm):
-        """One VAE-GAN step with its own gradients per part; returns (losses, grad norm,
-        finite). Gradients are averaged over ranks here (the model is not wrapped in DDP)."""
+    def train_step(self, x, noise, kld_weight, max_grad_norm):
+        """Gradients of one VAE-GAN step, each part from its own objective, left in .grad and
+        clipped per part; returns (losses, grad norm, finite, {part: apply its update}), all
+        device tensors. Gradients are averaged over ranks here (the model is not wrapped in
+        DDP), so every rank takes the same decisions."""
         m = self.batch_losses(x, self(x, noise), kld_weight)
         groups = self.optimizer_groups()
         objectives = {"encoder": m["encoder_loss"], "decoder": m["decoder_loss"],
                       "discriminator": m["discriminator_loss"]}
         update_disc, update_dec = equilibrium_decisions(
-            m["real_bce"].item(), m["fake_bce"].item(), self.equilibrium, self.margin)
-        updates = {"encoder": True, "decoder": update_dec, "discriminator": update_disc}
+            m["real_bce"].detach(), m["fake_bce"].detach(), self.equilibrium, self.margin)
+        apply = {"encoder": torch.ones((), dtype=torch.bool, device=x.device),
+                 "decoder": update_dec, "discriminator": update_disc}
         names = list(groups)
         grads = {}
         for k, name in enumerate(names):
@@ -148,18 +151,12 @@ class VAEGAN(VanillaVAE):
             for p, t in zip(groups[name], g):
                 p.grad = t
             total_sq = total_sq + sum(t.float().pow(2).sum() for t in g)
-        finite = bool(torch.isfinite(total_sq) and all(torch.isfinite(v) for v in objectives.values()))
-        if finite:
-            for name in names:
-                torch.nn.utils.clip_grad_norm_(groups[name], max_grad_norm or float("inf"))
-                if updates[name]:
-                    optimizers[name].step()
-        for name in names:
-            optimizers[name].zero_grad(set_to_none=True)
-        losses = {**self.logged(m),
-                  "decoder_skipped": torch.tensor(float(not update_dec), device=x.device),
-                  "discriminator_skipped": torch.tensor(float(not update_disc), device=x.device)}
-        return losses, total_sq.sqrt(), finite
+            torch.nn.utils.clip_grad_norm_(groups[name], max_grad_norm or float("inf"))
+        finite = torch.isfinite(total_sq) & torch.stack(
+            [torch.isfinite(v.detach()) for v in objectives.values()]).all()
+        losses = {**self.logged(m), "decoder_skipped": (~update_dec).float(),
+                  "discriminator_skipped": (~update_disc).float()}
+        return losses, total_sq.sqrt(), finite, apply
 
     @torch.no_grad()
     def evaluate_batch(self, x, generator=None, kld_weight=1.0):

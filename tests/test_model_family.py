@@ -13,7 +13,7 @@ from dataset_sthv2 import SthV2Frames, collate_frames, load_index, split_videos
 from models import MODELS, build_model
 from runtime import Runtime
 from trainer import Trainer
-from vae_gan_model import VAEGAN, equilibrium_decisions
+from vae_gan_model import equilibrium_decisions
 from vanilla_vae_model import BetaVAE
 from vq_vae_model import VQVAE, VectorQuantizer
 
@@ -119,21 +119,25 @@ def test_beta_vae_objectives():
 
 
 def test_equilibrium_rules():
-    assert equilibrium_decisions(0.7, 0.7) == (True, True)
-    assert equilibrium_decisions(0.1, 0.7) == (False, True)     # discriminator too strong
-    assert equilibrium_decisions(0.7, 1.3) == (True, False)     # discriminator too weak
-    assert equilibrium_decisions(0.1, 1.3) == (True, True)      # both would stop: train both
+    def decide(real, fake):
+        return tuple(bool(d) for d in equilibrium_decisions(torch.tensor(real), torch.tensor(fake)))
+
+    assert decide(0.7, 0.7) == (True, True)
+    assert decide(0.1, 0.7) == (False, True)     # discriminator too strong
+    assert decide(0.7, 1.3) == (True, False)     # discriminator too weak
+    assert decide(0.1, 1.3) == (True, True)      # both would stop: train both
 
 
 @pytest.mark.parametrize("real_logit,fake_logit,skipped", [
     (0.8, 0.8, "decoder"),           # real BCE 0.37, fake BCE 1.17 > 0.68 + 0.4: too weak
     (3.0, -3.0, "discriminator"),    # real BCE 0.05 < 0.68 - 0.4: too strong
 ])
-def test_vae_gan_skips_the_update_its_rules_name(real_logit, fake_logit, skipped, monkeypatch):
+def test_vae_gan_skips_the_update_its_rules_name(real_logit, fake_logit, skipped, monkeypatch,
+                                                 demo_data, tmp_path):
     from vae_gan_model import Discriminator
-    torch.manual_seed(0)
-    model = VAEGAN(**FAMILY["VAEGAN"])
-    optimizers = {k: torch.optim.Adam(v, lr=1e-2) for k, v in model.optimizer_groups().items()}
+    trainer = Trainer(config_from_dict(family_config(demo_data, str(tmp_path), "VAEGAN")),
+                      Runtime(), steps_per_epoch=10)
+    model = trainer.bare
     original, calls = Discriminator.forward, []
 
     def judged(self, image, feature_layer):      # losses() asks about real, recon, prior
@@ -144,8 +148,8 @@ def test_vae_gan_skips_the_update_its_rules_name(real_logit, fake_logit, skipped
 
     monkeypatch.setattr(Discriminator, "forward", judged)
     before = {k: [p.detach().clone() for p in v] for k, v in model.optimizer_groups().items()}
-    losses, _, finite = model.train_step(torch.rand(4, 3, 32, 32) * 2 - 1, torch.randn(4, 16),
-                                         optimizers, 1e-3, 1.0)
+    images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
+    losses, _, finite = trainer.step(images, torch.randn(4, 16))
     assert finite
     assert losses["decoder_skipped"].item() == float(skipped == "decoder")
     assert losses["discriminator_skipped"].item() == float(skipped == "discriminator")
@@ -211,3 +215,29 @@ def test_beta_vae_bce_elbo_is_the_bernoulli_bound():
     bce = -(t * torch.log(p) + (1 - t) * torch.log(1 - p)).flatten(1).sum(1)
     kl = -0.5 * (1 + logvar - mu ** 2 - logvar.exp()).sum(1)
     assert torch.allclose(metrics["elbo"], -(bce + kl), rtol=1e-4)
+
+
+class HostReads(torch.overrides.TorchFunctionMode):
+    """Records every call that copies a tensor's value to Python (a device sync on a GPU)."""
+    READS = {"item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.READS:
+            self.calls.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY))
+def test_training_step_never_reads_device_values(name, batch, demo_data, tmp_path):
+    trainer = Trainer(config_from_dict(family_config(demo_data, str(tmp_path), name)),
+                      Runtime(), steps_per_epoch=10)
+    noise = torch.randn(len(batch), trainer.bare.noise_dim) if trainer.bare.noise_dim else None
+    trainer.step(batch, noise)                                  # optimizer state created
+    with HostReads() as reads:
+        for _ in range(2):
+            trainer.step(batch, noise, flip=torch.rand(len(batch)) < 0.5)
+    assert reads.calls == []
