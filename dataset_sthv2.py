@@ -460,15 +460,16 @@ class EncodedBatch:
         self.frames = frames                  # EncodedFrame, uint8 image, or None (unreadable)
 
     def pin_memory(self):                     # called by the DataLoader's pin_memory thread
-        return EncodedBatch([f._replace(data=f.data.pin_memory()) if isinstance(f, EncodedFrame)
-                             else f if f is None else f.pin_memory() for f in self.frames])
+        return EncodedBatch([f.pin_memory() if torch.is_tensor(f) else
+                             f._replace(data=f.data.pin_memory()) if f is not None else None
+                             for f in self.frames])
 
     def decode(self, device):
         """(uint8 B x 3 x S x S on device, unreadable paths). A frame the device cannot decode
         is replaced by another frame of the batch and reported, as collate_frames does."""
         jpegs = [k for k, f in enumerate(self.frames) if isinstance(f, EncodedFrame)]
-        images = [None if f is None or k in jpegs else f.to(device, non_blocking=True)
-                  for k, f in enumerate(self.frames)]
+        images = [f.to(device, non_blocking=True) if torch.is_tensor(f) else None
+                  for f in self.frames]
         bad = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)

@@ -70,6 +70,7 @@ class StopSignal:
 
     def __init__(self):
         self.received = None
+        self._pending = None                  # the previous check's all-reduced flag
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
 
@@ -77,13 +78,27 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def agreed(self, rt):
-        """True on every rank as soon as any rank got a signal (collective when distributed,
-        so every rank must call it at the same steps)."""
+        """True on every rank once any rank got a signal (collective when distributed, so
+        every rank must call it at the same steps). Distributed, each call answers for the
+        previous call's flag, copied to the host behind it, so that the host never waits for
+        the steps queued since: a stop comes one check later, the same on every rank."""
         if not rt.distributed:
             return self.received is not None        # no device round trip
         flag = torch.tensor([1.0 if self.received else 0.0], device=rt.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        if rt.device.type == "cuda":
+            host = torch.empty(1, pin_memory=True).copy_(flag, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record()
+        else:
+            host, copied = flag, None
+        previous, self._pending = self._pending, (host, copied)
+        if previous is None:
+            return False
+        host, copied = previous
+        if copied is not None:
+            copied.synchronize()              # long done: it was queued a check ago
+        return bool(host.item())
 
 
 def parse_args(description):

@@ -70,6 +70,7 @@ def test_two_rank_run_logs_and_checkpoints_once_and_matches_one_process(demo_dat
     assert gap_plain > 100 * gap_sync                          # the test can tell them apart
     val_single = EventAccumulator(str(tmp_path / "logs" / "single"))
     val_single.Reload()
-    # eval-mode BN sees the running means above, so the validation loss agrees a little less
+    # eval-mode BN sees the running means above, which carry those biases' +-LR noise, so
+    # the validation loss agrees a little less (0.1-0.3% measured with foreach and fused Adam)
     assert val_single.Scalars("val/loss")[-1].value == \
-        pytest.approx(events.Scalars("val/loss")[-1].value, rel=2e-3)
+        pytest.approx(events.Scalars("val/loss")[-1].value, rel=5e-3)

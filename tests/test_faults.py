@@ -154,6 +154,24 @@ def test_killed_torchrun_worker_restarts_and_resumes(demo_data, tmp_path):
     assert_same(final_weights(str(tmp_path), "run"), final_weights(str(tmp_path), "ref"))
 
 
+def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", config_dict(
+        demo_data, str(tmp_path), "run", **{"data_params.train_batch_size": 16,
+                                            "trainer_params.max_steps": 400}))
+    proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                  "--nproc_per_node=2", "train_ddp.py", "--config", path, "--device", "cpu"],
+                 env={"OMP_NUM_THREADS": "1"})
+    wait_for_line(proc, "step 12 ")
+    os.kill(worker_pids(proc.pid)[1], signal.SIGUSR1)         # rank 1 only
+    out = proc.communicate(timeout=300)[0]
+    stopped = [line for line in out.splitlines() if "stopping on a peer's signal" in line]
+    assert len(stopped) == 1, out[-4000:]                     # rank 0 logs, rank 1 got it
+    step = int(stopped[0].split(" at step ")[1].split(";")[0])
+    assert 12 < step < 400 and step % 10 == 0
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == step and len(ckpt["rng"]) == 2     # both ranks reached the save
+
+
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{"trainer_params.max_steps": 10}))
