@@ -81,11 +81,14 @@ def bench_train(args):
     noise = (torch.randn(batch, trainer.bare.noise_dim, device=device)
              if trainer.bare.noise_dim else None)
 
-    for _ in range(args.warmup):                        # includes torch.compile's first call
+    def step():
         trainer.step(images, noise)
+
+    for _ in range(args.warmup):                        # includes torch.compile's first call
+        step()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = time_steps(lambda: trainer.step(images, noise), args.steps, device)
+    time_steps(step, 1, device)                         # peak memory before the reference exists
     peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 20
 
@@ -103,7 +106,14 @@ def bench_train(args):
 
     for _ in range(args.warmup):
         plain_step()
-    plain_seconds = time_steps(plain_step, args.steps, device)
+    # alternate the two over several rounds: a shared machine's speed drifts
+    rounds = []
+    for r in range(args.rounds):
+        order = [("ours", step), ("plain", plain_step)]
+        rounds.append({name: time_steps(fn, args.steps, device)
+                       for name, fn in (order if r % 2 == 0 else order[::-1])})
+    seconds = statistics.median(r["ours"] for r in rounds)
+    plain_seconds = statistics.median(r["plain"] for r in rounds)
 
     flops = flops_per_image(cfg, min(batch, 8), device)
     images_per_sec = batch * args.steps / seconds
@@ -119,7 +129,7 @@ def bench_train(args):
             "compile": device.type == "cuda" and cfg.trainer_params.compile,
             "channels_last": trainer.channels_last,
             "plain_eager_images_per_sec": round(batch * args.steps / plain_seconds, 2),
-            "speedup_vs_plain_eager": round(plain_seconds / seconds, 3),
+            "speedup_vs_plain_eager": round(plain_seconds / seconds, 3), "rounds": args.rounds,
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
@@ -223,6 +233,8 @@ def main():
     train.add_argument("--batch-size", type=int, help="global batch (default: the config's)")
     train.add_argument("--device", choices=["cpu", "cuda"])
     train.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    train.add_argument("--rounds", type=int, default=3,
+                       help="alternating timings of each loop; medians are reported")
     data = sub.add_parser("data", help="frame loading: this project's loader vs LAQ's")
     data.add_argument("--data-path", required=True)
     data.add_argument("--workers", type=int, default=2)
