@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import load_config
-from dataset_sthv2 import PooledCollate, SthV2Frames, collate_encoded, load_index
+from dataset_sthv2 import BatchLease, PooledCollate, SthV2Frames, collate_encoded, load_index
 from runtime import Runtime, pick_device
 from trainer import Trainer
 from models import build_model
@@ -171,8 +171,8 @@ def time_loader(dataset, args, collate_fn=None, device=None):
         batch = next(batches)
         if device is not None:
             batch[0].decode(device)
-        elif isinstance(batch, tuple) and len(batch) == 3 and batch[2] is not None:
-            batch[2].release()                          # as the training loop does
+        elif isinstance(batch, (tuple, list)) and isinstance(batch[-1], BatchLease):
+            batch[-1].release()                         # as the training loop does
 
     for _ in range(max(2, 2 * args.workers)):          # start the workers, fill the queue
         take()
