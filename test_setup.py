@@ -93,17 +93,18 @@ def main():
         report.print()
         sys.exit(1)
 
-    check_data(report, cfg)
+    check_data(report, cfg, device)
     check_model(report, cfg, device)
     check_logdir(report, cfg)
     report.print()
     sys.exit(1 if report.failed else 0)
 
 
-def check_data(report, cfg):
+def check_data(report, cfg, device):
+    import torch
     from torch.utils.data import DataLoader
 
-    from dataset_sthv2 import DataError, build_datasets, collate_frames
+    from dataset_sthv2 import DataError, build_datasets, collate_encoded, collate_frames
     d = cfg.data_params
     try:
         train_set, val_set = build_datasets(d, cfg.model_params["image_size"])
@@ -115,8 +116,19 @@ def check_data(report, cfg):
     report.add("✓", "data layout", f"{len(index.videos)} videos, {len(index)} frames; "
                f"train {len(train_set)} / val {len(val_set)} frames used")
     batch = min(d.train_batch_size, len(train_set))
-    images, bad = next(iter(DataLoader(train_set, batch, shuffle=True, collate_fn=collate_frames)))
-    detail = f"batch {tuple(images.shape)} {images.dtype}"
+    loader = DataLoader(train_set, batch, shuffle=True,
+                        collate_fn=collate_encoded if d.decode_on_device else collate_frames)
+    images, bad = next(iter(loader))[:2]
+    detail = f"batch {tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else ""
+    if d.decode_on_device:
+        try:
+            images, failed = images.decode(device)
+        except RuntimeError as e:             # e.g. a torchvision built without nvJPEG
+            report.add("✗", "decode on device", f"{device}: {str(e).splitlines()[0]}",
+                       "set data_params.decode_on_device: false")
+            return
+        bad += failed
+        detail = f"batch {tuple(images.shape)} {images.dtype}, decoded on {device}"
     if bad:
         report.add("!", "sample batch", f"{detail}; {len(bad)} unreadable: {bad[0]}",
                    "re-extract the frames named")
