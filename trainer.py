@@ -163,7 +163,9 @@ class Trainer:
         self.scaler.scale(losses["loss"]).backward()
         self.scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
-        finite = torch.isfinite(grad_norm) & torch.isfinite(losses["loss"])
+        # decided on the gradient, which DDP made the same on every rank (a non-finite loss
+        # gives a non-finite gradient): all ranks skip the same steps
+        finite = torch.isfinite(grad_norm)
         if self.scaler.is_enabled():
             self.scaler.step(optimizer)           # the fp16 scaler itself skips non-finite steps
         else:
