@@ -1,15 +1,15 @@
 """Benchmarks: training-step throughput and MFU, and frame-loading speed against LAQ's loader.
 
     python bench.py train --config FILE [--steps N] [--warmup W] [--batch-size B]
-                          [--device cpu|cuda] [--set SECTION.KEY=VALUE ...]
+                          [--device cpu|cuda] [--rounds 3] [--set SECTION.KEY=VALUE ...]
     python bench.py data  --data-path DIR [--workers N] [--batches N] [--image-size 256]
                           [--batch-size 32] [--rounds 3] [--decode-on cpu|cuda]
 
 Each prints one JSON line last. `train` times the training step of training.py on synthetic
 batches already on the device (data loading excluded), and in the same run a plain fp32
 eager loop of the same model for reference. `data` times the project's DataLoader over a
-frames folder and, in the same run, a loader that does what LAQ's published one does
-(alternating, `--rounds` times each; medians).
+frames folder and, in the same run, a loader that does what LAQ's published one does. Both
+alternate the two, `--rounds` times each, and report medians.
 """
 import argparse
 import functools
@@ -69,6 +69,15 @@ def time_steps(step, steps, device):
     return time.perf_counter() - start
 
 
+def alternate(timers, rounds):
+    """Call each timer once per round, in alternating order, since a shared machine's speed
+    drifts; returns (the median per name, every round)."""
+    names = list(timers)
+    results = [{name: timers[name]() for name in (names if r % 2 == 0 else names[::-1])}
+               for r in range(rounds)]
+    return {name: statistics.median(r[name] for r in results) for name in names}, results
+
+
 def bench_train(args):
     overrides = list(args.set)
     if args.batch_size:
@@ -106,14 +115,10 @@ def bench_train(args):
 
     for _ in range(args.warmup):
         plain_step()
-    # alternate the two over several rounds: a shared machine's speed drifts
-    rounds = []
-    for r in range(args.rounds):
-        order = [("ours", step), ("plain", plain_step)]
-        rounds.append({name: time_steps(fn, args.steps, device)
-                       for name, fn in (order if r % 2 == 0 else order[::-1])})
-    seconds = statistics.median(r["ours"] for r in rounds)
-    plain_seconds = statistics.median(r["plain"] for r in rounds)
+    medians, _ = alternate({"ours": lambda: time_steps(step, args.steps, device),
+                            "plain": lambda: time_steps(plain_step, args.steps, device)},
+                           args.rounds)
+    seconds, plain_seconds = medians["ours"], medians["plain"]
 
     flops = flops_per_image(cfg, min(batch, 8), device)
     images_per_sec = batch * args.steps / seconds
@@ -199,23 +204,19 @@ def bench_data(args):
             sys.exit(f"error: the baseline reads the frames tree, and {frames.path(i)} is missing")
         with open(frames.path(i), "rb") as f:
             f.read()
-    # alternate the two loaders over several rounds: this machine's speed drifts
     laq_style = LaqStyleFrames(frames, args.image_size)
     if args.decode_on:              # workers read bytes; this process decodes on the device
         if args.decode_on == "cuda" and not torch.cuda.is_available():
             sys.exit("error: --decode-on cuda: no CUDA device is visible to this process")
-        decode_device = torch.device(args.decode_on)
         frames.encoded = True
-        ours = functools.partial(time_loader, frames, args, collate_encoded, decode_device)
+        ours_loader = functools.partial(time_loader, frames, args, collate_encoded,
+                                        torch.device(args.decode_on))
     else:
-        ours = functools.partial(time_loader, frames, args, PooledCollate(PREFETCH + 2))
-    rounds = []
-    for r in range(args.rounds):
-        order = ["baseline", "ours"] if r % 2 == 0 else ["ours", "baseline"]
-        rounds.append({name: round(time_loader(laq_style, args) if name == "baseline" else
-                                   ours(), 1) for name in order})
-    ours = statistics.median(r["ours"] for r in rounds)
-    baseline = statistics.median(r["baseline"] for r in rounds)
+        ours_loader = functools.partial(time_loader, frames, args, PooledCollate(PREFETCH + 2))
+    medians, rounds = alternate({"baseline": functools.partial(time_loader, laq_style, args),
+                                 "ours": ours_loader}, args.rounds)
+    ours, baseline = round(medians["ours"], 1), round(medians["baseline"], 1)
+    rounds = [{name: round(v, 1) for name, v in r.items()} for r in rounds]
     return {"frames_per_sec": ours, "baseline_frames_per_sec": baseline,
             "ratio": round(ours / baseline, 2), "workers": args.workers,
             "batch_size": args.batch_size, "batches": args.batches,
