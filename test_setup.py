@@ -101,7 +101,6 @@ def main():
 
 
 def check_data(report, cfg, device):
-    import torch
     from torch.utils.data import DataLoader
 
     from dataset_sthv2 import DataError, build_datasets, collate_encoded, collate_frames
@@ -119,7 +118,7 @@ def check_data(report, cfg, device):
     loader = DataLoader(train_set, batch, shuffle=True,
                         collate_fn=collate_encoded if d.decode_on_device else collate_frames)
     images, bad = next(iter(loader))[:2]
-    detail = f"batch {tuple(images.shape)} {images.dtype}" if torch.is_tensor(images) else ""
+    where = ""
     if d.decode_on_device:
         try:
             images, failed = images.decode(device)
@@ -128,7 +127,8 @@ def check_data(report, cfg, device):
                        "set data_params.decode_on_device: false")
             return
         bad += failed
-        detail = f"batch {tuple(images.shape)} {images.dtype}, decoded on {device}"
+        where = f", decoded on {device}"
+    detail = f"batch {tuple(images.shape)} {images.dtype}{where}"
     if bad:
         report.add("!", "sample batch", f"{detail}; {len(bad)} unreadable: {bad[0]}",
                    "re-extract the frames named")
