@@ -198,7 +198,11 @@ def test_pooled_buffers_are_never_refilled_before_release(tmp_path):
 
 def test_encoded_batches_decode_like_worker_batches_and_report_broken_jpegs(tmp_path):
     root = str(tmp_path / "frames")
-    make_video(root, "v", [f"img_{k:05d}.jpg" for k in range(1, 5)], [40, 80, 120, 160])
+    os.makedirs(os.path.join(root, "v"))
+    rng = np.random.default_rng(0)
+    for k in range(1, 5):                        # textured, so a flip or a shift would show
+        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(
+            os.path.join(root, "v", f"img_{k:05d}.jpg"))
     write_frame(os.path.join(root, "v", "img_00005.png"), 200)                # decoded by workers
     broken = os.path.join(root, "v", "img_00003.jpg")
     data = bytearray(open(broken, "rb").read())
