@@ -1,6 +1,11 @@
 """Process plumbing shared by every training entry point: who this process is (Runtime),
-rank-0 logging, stop signals, and the command line."""
+collectives that do nothing in a single process, rank-0 logging, stop signals, the command line.
+
+Distributed mode is decided once, by train_ddp.py creating the process group; everything else
+calls the collectives below, which are no-ops without a group of two or more processes.
+"""
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -25,6 +30,56 @@ class Preempted(Exception):
     """A stop signal arrived; a checkpoint was written and the job can be resumed."""
 
 
+def distributed():
+    """True inside a process group of two or more processes."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce(tensor, op="sum"):
+    """Sum (or "max") `tensor` in place over every process; returns it."""
+    if distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor):
+    """Mean of `tensor` over every process, in place; returns it."""
+    if distributed():
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def all_gather_object(obj):
+    """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
+    if not distributed():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def broadcast(tensor, src=0):
+    """Rank `src`'s tensor on every process, in place; returns it."""
+    if distributed():
+        dist.broadcast(tensor, src)
+    return tensor
+
+
+def all_reduce_mean_(tensors):
+    """Average a list of tensors over every process in one collective (as DDP does for
+    gradients); returns the averaged list, the same list in a single process."""
+    if not distributed():
+        return tensors
+    flat = all_reduce_mean(torch.cat([t.reshape(-1) for t in tensors]))
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def barrier():
+    if distributed():
+        dist.barrier()
+
+
 @dataclass
 class Runtime:
     rank: int = 0
@@ -36,9 +91,15 @@ class Runtime:
     def is_main(self):
         return self.rank == 0
 
-    @property
-    def distributed(self):
-        return self.world_size > 1
+    @contextlib.contextmanager
+    def local_main_first(self):
+        """Run the body on each node's local rank 0 first, then on the other ranks (which
+        then find what it wrote, e.g. the frame-index cache)."""
+        if self.local_rank != 0:
+            barrier()
+        yield
+        if self.local_rank == 0:
+            barrier()
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -68,8 +129,10 @@ def setup_logging(rt, run_dir=None):
 class StopSignal:
     """Remember SIGTERM / SIGUSR1 (SLURM's warning before the time limit) instead of dying."""
 
-    def __init__(self):
-        self.received = None
+    EVERY = 10                                # steps between checks when distributed
+
+    def __init__(self, device):
+        self.device, self.received = device, None
         self._pending = None                  # the previous check's all-reduced flag
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._handle)
@@ -77,16 +140,19 @@ class StopSignal:
     def _handle(self, signum, frame):
         self.received = signal.Signals(signum).name
 
-    def agreed(self, rt):
-        """True on every rank once any rank got a signal (collective when distributed, so
-        every rank must call it at the same steps). Distributed, each call answers for the
-        previous call's flag, copied to the host behind it, so that the host never waits for
-        the steps queued since: a stop comes one check later, the same on every rank."""
-        if not rt.distributed:
+    def agreed(self, step):
+        """True on every rank once any rank got a signal. A single process checks its own
+        flag at every step. Distributed, the ranks exchange flags every EVERY steps (the same
+        steps on every rank), and each exchange answers for the previous one's flag, copied to
+        the host behind it, so the host never waits for the steps queued since: a stop comes
+        one exchange later, at the same step on every rank."""
+        if not distributed():
             return self.received is not None        # no device round trip
-        flag = torch.tensor([1.0 if self.received else 0.0], device=rt.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if rt.device.type == "cuda":
+        if step % self.EVERY:
+            return False
+        flag = all_reduce(torch.tensor([1.0 if self.received else 0.0], device=self.device),
+                          op="max")
+        if self.device.type == "cuda":
             host = torch.empty(1, pin_memory=True).copy_(flag, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
@@ -97,7 +163,7 @@ class StopSignal:
             return False
         host, copied = previous
         if copied is not None:
-            copied.synchronize()              # long done: it was queued a check ago
+            copied.synchronize()              # long done: it was queued an exchange ago
         return bool(host.item())
 
 

@@ -18,11 +18,10 @@ both are updated.
 from typing import List
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from runtime import all_reduce_mean_
 from vanilla_vae_model import VanillaVAE, conv_block, gaussian_kl, output_grid
 
 
@@ -142,12 +141,8 @@ class VAEGAN(VanillaVAE):
                                               retain_graph=k < len(names) - 1, allow_unused=True)
         total_sq = torch.zeros((), device=x.device)
         for name in names:
-            g = [t if t is not None else torch.zeros_like(p) for t, p in zip(grads[name], groups[name])]
-            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-                flat = _flatten_dense_tensors(g)
-                dist.all_reduce(flat)
-                flat /= dist.get_world_size()
-                g = _unflatten_dense_tensors(flat, g)
+            g = all_reduce_mean_([t if t is not None else torch.zeros_like(p)
+                                  for t, p in zip(grads[name], groups[name])])
             for p, t in zip(groups[name], g):
                 p.grad = t
             total_sq = total_sq + sum(t.float().pow(2).sum() for t in g)

@@ -1,4 +1,4 @@
-"""Convolutional VAE models and their registry (config `model_params.name` -> class).
+"""Convolutional VAE models: the study's VanillaVAE and BetaVAE on the same backbone.
 
 VanillaVAE is the architecture of the SthV2 study: five stride-2 conv blocks
 (64 -> 1024 channels) down to an (image_size / 32)^2 grid, two linear heads to a 256-d
@@ -8,9 +8,10 @@ Gaussian posterior, and a mirrored transposed-conv decoder ending in Tanh. Image
 from typing import List, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from runtime import distributed
 
 
 def conv_block(in_ch, out_ch):
@@ -191,18 +192,6 @@ class BetaVAE(VanillaVAE):
                                                   reduction="none").flatten(1).sum(1)
 
 
-VAE_MODELS = {"VanillaVAE": VanillaVAE, "BetaVAE": BetaVAE}
-
-
-def build_model(model_params):
-    """Instantiate the model a (validated) model_params dict names."""
-    params = dict(model_params)
-    return VAE_MODELS[params.pop("name")](**params)
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
-
 
 class _AllReduceBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training statistics are reduced over every process.
@@ -213,8 +202,7 @@ class _AllReduceBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x):
-        if not (self.training and dist.is_available() and dist.is_initialized()
-                and dist.get_world_size() > 1):
+        if not (self.training and distributed()):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
         xf = x.float()

@@ -12,15 +12,11 @@ at random encoder outputs of the current batch.
 from typing import List
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from runtime import all_reduce, broadcast
 from vanilla_vae_model import conv_block, deconv_block, output_grid
-
-
-def _distributed():
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class VectorQuantizer(nn.Module):
@@ -64,9 +60,8 @@ class VectorQuantizer(nn.Module):
         flat = z.reshape(-1, z.shape[-1]).float()
         onehot = F.one_hot(idx.flatten(), self.num_embeddings).float()
         counts, sums = onehot.sum(0), onehot.t() @ flat
-        if _distributed():
-            dist.all_reduce(counts)
-            dist.all_reduce(sums)
+        all_reduce(counts)
+        all_reduce(sums)
         if self.ema:
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -79,8 +74,7 @@ class VectorQuantizer(nn.Module):
             if len(dead):
                 pick = torch.randint(0, len(flat), (len(dead),), device=flat.device)
                 fresh = flat[pick]
-                if _distributed():
-                    dist.broadcast(fresh, 0)      # rank 0's encoder outputs for every rank
+                broadcast(fresh, src=0)       # rank 0's encoder outputs for every rank
                 self.codebook.data[dead] = fresh.to(self.codebook.dtype)
                 self.ema_sum[dead] = fresh
                 self.ema_count[dead] = 1.0

@@ -87,3 +87,14 @@ def test_reparameterize_uses_given_noise():
 
 def test_registry_names_classes():
     assert MODELS["VanillaVAE"] is VanillaVAE
+
+
+def test_every_registered_family_implements_the_model_interface():
+    from models import AutoencoderModel
+    small = {"in_channels": 3, "hidden_dims": [8, 16], "image_size": 32}
+    for name, cls in MODELS.items():
+        extra = ({"num_embeddings": 4, "embedding_dim": 4} if name == "VQVAE" else
+                 {"latent_dim": 4, **({"feature_layer": 0} if name == "VAEGAN" else {})})
+        model = cls(**small, **extra)
+        assert isinstance(model, AutoencoderModel), name
+        assert isinstance(model.noise_dim, int) and isinstance(model.not_applicable, dict), name
