@@ -1,8 +1,10 @@
-"""Checkpoints that survive kills: atomic writes, verified loads, RNG state for exact resume.
+"""Checkpoints that survive kills: atomic writes, verified loads, RNG state for exact resume,
+and the two halves of a run's checkpointing: where to resume from, and saving.
 
 A checkpoint is a plain dict of tensors and Python primitives, so it loads with
 `torch.load(path, weights_only=True)`; nothing in it can run code when loaded.
 """
+import contextlib
 import glob
 import logging
 import os
@@ -13,6 +15,9 @@ import shutil
 
 import numpy as np
 import torch
+
+from config import ConfigError
+from runtime import TrainingError, all_gather_object, barrier
 
 log = logging.getLogger("vae")
 
@@ -51,20 +56,35 @@ def set_rng_state(state):
     random.setstate((version, tuple(internal), gauss))
 
 
-def save_atomic(obj, path):
-    """Write to a temp file in the same folder, fsync, then rename over `path`: a kill at any
-    moment leaves either the old file or the complete new one."""
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", **open_args):
+    """Open a temp file beside `path` for writing; on leaving the block, flush, fsync and
+    rename it over `path`: a kill at any moment leaves either the old file or the complete new
+    one. On an error the temp file is removed and `path` is untouched. Every writer of a file
+    that a later run reads (checkpoints, index caches, shards, arrays, configs) goes through
+    here."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, mode, **open_args) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise
+
+
+def save_atomic(obj, path):
+    with atomic_write(path) as f:
+        torch.save(obj, f)
+
+
+def copy_atomic(src, dst):
+    """Copy the bytes of `src` to `dst` through atomic_write."""
+    with atomic_write(dst) as f, open(src, "rb") as source:
+        shutil.copyfileobj(source, f)
 
 
 def link_atomic(src, dst):
@@ -72,15 +92,9 @@ def link_atomic(src, dst):
     tmp = f"{dst}.tmp.{os.getpid()}"
     try:
         os.link(src, tmp)
-    except OSError:                     # no hard links here: copy the bytes, then rename
-        try:
-            shutil.copyfile(src, tmp)
-            with open(tmp, "rb+") as f:
-                os.fsync(f.fileno())
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+    except OSError:                     # no hard links here: copy the bytes
+        copy_atomic(src, dst)
+        return
     os.replace(tmp, dst)
 
 
@@ -155,3 +169,75 @@ def prune_step_checkpoints(ckpt_dir, keep):
         return
     for path in step_checkpoints(ckpt_dir)[keep:]:
         os.remove(path)
+
+
+# --- a run's checkpoints ------------------------------------------------------------------
+
+def prepare_run_dir(run_dir, rt):
+    """Create run_dir/checkpoints (rank 0), check that it is writable, and remove temp files a
+    kill left behind; every rank waits for it. Returns the checkpoint folder."""
+    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    if rt.is_main:
+        try:
+            os.makedirs(ckpt_dir, exist_ok=True)
+            with open(os.path.join(run_dir, ".write_test"), "w"):
+                pass
+            os.remove(os.path.join(run_dir, ".write_test"))
+            for stale in glob.glob(os.path.join(ckpt_dir, "*.tmp.*")):
+                os.remove(stale)
+        except OSError as err:
+            raise ConfigError(f"logging_params.save_dir: cannot write to {run_dir} "
+                              f"({err.strerror})") from None
+    barrier()
+    return ckpt_dir
+
+
+def resume_point(resume, ckpt_dir, model_params):
+    """The checkpoint a run continues from (None: start fresh), from --resume PATH|auto.
+
+    A fresh start into a folder that already holds checkpoints is refused, so a finished or
+    running run is never overwritten by mistake; so is a checkpoint of another model."""
+    state = None
+    if resume == "auto":
+        path, state, rejected = find_resumable(ckpt_dir)
+        for msg in rejected:
+            log.warning("skipping %s", msg)
+        log.info("resuming from %s" % path if path else "no checkpoint to resume: starting fresh")
+    elif resume:
+        state = load_training_checkpoint(resume)
+        log.info("resuming from %s", resume)
+    elif step_checkpoints(ckpt_dir) or os.path.exists(os.path.join(ckpt_dir, "last.pt")):
+        raise ConfigError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue "
+                          f"that run, or choose another logging_params.name")
+    if state is not None and state["config"]["model_params"] != model_params:
+        raise ConfigError(f"model_params differ from the checkpoint's "
+                          f"({state['config']['model_params']})")
+    return state
+
+
+def save_checkpoint(ckpt_dir, state, rt, keep, also=None):
+    """Write step_{step}.pt and last.pt (and `also`, e.g. vae_final.pt) from rank 0 with every
+    rank's RNG states, prune old step files, then wait for rank 0. Collective: every rank
+    calls it at the same step. Returns the step file's path."""
+    rngs = all_gather_object(rng_state())
+    path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
+    if rt.is_main:
+        try:
+            save_atomic({**state, "rng": rngs, "world_size": rt.world_size}, path)
+            for name in ["last.pt"] + ([also] if also else []):
+                link_atomic(path, os.path.join(ckpt_dir, name))
+        except (OSError, RuntimeError) as err:   # torch.save reports short writes as RuntimeError
+            reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+            raise TrainingError(f"step {state['step']}: cannot write checkpoint {path} "
+                                f"({reason}; is the disk full?); the previous checkpoints "
+                                f"are intact") from None
+        prune_step_checkpoints(ckpt_dir, keep)
+        log.info("step %d: saved %s", state["step"], path)
+    barrier()
+    return path
+
+
+def restore_rng(state, rt):
+    """This rank's saved RNG states, when the checkpoint was written by as many ranks."""
+    if len(state["rng"]) == rt.world_size:
+        set_rng_state(state["rng"][rt.rank])

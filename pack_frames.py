@@ -11,13 +11,13 @@ opens tens of files instead of millions. Every frame is copied byte for byte.
 import argparse
 import json
 import os
-import shutil
 import sys
 import time
 
 import numpy as np
 from tqdm import tqdm
 
+from checkpoint import atomic_write, copy_atomic
 from dataset_sthv2 import LABEL_FILES, PACKED_INDEX, DataError, load_index
 
 
@@ -30,35 +30,29 @@ def pack(data_path, out, shard_size, index_cache_dir=""):
     shard = np.zeros(n, dtype=np.int32)
     start = np.zeros(n, dtype=np.int64)
     length = np.zeros(n, dtype=np.int64)
-    shards, handle, written, k = [], None, 0, 0
-    progress = tqdm(total=n, unit="frame", disable=not sys.stderr.isatty())
-    try:
-        for v in range(len(index.videos)):
-            for pos in range(index.num_frames(v)):
-                if handle is None or written >= shard_size:
-                    if handle:
-                        handle.close()
-                    shards.append(f"shard_{len(shards):05d}.bin")
-                    handle = open(os.path.join(out, shards[-1] + ".tmp"), "wb")
-                    written = 0
-                data = index.read_bytes(v, pos)
-                shard[k], start[k], length[k] = len(shards) - 1, written, len(data)
-                handle.write(data)
-                written += len(data)
-                k += 1
-                progress.update(1)
-    finally:
-        if handle:
-            handle.close()
-        progress.close()
-    for name in shards:                       # complete: publish the shards, then the index
-        os.replace(os.path.join(out, name + ".tmp"), os.path.join(out, name))
+    frames = ((v, pos) for v in range(len(index.videos)) for pos in range(index.num_frames(v)))
+    shards, k = [], 0
+    with tqdm(total=n, unit="frame", disable=not sys.stderr.isatty()) as progress:
+        while k < n:                          # each shard appears whole, or not at all
+            name = f"shard_{len(shards):05d}.bin"
+            with atomic_write(os.path.join(out, name)) as handle:
+                written = 0
+                while k < n and written < shard_size:
+                    v, pos = next(frames)
+                    data = index.read_bytes(v, pos)
+                    shard[k], start[k], length[k] = len(shards), written, len(data)
+                    handle.write(data)
+                    written += len(data)
+                    k += 1
+                    progress.update(1)
+            shards.append(name)
+    # written last: the shards are a packed tree only once their index exists
     index.save(os.path.join(out, PACKED_INDEX), {"source_root": index.root, "shards": shards},
                shard=shard, start=start, length=length)
     labels_dir = index.root
     for name in LABEL_FILES.values():
         if os.path.isfile(os.path.join(labels_dir, name)):
-            shutil.copy2(os.path.join(labels_dir, name), os.path.join(out, name))
+            copy_atomic(os.path.join(labels_dir, name), os.path.join(out, name))
     return {"frames": n, "videos": len(index.videos), "shards": len(shards),
             "bytes": int(length.sum()), "empty_videos_skipped": len(index.empty_videos)}
 

@@ -31,6 +31,8 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from checkpoint import atomic_write
+
 SPLITS = {"train": {0}, "valid": {1}, "test": {2}, "valid+test": {1, 2}}
 EXPECTED = {0: 162770, 1: 19867, 2: 19962}
 
@@ -154,14 +156,13 @@ def prepare(args):
             jobs = pool.map(_work, [(chunks[k], args.crop, args.image_size) for k in todo])
             for k, (array, kept, problems) in zip(todo, jobs):
                 path = chunk_path(k)
-                with open(path + ".tmp", "wb") as f:
+                with atomic_write(path) as f:
                     np.savez(f, images=array, filenames=np.array(kept),
                              problems=np.array(json.dumps(problems)))
-                os.replace(path + ".tmp", path)
                 bar.update(len(chunks[k]))
         report["splits"][split] = write_split([chunk_path(k) for k in range(len(chunks))],
                                               args.out, split, args.image_size, partitions)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
+    with atomic_write(os.path.join(args.out, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
     return report
 
@@ -181,19 +182,18 @@ def write_split(chunk_paths, out, split, size, partitions):
             problems += json.loads(str(z["problems"]))
     shape = (total, 3, size, size)
     npy = os.path.join(out, f"{split}_data.npy")
-    array = np.lib.format.open_memmap(npy + ".tmp.npy", mode="w+", dtype=np.uint8, shape=shape)
-    at = 0
-    for path in chunk_paths:
-        images = np.load(path)["images"]
-        array[at:at + len(images)] = images
-        at += len(images)
-    array.flush()
-    del array
-    os.replace(npy + ".tmp.npy", npy)
+    with atomic_write(npy) as f:              # the memory map writes into the temp file
+        array = np.lib.format.open_memmap(f.name, mode="w+", dtype=np.uint8, shape=shape)
+        at = 0
+        for path in chunk_paths:
+            images = np.load(path)["images"]
+            array[at:at + len(images)] = images
+            at += len(images)
+        array.flush()
+        del array
     images = np.load(npy, mmap_mode="r")
-    with open(os.path.join(out, f"{split}_data.npz.tmp"), "wb") as f:
+    with atomic_write(os.path.join(out, f"{split}_data.npz")) as f:
         np.savez(f, images=images, filenames=np.array(names))
-    os.replace(os.path.join(out, f"{split}_data.npz.tmp"), os.path.join(out, f"{split}_data.npz"))
     expected = sum(EXPECTED[p] for p in partitions)
     return {"images": total, "shape": list(shape), "skipped": problems,
             "official_count": expected}
