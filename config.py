@@ -54,8 +54,6 @@ class DataParams:
     frame_stride: int = 1
     index_cache_dir: str = ""           # "" = $XDG_CACHE_HOME/sthv2_frame_index
     prefetch_factor: int = 4
-    decode_on_device: bool = False      # training JPEGs decoded by the training process on its
-                                        # device (nvJPEG on a GPU) instead of by the workers
 
 
 @dataclass
@@ -114,6 +112,16 @@ class Config:
         return {"model_params": dict(self.model_params),
                 **{f.name: dataclasses.asdict(getattr(self, f.name))
                    for f in dataclasses.fields(self) if f.name != "model_params"}}
+
+
+def data_params_of(config, **overrides):
+    """The data section of a checkpoint's config (a plain dict) as DataParams, with the
+    overrides that are not None (e.g. --data-path). Keys this version does not know (from
+    older checkpoints) are dropped; the values were validated when the run started."""
+    known = {f.name for f in dataclasses.fields(DataParams)}
+    raw = {k: v for k, v in (config.get("data_params") or {}).items() if k in known}
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return DataParams(**raw)
 
 
 SECTIONS = {"data_params": DataParams, "exp_params": ExpParams,
@@ -217,8 +225,6 @@ def _validate(cfg, world_size, check_paths=True):
                 "prefetch_factor"):
         need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")
     need(d.num_workers >= 0, "data_params.num_workers", f"must be >= 0, got {d.num_workers}")
-    need(not (d.decode_on_device and d.dataset == "celeba"), "data_params.decode_on_device",
-         "applies to SthV2 JPEG frames; CelebA arrays are already decoded")
     need(0.0 < d.val_fraction < 1.0, "data_params.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
     for key in ("train_batch_size", "val_batch_size"):
@@ -237,6 +243,9 @@ def _validate(cfg, world_size, check_paths=True):
     need(e.max_grad_norm == t.gradient_clip_val, "exp_params.max_grad_norm",
          f"{e.max_grad_norm} disagrees with trainer_params.gradient_clip_val "
          f"{t.gradient_clip_val}; both set the gradient clipping norm (0 = off)")
+    need(not (m.get("name") == "VAEGAN" and t.precision == "fp16"), "trainer_params.precision",
+         "fp16 is not available for VAEGAN: its three updates follow its equilibrium rules, "
+         "which a grad scaler's own skipping would break; use bf16 or fp32")
     need(t.gpus >= -1, "trainer_params.gpus", f"must be -1 (all), 0 (CPU) or a count, got {t.gpus}")
     for key in ("max_epochs", "check_val_every_n_epoch", "log_every_n_steps",
                 "max_nonfinite_steps"):

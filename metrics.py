@@ -26,7 +26,6 @@ import torch.nn.functional as F
 SSIM_SETTINGS = {"kernel_size": 11, "kernel_sigma": 1.5, "k1": 0.01, "k2": 0.03,
                  "downsample": False, "data_range": 1.0}
 CI_METHOD = "bootstrap percentile, 2000 resamples of images, seed 0"
-LOWER_IS_BETTER = {"mse", "bce", "gmsd", "lpips", "kl", "vq_loss"}
 
 
 class LpipsWeightsMissing(RuntimeError):
