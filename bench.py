@@ -3,7 +3,7 @@
     python bench.py train --config FILE [--steps N] [--warmup W] [--batch-size B]
                           [--device cpu|cuda] [--rounds 3] [--set SECTION.KEY=VALUE ...]
     python bench.py data  --data-path DIR [--workers N] [--batches N] [--image-size 256]
-                          [--batch-size 32] [--rounds 3] [--decode-on cpu|cuda]
+                          [--batch-size 32] [--rounds 3]
 
 Each prints one JSON line last. `train` times the training step of training.py on synthetic
 batches already on the device (data loading excluded), and in the same run a plain fp32
@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import load_config
-from dataset_sthv2 import BatchLease, PooledCollate, SthV2Frames, collate_encoded, load_index
+from dataset_sthv2 import PooledCollate, SthV2Frames, device_batches, load_index
 from runtime import Runtime, pick_device
 from trainer import Trainer
 from models import build_model
@@ -87,11 +87,9 @@ def bench_train(args):
     batch, size = cfg.data_params.train_batch_size, cfg.model_params["image_size"]
     trainer = Trainer(cfg, Runtime(device=device), steps_per_epoch=10 ** 9)
     images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
-    noise = (torch.randn(batch, trainer.bare.noise_dim, device=device)
-             if trainer.bare.noise_dim else None)
 
     def step():
-        trainer.step(images, noise)
+        trainer.step(images)
 
     for _ in range(args.warmup):                        # includes torch.compile's first call
         step()
@@ -131,7 +129,7 @@ def bench_train(args):
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "batch_size": batch, "steps": args.steps,
             "precision": cfg.trainer_params.precision if device.type == "cuda" else "fp32",
-            "compile": device.type == "cuda" and cfg.trainer_params.compile,
+            "compile": trainer.compiled,
             "channels_last": trainer.channels_last,
             "plain_eager_images_per_sec": round(batch * args.steps / plain_seconds, 2),
             "speedup_vs_plain_eager": round(plain_seconds / seconds, 3), "rounds": args.rounds,
@@ -162,32 +160,19 @@ class LaqStyleFrames(Dataset):
 PREFETCH = 4
 
 
-def time_loader(dataset, args, collate_fn=None, device=None):
-    """Frames/s of a DataLoader; `device`: batches are EncodedBatch, decoded there."""
-    cuda = device is not None and device.type == "cuda"
+def time_loader(dataset, args, collate_fn=None):
+    """Frames/s of a DataLoader, its batches taken the way the training loop takes them."""
     loader = DataLoader(dataset, args.batch_size, shuffle=True, num_workers=args.workers,
-                        collate_fn=collate_fn, drop_last=True, pin_memory=cuda,
+                        collate_fn=collate_fn, drop_last=True,
                         generator=torch.Generator().manual_seed(0),
                         persistent_workers=args.workers > 0,
                         **({"prefetch_factor": PREFETCH} if args.workers else {}))
-    batches = iter(loader)
-
-    def take():
-        batch = next(batches)
-        if device is not None:
-            batch[0].decode(device)
-        elif isinstance(batch, (tuple, list)) and isinstance(batch[-1], BatchLease):
-            batch[-1].release()                         # as the training loop does
-
+    batches = device_batches(loader, torch.device("cpu")) if collate_fn else iter(loader)
     for _ in range(max(2, 2 * args.workers)):          # start the workers, fill the queue
-        take()
-    if cuda:
-        torch.cuda.synchronize(device)
+        next(batches)
     start = time.perf_counter()
     for _ in range(args.batches):
-        take()
-    if cuda:
-        torch.cuda.synchronize(device)
+        next(batches)
     return args.batch_size * args.batches / (time.perf_counter() - start)
 
 
@@ -205,22 +190,16 @@ def bench_data(args):
         with open(frames.path(i), "rb") as f:
             f.read()
     laq_style = LaqStyleFrames(frames, args.image_size)
-    if args.decode_on:              # workers read bytes; this process decodes on the device
-        if args.decode_on == "cuda" and not torch.cuda.is_available():
-            sys.exit("error: --decode-on cuda: no CUDA device is visible to this process")
-        frames.encoded = True
-        ours_loader = functools.partial(time_loader, frames, args, collate_encoded,
-                                        torch.device(args.decode_on))
-    else:
-        ours_loader = functools.partial(time_loader, frames, args, PooledCollate(PREFETCH + 2))
-    medians, rounds = alternate({"baseline": functools.partial(time_loader, laq_style, args),
-                                 "ours": ours_loader}, args.rounds)
+    medians, rounds = alternate({
+        "baseline": functools.partial(time_loader, laq_style, args),
+        "ours": functools.partial(time_loader, frames, args, PooledCollate(PREFETCH + 2))},
+        args.rounds)
     ours, baseline = round(medians["ours"], 1), round(medians["baseline"], 1)
     rounds = [{name: round(v, 1) for name, v in r.items()} for r in rounds]
     return {"frames_per_sec": ours, "baseline_frames_per_sec": baseline,
             "ratio": round(ours / baseline, 2), "workers": args.workers,
             "batch_size": args.batch_size, "batches": args.batches,
-            "image_size": args.image_size, "decode_on": args.decode_on or "workers",
+            "image_size": args.image_size,
             "rounds": rounds, "cpus": os.cpu_count()}
 
 
@@ -242,9 +221,6 @@ def main():
     data.add_argument("--batches", type=int, default=20)
     data.add_argument("--image-size", type=int, default=256)
     data.add_argument("--batch-size", type=int, default=32)
-    data.add_argument("--decode-on", choices=["cpu", "cuda"],
-                      help="decode JPEGs in this process on the device (decode_on_device) "
-                           "instead of in the workers")
     data.add_argument("--rounds", type=int, default=3,
                       help="alternating timings of each loader; medians are reported")
     data.add_argument("--index-cache-dir", default="")

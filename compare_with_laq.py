@@ -28,10 +28,9 @@ import yaml
 from PIL import Image, ImageDraw, ImageFont
 from torch.overrides import TorchFunctionMode
 
-from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError
-from dataset_sthv2 import (DECODE_ERRORS, DataError, SthV2FramePairs, decode_rgb, load_index,
-                           resize_frame, split_videos)
+from checkpoint import CheckpointError, atomic_write, load_checkpoint
+from config import ConfigError, data_params_of
+from dataset_sthv2 import DECODE_ERRORS, DataError, build_split, decode_rgb, resize_frame
 from evaluate import load_model, section
 from metrics import (CI_METHOD, ImageMetrics, LpipsWeightsMissing, add_lpips_arguments,
                      codebook_diagnostics, latent_summary, lpips_label)
@@ -184,9 +183,10 @@ def read_file_bytes(path):
         return f.read()
 
 
-def frame_pairs(args):
+def frame_pairs(args, vae_config):
     """[((current name, target name), read)] where read() returns both frames' encoded bytes,
-    and a note describing where the pairs came from."""
+    and a note describing where the pairs came from. Pairs from --data-path come from the
+    split (--split) of the VAE checkpoint's own data settings."""
     if args.image:
         return [((args.image, args.image), lambda: [read_file_bytes(args.image)] * 2)], {
             "source": "image", "identity_clip": True,
@@ -195,12 +195,16 @@ def frame_pairs(args):
     if args.frames:
         return [(tuple(args.frames), lambda: [read_file_bytes(p) for p in args.frames])], {
             "source": "frames", "identity_clip": False}
-    index = load_index(args.data_path, args.index_cache_dir)   # a frames tree or packed shards
-    train, val, split_source = split_videos(index)
-    videos = val or train
-    pairs = SthV2FramePairs(index, videos, image_size=None, offset=args.offset)
+    # the split the VAE's own run defined (its label files, val_fraction, frame_stride)
+    d = data_params_of(vae_config, data_path=args.data_path,
+                       index_cache_dir=args.index_cache_dir or None)
+    if d.dataset != "sthv2":
+        raise DataError(f"the VAE was trained on {d.dataset}; frame pairs need SthV2 videos")
+    pairs = build_split(d, args.split, image_size=None, pair_offset=args.offset)
     if len(pairs) == 0:
-        raise DataError(f"no video in {args.data_path} has more than {args.offset} frames")
+        raise DataError(f"no {args.split} video in {args.data_path} has more than "
+                        f"{args.offset} frames")
+    index = pairs.index
     rng = np.random.default_rng(args.seed)
     chosen = sorted(rng.choice(len(pairs), size=min(args.num_pairs, len(pairs)), replace=False))
     refs = [(int(pairs.video[i]), int(pairs.pos[i])) for i in chosen]
@@ -208,9 +212,9 @@ def frame_pairs(args):
             lambda v=v, t=t: [index.read_bytes(v, t), index.read_bytes(v, t + args.offset)])
            for v, t in refs]
     return out, {"source": "data_path", "identity_clip": False, "data_path": args.data_path,
-                 "split": "val" if val else "train (no validation videos)",
-                 "split_source": split_source, "offset": args.offset, "seed": args.seed,
-                 "available_pairs": len(pairs)}
+                 "split": args.split, "split_source": pairs.source, "offset": args.offset,
+                 "seed": args.seed, "available_pairs": len(pairs),
+                 "videos": sorted({index.videos[v] for v, _ in refs}, key=str)}
 
 
 def load_pair(pair, sizes, resize):
@@ -328,7 +332,9 @@ def parse_args():
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--image", help="one image, used as both frames (identity clip)")
     source.add_argument("--frames", nargs=2, metavar=("FIRST", "SECOND"))
-    source.add_argument("--data-path", help="SthV2 frames folder; pairs from the val split")
+    source.add_argument("--data-path", help="SthV2 frames folder; pairs from --split of the "
+                                            "VAE run's own split (its label files, val_fraction)")
+    parser.add_argument("--split", choices=["val", "train"], default="val")
     parser.add_argument("--num-pairs", type=int, default=64)
     parser.add_argument("--offset", type=int, default=30, help="frames between the pair (LAPA: 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing the pairs")
@@ -353,7 +359,7 @@ def main():
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)
         vae, vae_ckpt = load_model(args.vae, device)
         laq, config, key_report = load_laq(args, device)
-        pairs, inputs = frame_pairs(args)
+        pairs, inputs = frame_pairs(args, vae_ckpt["config"])
     except (ConfigError, LaqError, LpipsWeightsMissing, CheckpointError, DataError) as e:
         sys.exit(f"error: {e}")
     vae_size, laq_size = vae_ckpt["config"]["model_params"]["image_size"], config["image_size"]
@@ -376,9 +382,9 @@ def main():
               "checkpoints": {"vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
                               "laq_keys": key_report},
               "laq_config": config}
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+    with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
         json.dump(report, f, indent=1)
-    with open(os.path.join(args.output, "per_pair.csv"), "w", newline="") as f:
+    with atomic_write(os.path.join(args.output, "per_pair.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

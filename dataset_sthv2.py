@@ -9,6 +9,9 @@ Datasets return uint8 CHW tensors: the centre square of the frame resized to ima
 decoded with libjpeg-turbo and resized on uint8 (about 2x PIL per core); the training loop
 converts them to floats on the device. Unreadable frames are replaced by
 a readable neighbour from the same video and reported, never retried in a loop.
+
+build_split() is the one definition of a train or val split; make_loaders() and
+device_batches() are what the training loop iterates.
 """
 import hashlib
 import io
@@ -17,13 +20,14 @@ import logging
 import os
 import re
 import warnings
-from typing import NamedTuple
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset, default_collate, get_worker_info
+from torch.utils.data import (DataLoader, Dataset, DistributedSampler, default_collate,
+                              get_worker_info)
+
+from checkpoint import atomic_write
 
 with warnings.catch_warnings():   # torchvision >= 0.29 marks its decoders as deprecated
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -124,11 +128,9 @@ class FrameIndex:
         meta = {"version": INDEX_VERSION, "videos": self.videos, "patterns": self.patterns,
                 "empty": self.empty_videos,
                 "fallback": {str(k): v for k, v in self.fallback.items()}, **(extra_meta or {})}
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
+        with atomic_write(path) as f:
             np.savez(f, numbers=self.numbers, offsets=self.offsets, **extra_arrays,
                      meta=np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-        os.replace(tmp, path)
 
     @staticmethod
     def read(path):
@@ -314,13 +316,8 @@ def resize_frame(img, image_size, resize="crop"):
         top, left = (h - side) // 2, (w - side) // 2
         img = img[:, top:top + side, left:left + side]
     if img.shape[-2:] != (image_size, image_size):
-        size = (image_size, image_size)
-        if img.device.type == "cpu":
-            img = F.interpolate(img[None], size=size, mode="bilinear", antialias=True,
-                                align_corners=False)[0]
-        else:                         # GPUs resize floats only (frames decoded on the device)
-            img = F.interpolate(img[None].float(), size=size, mode="bilinear", antialias=True,
-                                align_corners=False)[0].round_().clamp_(0, 255).to(torch.uint8)
+        img = F.interpolate(img[None], size=(image_size, image_size), mode="bilinear",
+                            antialias=True, align_corners=False)[0]
     return img.contiguous()
 
 
@@ -330,24 +327,16 @@ def load_frame(path, image_size, resize="crop"):
         return resize_frame(decode_rgb(f.read()), image_size, resize)
 
 
-class EncodedFrame(NamedTuple):
-    """A JPEG read by a worker and left for the training device to decode."""
-    data: torch.Tensor                        # the file's bytes, uint8
-    path: str
-    image_size: int
-
-
 class SthV2Frames(Dataset):
     """Single frames of the given videos, every `frame_stride`-th one.
 
-    An item is (uint8 image, list of unreadable paths it had to skip); with encoded=True,
-    complete JPEGs come as EncodedFrame instead of an image (other files are still decoded).
+    An item is (uint8 image, list of unreadable paths it had to skip).
     """
 
     def __init__(self, index, video_positions, image_size, frame_stride=1,
-                 neighbour_tries=NEIGHBOUR_TRIES, encoded=False):
+                 neighbour_tries=NEIGHBOUR_TRIES):
         self.index, self.image_size, self.neighbour_tries = index, image_size, neighbour_tries
-        self.encoded = encoded                # JPEGs left for the device: see EncodedBatch
+        self.videos = list(video_positions)   # positions in index.videos
         vids, poss = [], []
         for v in video_positions:
             pos = np.arange(0, index.num_frames(v), frame_stride, dtype=np.int64)
@@ -372,9 +361,6 @@ class SthV2Frames(Dataset):
                 continue
             try:
                 data = self.index.read_bytes(v, p)
-                if self.encoded and is_complete_jpeg(data):
-                    return EncodedFrame(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                        self.index.frame_path(v, p), self.image_size), bad
                 return resize_frame(decode_rgb(data), self.image_size), bad
             except DECODE_ERRORS as e:
                 bad.append(f"{self.index.frame_path(v, p)} ({type(e).__name__}: {e})")
@@ -446,58 +432,9 @@ def collate_frames(batch):
     """Stack the images; an item no neighbour could replace is filled with a readable one of
     the same batch so that every rank keeps the same batch size."""
     images, bad = _split(batch)
-    images = _fill_unreadable(images, bad)
     # default_collate stacks straight into shared memory inside a DataLoader worker, which
     # saves copying every batch once more on its way to the main process
-    return default_collate(images), bad
-
-
-class EncodedBatch:
-    """A batch whose JPEGs are decoded where the model is (decode_on_device): nvJPEG on a GPU,
-    all at once. Frames the workers already decoded (PNGs, odd files) are simply moved."""
-
-    def __init__(self, frames):
-        self.frames = frames                  # EncodedFrame, uint8 image, or None (unreadable)
-
-    def pin_memory(self):                     # called by the DataLoader's pin_memory thread
-        return EncodedBatch([f.pin_memory() if torch.is_tensor(f) else
-                             f._replace(data=f.data.pin_memory()) if f is not None else None
-                             for f in self.frames])
-
-    def decode(self, device):
-        """(uint8 B x 3 x S x S on device, unreadable paths). A frame the device cannot decode
-        is replaced by another frame of the batch and reported, as collate_frames does."""
-        jpegs = [k for k, f in enumerate(self.frames) if isinstance(f, EncodedFrame)]
-        images = [f.to(device, non_blocking=True) if torch.is_tensor(f) else None
-                  for f in self.frames]
-        bad = []
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            try:
-                decoded = decode_jpeg([self.frames[k].data for k in jpegs], device=device,
-                                      mode=ImageReadMode.RGB) if jpegs else []
-            except RuntimeError:              # one broken file fails the batch: find it
-                decoded = []
-                for k in jpegs:
-                    try:
-                        decoded.append(decode_jpeg(self.frames[k].data, device=device,
-                                                   mode=ImageReadMode.RGB))
-                    except RuntimeError as e:
-                        decoded.append(None)
-                        bad.append(f"{self.frames[k].path} (JPEG decode on {device} failed: "
-                                   f"{str(e).splitlines()[-1][:200]})")
-        for k, img in zip(jpegs, decoded):
-            if img is not None:
-                images[k] = resize_frame(img, self.frames[k].image_size)
-        return torch.stack(_fill_unreadable(images, bad)), bad
-
-
-def collate_encoded(batch):
-    """collate_frames for datasets with encoded=True: (EncodedBatch, bad paths, None)."""
-    frames, bad = _split(batch)
-    if all(frame is None for frame in frames):
-        raise DataError(f"every frame of a batch failed to decode, e.g. {bad[0]}")
-    return EncodedBatch(frames), bad, None
+    return default_collate(_fill_unreadable(images, bad)), bad
 
 
 class BatchLease:
@@ -526,10 +463,10 @@ class PooledCollate:
         self._pool = None                     # (pid, busy flags, buffers), made in the worker
 
     def __call__(self, batch):
+        if get_worker_info() is None:
+            return (*collate_frames(batch), None)
         images, bad = _split(batch)
         images = _fill_unreadable(images, bad)
-        if get_worker_info() is None:
-            return default_collate(images), bad, None
         if self._pool is None or self._pool[0] != os.getpid():
             self._pool = (os.getpid(), torch.zeros(self.slots, dtype=torch.uint8).share_memory_(), [])
         _, busy, buffers = self._pool
@@ -578,25 +515,114 @@ class CelebAArrays(Dataset):
         return torch.from_numpy(np.array(self._array[i])), []
 
 
-def build_datasets(data_params, image_size):
-    """Train and val datasets for a validated data_params section."""
-    if data_params.dataset == "celeba":
-        train_set, val_set = (CelebAArrays(os.path.join(data_params.data_path, CELEBA_FILES[s]),
-                                           image_size) for s in ("train", "val"))
-        log.info("data: CelebA arrays in %s: train %d / val %d images", data_params.data_path,
-                 len(train_set), len(val_set))
-        return train_set, val_set
-    index = load_index(data_params.data_path, data_params.index_cache_dir)
-    train, val, source = split_videos(index, data_params.labels_path, data_params.val_fraction)
-    if not train:
-        raise DataError(f"the train split of {index.root} has no videos ({source})")
-    if not val:
-        raise DataError(f"the validation split of {index.root} has no videos ({source}); "
-                        f"raise data_params.val_fraction or add videos")
-    train_set = SthV2Frames(index, train, image_size, data_params.frame_stride,
-                            encoded=data_params.decode_on_device)
-    val_set = SthV2Frames(index, val, image_size, data_params.frame_stride)
-    log.info("data: %d videos (%s): train %d videos / %d frames, val %d videos / %d frames "
-             "(frame_stride %d)", len(index.videos), source, len(train), len(train_set),
-             len(val), len(val_set), data_params.frame_stride)
-    return train_set, val_set
+def build_split(data_params, split, image_size, index=None, pair_offset=None,
+                neighbour_tries=NEIGHBOUR_TRIES):
+    """The `split` ("train" or "val") of the data a data_params section describes: the one
+    definition of a split that training, evaluate.py and compare_with_laq.py share.
+
+    SthV2: the split's videos (official label files, else the hash split; split_videos), every
+    frame_stride-th frame, or with pair_offset the (frame t, frame t + offset) pairs of those
+    videos. CelebA: prepare_celeba.py's array for the split. `index`: the frame index of
+    data_params.data_path when the caller already loaded it. The result carries `split` and
+    `source` (where the split came from).
+    """
+    d = data_params
+    if d.dataset == "celeba":
+        if pair_offset:
+            raise DataError("frame pairs need SthV2 videos; CelebA holds single images")
+        dataset = CelebAArrays(os.path.join(d.data_path, CELEBA_FILES[split]), image_size)
+        dataset.split, dataset.source = split, f"CelebA {CELEBA_FILES[split]}"
+        return dataset
+    index = index or load_index(d.data_path, d.index_cache_dir)
+    train, val, source = split_videos(index, d.labels_path, d.val_fraction)
+    videos = {"train": train, "val": val}[split]
+    if not videos:
+        name = {"train": "train", "val": "validation"}[split]
+        hint = "; raise data_params.val_fraction or add videos" if split == "val" else ""
+        raise DataError(f"the {name} split of {index.root} has no videos ({source}){hint}")
+    if pair_offset:
+        dataset = SthV2FramePairs(index, videos, image_size, pair_offset, d.frame_stride)
+    else:
+        dataset = SthV2Frames(index, videos, image_size, d.frame_stride, neighbour_tries)
+    dataset.split, dataset.source = split, source
+    return dataset
+
+
+def describe(train_set, val_set):
+    """One line about the two splits, for the training log."""
+    if isinstance(train_set, CelebAArrays):
+        return (f"CelebA arrays in {os.path.dirname(train_set.file)}: train {len(train_set)} / "
+                f"val {len(val_set)} images")
+    return (f"{len(train_set.index.videos)} videos ({train_set.source}): train "
+            f"{len(train_set.videos)} videos / {len(train_set)} frames, val "
+            f"{len(val_set.videos)} videos / {len(val_set)} frames")
+
+
+# --- loaders: what the training loop iterates -----------------------------------------------
+
+class ResumableSampler(DistributedSampler):
+    """DistributedSampler that can start an epoch part-way, for exact mid-epoch resume."""
+    skip = 0
+
+    def set_epoch(self, epoch, skip=0):
+        """Shuffle for `epoch` and leave out this rank's first `skip` samples of it."""
+        super().set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.skip:])
+
+    def __len__(self):
+        return self.num_samples - self.skip
+
+
+class BlockBatchSampler:
+    """Validation batches: each global batch of consecutive indices is split r::W over ranks,
+    so the per-image noise, and so the metric, do not depend on the number of ranks."""
+
+    def __init__(self, indices, global_batch, rank, world_size):
+        self.blocks = [indices[s:s + global_batch][rank::world_size]
+                       for s in range(0, len(indices), global_batch)]
+        self.blocks = [b for b in self.blocks if len(b)]
+
+    def __iter__(self):
+        return iter(self.blocks)
+
+    def __len__(self):
+        return len(self.blocks)
+
+
+def make_loaders(train_set, val_set, data_params, rt, seed, val_batches=0):
+    """(train loader, val loader) of this rank's share of the global batches. The train
+    loader's sampler is a ResumableSampler; validation takes `val_batches` evenly spaced global
+    batches' worth of frames (0: all)."""
+    d = data_params
+    common = dict(num_workers=d.num_workers, collate_fn=PooledCollate(d.prefetch_factor + 2),
+                  pin_memory=d.pin_memory and rt.device.type == "cuda",
+                  persistent_workers=d.num_workers > 0,
+                  **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {}))
+    sampler = ResumableSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=seed,
+                               drop_last=True)
+    train = DataLoader(train_set, d.train_batch_size // rt.world_size, sampler=sampler,
+                       drop_last=True, generator=torch.Generator(), **common)
+    indices = list(range(len(val_set)))
+    if val_batches and val_batches * d.val_batch_size < len(val_set):
+        indices = [int(i) for i in np.linspace(0, len(val_set) - 1,
+                                                val_batches * d.val_batch_size).round()]
+    val = DataLoader(val_set, batch_sampler=BlockBatchSampler(
+        indices, d.val_batch_size, rt.rank, rt.world_size), **common)
+    return train, val
+
+
+def device_batches(loader, device):
+    """(uint8 images on `device`, unreadable paths) for each batch of `loader`. A pooled
+    buffer (PooledCollate) goes back to its worker when the next batch is asked for: by then
+    the step that read it is done."""
+    lease = None
+    for images, bad, next_lease in loader:
+        if lease:
+            lease.release()
+        yield images.to(device, non_blocking=True), bad
+        lease = next_lease
+    if lease:
+        lease.release()

@@ -22,10 +22,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 from tqdm import tqdm
 
-from checkpoint import CheckpointError, load_checkpoint
-from config import ConfigError
-from dataset_sthv2 import (CELEBA_FILES, CelebAArrays, DataError, ImageFiles, SthV2Frames,
-                           load_index, split_videos)
+from checkpoint import CheckpointError, atomic_write, load_checkpoint
+from config import ConfigError, data_params_of
+from dataset_sthv2 import DataError, ImageFiles, build_split
 from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
                      add_lpips_arguments, latent_summary, lpips_label, summarize)
 from models import build_model
@@ -69,30 +68,18 @@ def load_model(path, device):
 
 
 def build_eval_dataset(args, config, image_size):
-    data = config["data_params"]
-    if args.dataset == "celeba":
-        path = args.data_path or data.get("data_path")
-        if not path:
-            raise DataError("--data-path is needed: the checkpoint names no dataset")
-        split = CELEBA_FILES["val" if args.split == "val" else "train"]
-        return CelebAArrays(os.path.join(path, split), image_size), {
-            "data_path": path, "split": args.split, "file": split}
+    """The images to score: a folder (--dataset images), or the split of the checkpoint's own
+    data settings (its labels, val_fraction, frame_stride; dataset_sthv2.build_split)."""
     if args.dataset == "images":
         if not args.data_path:
             raise DataError("--dataset images needs --data-path FOLDER")
         return ImageFiles(args.data_path, image_size), {"data_path": args.data_path}
-    path = args.data_path or data.get("data_path")
-    if not path:
+    d = data_params_of(config, data_path=args.data_path, dataset=args.dataset)
+    if not d.data_path:
         raise DataError("--data-path is needed: the checkpoint names no dataset")
-    index = load_index(path, data.get("index_cache_dir", ""))
-    train, val, source = split_videos(index, data.get("labels_path", ""),
-                                      data.get("val_fraction", 0.05))
-    videos = {"train": train, "val": val}[args.split]
-    if not videos:
-        raise DataError(f"the {args.split} split of {path} has no videos ({source})")
-    frames = SthV2Frames(index, videos, image_size, data.get("frame_stride", 1), neighbour_tries=0)
-    return frames, {"data_path": path, "split": args.split, "split_source": source,
-                    "frame_stride": data.get("frame_stride", 1)}
+    dataset = build_split(d, args.split, image_size, neighbour_tries=0)
+    info = {"data_path": d.data_path, "split": args.split, "split_source": dataset.source}
+    return dataset, info if d.dataset == "celeba" else {**info, "frame_stride": d.frame_stride}
 
 
 def to_uint8(x01):
@@ -252,9 +239,9 @@ def main():
         report["generation"] = {"not_applicable": {"all": "skipped with --num-samples 0"}}
     report["latent"] = latent
 
-    with open(os.path.join(args.output, "metrics.json"), "w") as f:
+    with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
         json.dump(report, f, indent=1)
-    with open(os.path.join(args.output, "per_image.csv"), "w", newline="") as f:
+    with atomic_write(os.path.join(args.output, "per_image.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)

@@ -93,42 +93,32 @@ def main():
         report.print()
         sys.exit(1)
 
-    check_data(report, cfg, device)
+    check_data(report, cfg)
     check_model(report, cfg, device)
     check_logdir(report, cfg)
     report.print()
     sys.exit(1 if report.failed else 0)
 
 
-def check_data(report, cfg, device):
+def check_data(report, cfg):
     from torch.utils.data import DataLoader
 
-    from dataset_sthv2 import DataError, build_datasets, collate_encoded, collate_frames
-    d = cfg.data_params
+    from dataset_sthv2 import DataError, build_split, collate_frames, load_index
+    d, size = cfg.data_params, cfg.model_params["image_size"]
     try:
-        train_set, val_set = build_datasets(d, cfg.model_params["image_size"])
+        index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
+        train_set, val_set = (build_split(d, split, size, index) for split in ("train", "val"))
     except DataError as e:
         report.add("✗", "data layout", str(e),
                    "point data_params.data_path at <video_id>/img_00001.jpg folders")
         return
-    index = train_set.index
-    report.add("✓", "data layout", f"{len(index.videos)} videos, {len(index)} frames; "
-               f"train {len(train_set)} / val {len(val_set)} frames used")
-    batch = min(d.train_batch_size, len(train_set))
-    loader = DataLoader(train_set, batch, shuffle=True,
-                        collate_fn=collate_encoded if d.decode_on_device else collate_frames)
-    images, bad = next(iter(loader))[:2]
-    where = ""
-    if d.decode_on_device:
-        try:
-            images, failed = images.decode(device)
-        except RuntimeError as e:             # e.g. a torchvision built without nvJPEG
-            report.add("✗", "decode on device", f"{device}: {str(e).splitlines()[0]}",
-                       "set data_params.decode_on_device: false")
-            return
-        bad += failed
-        where = f", decoded on {device}"
-    detail = f"batch {tuple(images.shape)} {images.dtype}{where}"
+    where = (f"{len(index.videos)} videos, {len(index)} frames; " if index else "")
+    report.add("✓", "data layout", f"{where}train {len(train_set)} / val {len(val_set)} "
+               f"{'frames' if index else 'images'} used")
+    loader = DataLoader(train_set, min(d.train_batch_size, len(train_set)), shuffle=True,
+                        collate_fn=collate_frames)
+    images, bad = next(iter(loader))
+    detail = f"batch {tuple(images.shape)} {images.dtype}"
     if bad:
         report.add("!", "sample batch", f"{detail}; {len(bad)} unreadable: {bad[0]}",
                    "re-extract the frames named")

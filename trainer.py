@@ -1,11 +1,11 @@
-"""The optimizer step every model trains with: model, optimizers, schedules, precision.
+"""The optimizer step every model trains with: model, optimizers, schedules, precision, noise.
 
 Shared by the training loop (training.py) and bench.py. One optimizer by default; models that
 define optimizer_groups() get one per group, and models with their own train_step() (VAE-GAN)
-compute their gradients and decide, per group, which updates apply. Nothing in a step reads a
-device value on the host: skipped updates are decided on the device (step_where).
+compute their gradients and decide, per group, which updates apply (models.AutoencoderModel).
+Nothing in a step reads a device value on the host: skipped updates are decided on the device
+(step_where), so the host can queue the next steps while the device works.
 """
-import importlib
 import logging
 import math
 import warnings
@@ -15,6 +15,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from models import build_model, count_parameters
+from runtime import distributed
 from vanilla_vae_model import convert_sync_batchnorm
 
 log = logging.getLogger("vae")
@@ -42,8 +43,13 @@ def make_optimizer(opt_cls, params, **kwargs):
 
 def step_where(optimizer, apply):
     """optimizer.step() if the device-side bool `apply` is true, else nothing (no moments, no
-    step count), without the host waiting for it: fused Adam skips the update itself where
-    `found_inf` is set, the way GradScaler uses it. Unfused, `apply` is read on the host."""
+    step count), without the host waiting for it.
+
+    Private torch API, on purpose: fused Adam/AdamW read an optional `found_inf` attribute and
+    skip the whole update on the device where it is non-zero; GradScaler sets it the same way
+    (torch/amp/grad_scaler.py, `_maybe_opt_step`). It is set only around this one call. An
+    unfused optimizer (a torch without fused kernels for these parameters) cannot do that, so
+    there `apply` is read on the host."""
     if optimizer.defaults.get("fused"):
         optimizer.found_inf = (~apply).float()
         try:
@@ -62,19 +68,23 @@ def make_lr_lambda(warmup_steps, gamma, steps_per_epoch):
 
 
 class Trainer:
-    """Model, optimizer, schedule and the training step: what the loop and bench.py share."""
+    """Model, optimizers, schedules, the noise generator and the training step."""
 
     def __init__(self, cfg, rt, steps_per_epoch):
         e, t = cfg.exp_params, cfg.trainer_params
-        self.device, self.kld_weight, self.max_grad_norm = rt.device, e.kld_weight, e.max_grad_norm
+        self.rt, self.seed = rt, e.seed
+        self.steps_per_epoch = steps_per_epoch
+        self.kld_weight, self.max_grad_norm, self.hflip = e.kld_weight, e.max_grad_norm, e.hflip
         cuda = rt.device.type == "cuda"
         self.channels_last = cuda and t.channels_last
         torch.manual_seed(e.seed)          # same initial weights whatever the world size
         model = build_model(cfg.model_params)
         torch.manual_seed(e.seed * rt.world_size + rt.rank)
         np.random.seed((e.seed * rt.world_size + rt.rank) % 2 ** 32)
+        # latent noise and flips: one stream for the whole global batch, the same on every rank
+        self.noise_gen = torch.Generator(device=rt.device).manual_seed(e.seed)
         log.info("%s: %s parameters", cfg.model_params["name"], f"{count_parameters(model):,}")
-        if t.sync_batchnorm and rt.distributed:
+        if t.sync_batchnorm and distributed():
             model = convert_sync_batchnorm(model, rt.device)
         model.to(rt.device, memory_format=torch.channels_last if self.channels_last
                  else torch.contiguous_format)
@@ -91,16 +101,20 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) \
             if cuda else None
         self.own_step = hasattr(model, "train_step")    # the model runs its own update rules
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.amp_dtype is torch.float16 and not self.own_step)
+        # config.py refuses fp16 for own_step models: their updates are not the scaler's to skip
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.bare = self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
-        if rt.distributed and not self.own_step:        # own_step models average their grads
-            self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
-        if cuda and t.compile and not self.own_step:
-            # a graph that fails to compile falls back to eager (with a warning)
-            importlib.import_module("torch._dynamo").config.suppress_errors = True
-            self.model = torch.compile(self.model)
+        if self.own_step:
+            if cuda and t.compile:
+                log.info("%s trains eagerly: torch.compile applies to the standard step only",
+                         cfg.model_params["name"])
+        else:
+            if distributed():
+                self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
+            if cuda and t.compile:
+                self.model = torch.compile(self.model)
+        self.compiled = cuda and t.compile and not self.own_step
 
     @property
     def lr(self):
@@ -112,15 +126,18 @@ class Trainer:
         return next(iter(self.schedulers.values())).last_epoch
 
     def state_dict(self):
-        """Optimizer and scheduler states: plain for one optimizer, by part for several."""
+        """Model, optimizer, scheduler, scaler and noise-generator states; optimizers and
+        schedulers plain for one optimizer, by part for several."""
         single = len(self.optimizers) == 1
         opt = {k: o.state_dict() for k, o in self.optimizers.items()}
         sched = {k: s.state_dict() for k, s in self.schedulers.items()}
-        return {"optimizer": opt["model"] if single else opt,
+        return {"model": self.bare.state_dict(),
+                "optimizer": opt["model"] if single else opt,
                 "scheduler": sched["model"] if single else sched,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(), "noise_generator": self.noise_gen.get_state()}
 
     def load_state_dict(self, state):
+        self.bare.load_state_dict(state["model"])
         single = len(self.optimizers) == 1
         for name in self.optimizers:
             self.optimizers[name].load_state_dict(state["optimizer"] if single
@@ -129,13 +146,22 @@ class Trainer:
                                                   else state["scheduler"][name])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        try:
+            self.noise_gen.set_state(state["noise_generator"])
+        except RuntimeError:      # saved on another device type: continue, not bit-exactly
+            log.warning("noise generator state comes from another device type; reseeding")
+            self.noise_gen.manual_seed(self.seed + int(state.get("step", 0)))
 
-    def step(self, images, noise, flip=None):
-        """One optimizer step on uint8 images; returns (losses, grad norm, finite), all
-        tensors on the device: nothing here waits for the device."""
-        x = to_model_input(images, self.device, flip, self.channels_last)
+    def step(self, images):
+        """One optimizer step on this rank's uint8 images; returns (losses, grad norm,
+        finite), all tensors on the device: nothing here waits for the device."""
+        global_batch = len(images) * self.rt.world_size      # every rank steps on equal shares
+        noise = draw_noise(self.bare, global_batch, self.noise_gen, self.rt)
+        flip = (torch.rand(global_batch, generator=self.noise_gen, device=self.rt.device)
+                [self.rt.rank::self.rt.world_size] < 0.5) if self.hflip else None
+        x = to_model_input(images, self.rt.device, flip, self.channels_last)
         if self.own_step:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+            with torch.autocast(self.rt.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
                 losses, grad_norm, finite, apply = self.bare.train_step(
                     x, noise, self.kld_weight, self.max_grad_norm)
@@ -155,7 +181,7 @@ class Trainer:
 
     def _standard_step(self, x, noise):
         (optimizer,) = self.optimizers.values()
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+        with torch.autocast(self.rt.device.type, dtype=self.amp_dtype or torch.float32,
                             enabled=self.amp_dtype is not None):
             out = self.model(x, noise)
         losses = self.bare.loss_function(x, out, self.kld_weight, self.steps_done)

@@ -144,3 +144,38 @@ def test_missing_model_dependency_is_named_as_laqs(monkeypatch):
     monkeypatch.setitem(sys.modules, "einops", None)     # as if einops were not installed
     with pytest.raises(cmp.LaqError, match="needs the Python module 'einops', a dependency of LAQ"):
         cmp.import_laq_class(os.path.join(STANDIN, "laq_model"))
+
+
+def test_pairs_come_from_the_vae_runs_own_split(trained_checkpoint, laq_checkpoint, demo_data,
+                                                tmp_path):
+    """Label files in their own folder (the usual SthV2 layout): the comparison must use the
+    split the VAE trained with, not a hash split of the frames folder."""
+    import shutil
+    frames, labels = tmp_path / "frames", tmp_path / "labels"
+    shutil.copytree(demo_data, frames, ignore=shutil.ignore_patterns("*.json"))
+    labels.mkdir()
+    for name in ("something-something-v2-train.json", "something-something-v2-validation.json"):
+        shutil.copy(os.path.join(demo_data, name), labels / name)
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    ckpt["config"]["data_params"].update(data_path=str(frames), labels_path=str(labels))
+    torch.save(ckpt, tmp_path / "vae.pt")
+    out = tmp_path / "cmp"
+    result = compare_cli("--vae", str(tmp_path / "vae.pt"), "--laq", str(laq_checkpoint / "model.pt"),
+                         "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                         "--data-path", str(frames), "--num-pairs", "8", "--offset", "2",
+                         "--output", str(out), "--lpips-net", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    ids = {split: {e["id"] for e in json.load(open(labels / f"something-something-v2-{name}.json"))}
+           for split, name in (("train", "train"), ("val", "validation"))}
+    inputs = json.loads((out / "metrics.json").read_text())["inputs"]
+    assert inputs["split"] == "val" and str(labels) in inputs["split_source"]
+    assert inputs["videos"] and set(inputs["videos"]) <= ids["val"]
+    rows = list(csv.DictReader(open(out / "per_pair.csv")))
+    assert {os.path.basename(os.path.dirname(r["target"])) for r in rows} <= ids["val"]
+    train = compare_cli("--vae", str(tmp_path / "vae.pt"), "--laq", str(laq_checkpoint / "model.pt"),
+                        "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                        "--data-path", str(frames), "--split", "train", "--num-pairs", "4",
+                        "--offset", "2", "--output", str(tmp_path / "train"), "--lpips-net", "none")
+    assert train.returncode == 0, train.stderr[-3000:]
+    used = json.loads((tmp_path / "train" / "metrics.json").read_text())["inputs"]["videos"]
+    assert used and set(used) <= ids["train"]

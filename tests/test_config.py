@@ -65,8 +65,9 @@ def test_demo_config_is_valid(demo_data):
     (lambda c: c["trainer_params"].update(precision="bf32"), "trainer_params.precision: expected one of"),
     (lambda c: c["exp_params"].update(max_grad_norm=0.5), "disagrees with trainer_params.gradient_clip_val"),
     (lambda c: c["model_params"].update(name="NoSuchVAE"), "model_params.name: unknown model"),
-    (lambda c: c["data_params"].update(dataset="celeba", decode_on_device=True),
-     "data_params.decode_on_device: applies to SthV2 JPEG frames"),
+    (lambda c: (c["model_params"].update(name="VAEGAN"),
+                c["trainer_params"].update(precision="fp16")),
+     "trainer_params.precision: fp16 is not available for VAEGAN"),
 ])
 def test_malformed_configs_name_the_key(raw, mutate, expected):
     mutate(raw)

@@ -194,30 +194,3 @@ def test_pooled_buffers_are_never_refilled_before_release(tmp_path):
         assert torch.equal(images, expected[k % 6])
     leases = [lease for _, _, lease in kept]
     assert sum(lease is not None for lease in leases) == 4     # 2 per worker, then fresh memory
-
-
-def test_encoded_batches_decode_like_worker_batches_and_report_broken_jpegs(tmp_path):
-    root = str(tmp_path / "frames")
-    os.makedirs(os.path.join(root, "v"))
-    rng = np.random.default_rng(0)
-    for k in range(1, 5):                        # textured, so a flip or a shift would show
-        Image.fromarray(rng.integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(
-            os.path.join(root, "v", f"img_{k:05d}.jpg"))
-    write_frame(os.path.join(root, "v", "img_00005.png"), 200)                # decoded by workers
-    broken = os.path.join(root, "v", "img_00003.jpg")
-    data = bytearray(open(broken, "rb").read())
-    data[2:-2] = b"\x00" * (len(data) - 4)                  # intact markers, garbage inside
-    open(broken, "wb").write(data)
-    index = ds.load_index(root, str(tmp_path / "cache"))
-    plain = ds.SthV2Frames(index, [0], 16)
-    encoded = ds.SthV2Frames(index, [0], 16, encoded=True)
-    batch, bad, lease = ds.collate_encoded([encoded[i] for i in range(5)])
-    assert isinstance(batch.frames[0], ds.EncodedFrame) and not isinstance(batch.frames[4], ds.EncodedFrame)
-    assert not bad and lease is None               # the workers cannot tell this JPEG is broken
-    images, failed = batch.decode(torch.device("cpu"))
-    assert len(failed) == 1 and failed[0].startswith(broken)
-    expected = [plain[i][0] for i in (0, 1, 3, 4)]
-    assert images.shape == (5, 3, 16, 16)
-    for got, want in zip(images[[0, 1, 3, 4]], expected):
-        assert torch.equal(got, want)
-    assert any(torch.equal(images[2], want) for want in expected)   # replaced by a batch-mate

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
-from dataset_sthv2 import SthV2Frames, collate_frames, load_index, split_videos
+from dataset_sthv2 import build_split, collate_frames
 from models import MODELS, build_model
 from runtime import Runtime
 from trainer import Trainer
@@ -32,8 +32,8 @@ def family_config(demo_data, save_dir, name, **overrides):
 
 @pytest.fixture(scope="module")
 def batch(demo_data):
-    index = load_index(demo_data, os.path.join(demo_data, "..", "family_cache"))
-    frames = SthV2Frames(index, split_videos(index)[0], 32)
+    cfg = config_from_dict(tiny_config(demo_data, os.path.join(demo_data, "..", "family")))
+    frames = build_split(cfg.data_params, "train", 32)
     return collate_frames([frames[i] for i in range(16)])[0]
 
 
@@ -43,12 +43,9 @@ def test_each_model_learns_through_the_shared_step(name, key, demo_data, tmp_pat
     cfg = config_from_dict(family_config(demo_data, str(tmp_path), name,
                                          **{"exp_params.LR": 3e-3}))
     trainer = Trainer(cfg, Runtime(), steps_per_epoch=100)
-    gen = torch.Generator().manual_seed(0)
     values = []
     for _ in range(25):
-        noise = torch.randn(len(batch), trainer.bare.noise_dim, generator=gen) \
-            if trainer.bare.noise_dim else None
-        losses, _, finite = trainer.step(batch, noise)
+        losses, _, finite = trainer.step(batch)
         assert finite
         values.append(losses[key].item())
     assert np.mean(values[-5:]) < 0.8 * np.mean(values[:5]), values
@@ -149,7 +146,7 @@ def test_vae_gan_skips_the_update_its_rules_name(real_logit, fake_logit, skipped
     monkeypatch.setattr(Discriminator, "forward", judged)
     before = {k: [p.detach().clone() for p in v] for k, v in model.optimizer_groups().items()}
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
-    losses, _, finite = trainer.step(images, torch.randn(4, 16))
+    losses, _, finite = trainer.step(images)
     assert finite
     assert losses["decoder_skipped"].item() == float(skipped == "decoder")
     assert losses["discriminator_skipped"].item() == float(skipped == "discriminator")
@@ -194,12 +191,12 @@ def test_capacity_follows_the_trainer_step_count_across_a_resume(demo_data, tmp_
     raw["model_params"].update(capacity_annealing=True, max_capacity=10.0, capacity_steps=100)
     cfg = config_from_dict(raw)
     trainer = Trainer(cfg, Runtime(), steps_per_epoch=100)
-    capacities = [trainer.step(batch, torch.randn(len(batch), 8))[0]["capacity"].item()
+    capacities = [trainer.step(batch)[0]["capacity"].item()
                   for _ in range(3)]
     assert capacities == pytest.approx([0.0, 0.1, 0.2])
     resumed = Trainer(cfg, Runtime(), steps_per_epoch=100)
     resumed.load_state_dict(trainer.state_dict())
-    assert resumed.step(batch, torch.randn(len(batch), 8))[0]["capacity"].item() == pytest.approx(0.3)
+    assert resumed.step(batch)[0]["capacity"].item() == pytest.approx(0.3)
 
 
 def test_beta_vae_bce_elbo_is_the_bernoulli_bound():
@@ -233,11 +230,10 @@ class HostReads(torch.overrides.TorchFunctionMode):
 
 @pytest.mark.parametrize("name", sorted(FAMILY))
 def test_training_step_never_reads_device_values(name, batch, demo_data, tmp_path):
-    trainer = Trainer(config_from_dict(family_config(demo_data, str(tmp_path), name)),
-                      Runtime(), steps_per_epoch=10)
-    noise = torch.randn(len(batch), trainer.bare.noise_dim) if trainer.bare.noise_dim else None
-    trainer.step(batch, noise)                                  # optimizer state created
+    trainer = Trainer(config_from_dict(family_config(demo_data, str(tmp_path), name, **{
+        "exp_params.hflip": True})), Runtime(), steps_per_epoch=10)     # noise and flips drawn
+    trainer.step(batch)                                         # optimizer state created
     with HostReads() as reads:
         for _ in range(2):
-            trainer.step(batch, noise, flip=torch.rand(len(batch)) < 0.5)
+            trainer.step(batch)
     assert reads.calls == []

@@ -58,11 +58,4 @@ def test_bench_train_and_data_print_their_json_line(demo_data, tmp_path):
     result = json.loads(data.stdout.strip().splitlines()[-1])
     assert {"frames_per_sec", "baseline_frames_per_sec", "ratio", "workers"} <= set(result)
     assert result["ratio"] == round(result["frames_per_sec"] / result["baseline_frames_per_sec"], 2)
-    assert result["decode_on"] == "workers" and len(result["rounds"]) == 3
-    on_device = run_script("bench.py", "data", "--data-path", demo_data, "--workers", "1",
-                           "--batches", "2", "--batch-size", "4", "--image-size", "32",
-                           "--rounds", "1", "--decode-on", "cpu",
-                           "--index-cache-dir", str(tmp_path / "cache"))
-    assert on_device.returncode == 0, on_device.stderr[-3000:]
-    result = json.loads(on_device.stdout.strip().splitlines()[-1])
-    assert result["decode_on"] == "cpu" and result["frames_per_sec"] > 0
+    assert len(result["rounds"]) == 3

@@ -149,14 +149,3 @@ def test_hflip_switch_reaches_the_training_batches(demo_data, tmp_path):
     plain, flipped, plain_again = final("a", False), final("b", True), final("c", False)
     assert all(torch.equal(plain[k], plain_again[k]) for k in plain)
     assert any(not torch.equal(plain[k], flipped[k]) for k in plain)
-
-
-def test_decoding_on_the_device_trains_exactly_like_decoding_in_the_workers(demo_data, tmp_path):
-    # on the CPU both paths run the same decoder and resize: the weights must be identical
-    def final(name, on_device):
-        cfg = config_from_dict(tiny_config(demo_data, str(tmp_path), **{
-            "logging_params.name": name, "data_params.decode_on_device": on_device,
-            "data_params.num_workers": 1, "trainer_params.max_steps": 3}))
-        return torch.load(train(cfg, Runtime()), weights_only=True)["model"]
-
-    assert_same_tensors(final("workers", False), final("device", True))
