@@ -45,6 +45,8 @@ class DataParams:
     dataset: Literal["sthv2", "celeba"] = "sthv2"
     data_path: str = ""
     image_size: int = 256
+    resize: Literal["crop", "stretch"] = "crop"   # centre square, or the whole frame squeezed
+                                        # to a square (what LAQ trains on)
     train_batch_size: int = 64          # global: split across all ranks
     val_batch_size: int = 64            # global
     num_workers: int = 4                # per rank
@@ -225,6 +227,8 @@ def _validate(cfg, world_size, check_paths=True):
                 "prefetch_factor"):
         need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")
     need(d.num_workers >= 0, "data_params.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(not (d.resize == "stretch" and d.dataset == "celeba"), "data_params.resize",
+         "applies to SthV2 frames; CelebA arrays were cropped by prepare_celeba.py (--crop)")
     need(0.0 < d.val_fraction < 1.0, "data_params.val_fraction",
          f"must be in (0, 1), got {d.val_fraction}")
     for key in ("train_batch_size", "val_batch_size"):

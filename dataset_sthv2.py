@@ -5,7 +5,8 @@ numbered name works (`000001.jpg`, `12.png`, 0- or 1-based); frames are ordered 
 The index is built once with one listing per video, kept in compact numpy arrays (cheap to
 share with DataLoader workers), cached on disk, and rebuilt when a video folder changes.
 
-Datasets return uint8 CHW tensors: the centre square of the frame resized to image_size,
+Datasets return uint8 CHW tensors: the centre square of the frame (resize "crop") or the whole
+frame squeezed to a square (resize "stretch", as LAQ trains) resized to image_size,
 decoded with libjpeg-turbo and resized on uint8 (about 2x PIL per core); the training loop
 converts them to floats on the device. Unreadable frames are replaced by
 a readable neighbour from the same video and reported, never retried in a loop.
@@ -334,8 +335,9 @@ class SthV2Frames(Dataset):
     """
 
     def __init__(self, index, video_positions, image_size, frame_stride=1,
-                 neighbour_tries=NEIGHBOUR_TRIES):
+                 neighbour_tries=NEIGHBOUR_TRIES, resize="crop"):
         self.index, self.image_size, self.neighbour_tries = index, image_size, neighbour_tries
+        self.resize = resize
         self.videos = list(video_positions)   # positions in index.videos
         vids, poss = [], []
         for v in video_positions:
@@ -361,7 +363,7 @@ class SthV2Frames(Dataset):
                 continue
             try:
                 data = self.index.read_bytes(v, p)
-                return resize_frame(decode_rgb(data), self.image_size), bad
+                return resize_frame(decode_rgb(data), self.image_size, self.resize), bad
             except DECODE_ERRORS as e:
                 bad.append(f"{self.index.frame_path(v, p)} ({type(e).__name__}: {e})")
         return None, bad
@@ -373,8 +375,9 @@ class SthV2Frames(Dataset):
 class SthV2FramePairs(SthV2Frames):
     """(frame t, frame t + offset) pairs of the given videos, for the LAQ comparison."""
 
-    def __init__(self, index, video_positions, image_size, offset=30, frame_stride=1):
-        super().__init__(index, video_positions, image_size, frame_stride)
+    def __init__(self, index, video_positions, image_size, offset=30, frame_stride=1,
+                 resize="crop"):
+        super().__init__(index, video_positions, image_size, frame_stride, resize=resize)
         keep = self.pos + offset < np.diff(index.offsets)[self.video]
         self.video, self.pos, self.offset = self.video[keep], self.pos[keep], offset
 
@@ -392,10 +395,10 @@ IMAGE_FILE = re.compile(r"\.(?:jpe?g|png|bmp|webp)$", re.I)
 class ImageFiles(Dataset):
     """Every image file under a folder (recursively, natural order), for evaluation."""
 
-    def __init__(self, root, image_size):
+    def __init__(self, root, image_size, resize="crop"):
         if not os.path.isdir(root):
             raise DataError(f"image folder {root} does not exist")
-        self.image_size = image_size
+        self.image_size, self.resize = image_size, resize
         self.paths = sorted((os.path.join(d, f) for d, _, files in os.walk(root)
                              for f in files if IMAGE_FILE.search(f)), key=_natural_key)
         if not self.paths:
@@ -409,7 +412,7 @@ class ImageFiles(Dataset):
 
     def __getitem__(self, i):
         try:
-            return load_frame(self.paths[i], self.image_size), []
+            return load_frame(self.paths[i], self.image_size, self.resize), []
         except DECODE_ERRORS as e:
             return None, [f"{self.paths[i]} ({type(e).__name__}: {e})"]
 
@@ -521,7 +524,7 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
     definition of a split that training, evaluate.py and compare_with_laq.py share.
 
     SthV2: the split's videos (official label files, else the hash split; split_videos), every
-    frame_stride-th frame, or with pair_offset the (frame t, frame t + offset) pairs of those
+    frame_stride-th frame resized as data_params.resize says, or with pair_offset the (frame t, frame t + offset) pairs of those
     videos. CelebA: prepare_celeba.py's array for the split. `index`: the frame index of
     data_params.data_path when the caller already loaded it. The result carries `split` and
     `source` (where the split came from).
@@ -541,9 +544,11 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
         hint = "; raise data_params.val_fraction or add videos" if split == "val" else ""
         raise DataError(f"the {name} split of {index.root} has no videos ({source}){hint}")
     if pair_offset:
-        dataset = SthV2FramePairs(index, videos, image_size, pair_offset, d.frame_stride)
+        dataset = SthV2FramePairs(index, videos, image_size, pair_offset, d.frame_stride,
+                                  d.resize)
     else:
-        dataset = SthV2Frames(index, videos, image_size, d.frame_stride, neighbour_tries)
+        dataset = SthV2Frames(index, videos, image_size, d.frame_stride, neighbour_tries,
+                              d.resize)
     dataset.split, dataset.source = split, source
     return dataset
 

@@ -32,6 +32,7 @@ def test_seed_config_keeps_the_seed_values(demo_data):
     d, e, t, lg = cfg.data_params, cfg.exp_params, cfg.trainer_params, cfg.logging_params
     assert (d.image_size, d.train_batch_size, d.val_batch_size, d.num_workers, d.pin_memory) \
         == (256, 64, 64, 4, True)
+    assert d.resize == "stretch"                      # fed as LAQ is trained (compare_with_laq)
     assert (e.LR, e.weight_decay, e.scheduler_gamma, e.kld_weight, e.max_grad_norm) \
         == (1e-4, 0.0, 0.95, 1e-4, 1.0)               # 1e-4 is read as a float, not a string
     assert (t.gpus, t.max_epochs, t.gradient_clip_val, t.check_val_every_n_epoch,
@@ -65,6 +66,9 @@ def test_demo_config_is_valid(demo_data):
     (lambda c: c["trainer_params"].update(precision="bf32"), "trainer_params.precision: expected one of"),
     (lambda c: c["exp_params"].update(max_grad_norm=0.5), "disagrees with trainer_params.gradient_clip_val"),
     (lambda c: c["model_params"].update(name="NoSuchVAE"), "model_params.name: unknown model"),
+    (lambda c: c["data_params"].update(dataset="celeba", resize="stretch"),
+     "data_params.resize: applies to SthV2 frames"),
+    (lambda c: c["data_params"].update(resize="squash"), "data_params.resize: expected one of"),
     (lambda c: (c["model_params"].update(name="VAEGAN"),
                 c["trainer_params"].update(precision="fp16")),
      "trainer_params.precision: fp16 is not available for VAEGAN"),

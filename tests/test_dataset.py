@@ -109,6 +109,22 @@ def test_frames_are_centre_square_cropped_and_resized(tmp_path):
     assert diff.max() <= 1 and diff.float().mean() < 0.15     # never more than one level
 
 
+def test_stretch_matches_laqs_loader_and_reaches_the_split(tmp_path):
+    root = str(tmp_path / "frames")
+    os.makedirs(os.path.join(root, "v"))
+    img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (40, 72, 3), dtype=np.uint8))
+    img.save(os.path.join(root, "v", "img_00001.png"))
+    got = ds.load_frame(os.path.join(root, "v", "img_00001.png"), 32, resize="stretch")
+    laq = transforms.Compose([transforms.Resize((32, 32)), transforms.PILToTensor()])(img)
+    diff = (got.int() - laq.int()).abs()                 # LAQ: PIL -> Resize((S, S)) -> tensor
+    assert diff.max() <= 1 and diff.float().mean() < 0.15
+    from config import DataParams
+    split = ds.build_split(DataParams(data_path=root, resize="stretch", val_fraction=0.5,
+                                      index_cache_dir=str(tmp_path / "cache")), "train", 32)
+    assert split.resize == "stretch" and torch.equal(split[0][0], got)
+    assert not torch.equal(ds.SthV2Frames(split.index, [0], 32)[0][0], got)   # crop differs
+
+
 def test_bad_files_are_replaced_by_neighbours_and_reported(tmp_path):
     root = str(tmp_path / "frames")
     make_video(root, "v", [f"img_{k:05d}.jpg" for k in range(1, 7)], [10, 20, 30, 40, 50, 60])
