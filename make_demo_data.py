@@ -1,7 +1,10 @@
 """Generate a small, deterministic synthetic video dataset in the SthV2 frame layout.
 
-Each video shows coloured shapes moving and bouncing off the walls and each other over a
-textured background, 240 px high with varying widths like SthV2. Writes
+Each video shows coloured shapes over a textured background, 240 px high with varying widths
+like SthV2: one main shape (the largest) crosses the frame at a steady speed in one of four
+directions, and two or three smaller ones bounce off the walls and each other. The video's
+action template says which way the main shape moves, so the label follows from the motion
+(a feature that carries the motion can predict it; one that does not stays at chance). Writes
 `OUT/<video_id>/img_00001.jpg ...` and the two SthV2 label JSON files.
 
     python make_demo_data.py --out data/demo_sthv2 [--videos 48] [--frames 16] [--seed 0]
@@ -13,12 +16,17 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
+from checkpoint import atomic_write
+
 HEIGHT = 240
 WIDTHS = (320, 352, 427)
 COLOURS = [(230, 60, 50), (50, 160, 230), (250, 200, 40), (60, 190, 90), (180, 80, 200),
            (240, 130, 40), (245, 245, 245), (30, 30, 30)]
-ACTIONS = ["Pushing [something] from left to right", "Moving [something] up",
-           "Pushing [something] so that it slightly moves", "Dropping [something] onto [something]"]
+# template -> direction (x, y) of the main shape in image coordinates (y grows downwards)
+ACTIONS = {"Pushing [something] from left to right": (1, 0),
+           "Pushing [something] from right to left": (-1, 0),
+           "Moving [something] up": (0, -1),
+           "Moving [something] down": (0, 1)}
 
 
 def background(rng, width):
@@ -34,22 +42,29 @@ def background(rng, width):
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def simulate(rng, width, frames):
-    """Positions of 2-4 discs with elastic wall and pairwise collisions; (frames, n, 2)."""
-    n = int(rng.integers(2, 5))
-    radius = rng.uniform(14, 30, size=n)
+def simulate(rng, width, frames, direction):
+    """Positions of the shapes, (frames, n, 2), and their radii. Shape 0, the main one,
+    crosses 60% of the frame along `direction` at a steady speed and passes over the others;
+    shapes 1.. bounce elastically off the walls and each other."""
+    n = int(rng.integers(3, 5))
+    radius = np.concatenate([[rng.uniform(30, 38)], rng.uniform(12, 22, size=n - 1)])
+    size = np.array([width, HEIGHT], dtype=np.float64)
     pos = np.stack([rng.uniform(radius, width - radius), rng.uniform(radius, HEIGHT - radius)], 1)
     vel = rng.uniform(-9, 9, size=(n, 2))
+    direction = np.asarray(direction, dtype=np.float64)
+    axis = int(np.flatnonzero(direction)[0])
+    start = np.where(direction > 0, 0.2, 0.8) * size
+    pos[0, axis] = start[axis]
+    vel[0] = direction * 0.6 * size[axis] / max(frames - 1, 1)
     track = []
     for _ in range(frames):
         track.append(pos.copy())
         pos += vel
         for k in range(2):
-            limit = (width, HEIGHT)[k]
-            low, high = pos[:, k] < radius, pos[:, k] > limit - radius
-            vel[low | high, k] *= -1
-            pos[:, k] = np.clip(pos[:, k], radius, limit - radius)
-        for i in range(n):
+            low, high = pos[1:, k] < radius[1:], pos[1:, k] > size[k] - radius[1:]
+            vel[1:][low | high, k] *= -1
+            pos[1:, k] = np.clip(pos[1:, k], radius[1:], size[k] - radius[1:])
+        for i in range(1, n):
             for j in range(i + 1, n):
                 d = pos[j] - pos[i]
                 dist = np.linalg.norm(d)
@@ -62,34 +77,48 @@ def simulate(rng, width, frames):
     return np.stack(track), radius
 
 
-def render_video(out_dir, rng, frames):
+def plan_video(rng, frames, direction):
+    """Everything a video shows: width, background, tracks and radii, shape kinds, colours."""
     width = int(rng.choice(WIDTHS))
     bg = background(rng, width)
-    track, radius = simulate(rng, width, frames)
+    track, radius = simulate(rng, width, frames, direction)
     kinds = rng.integers(0, 3, size=len(radius))
     colours = [COLOURS[c] for c in rng.choice(len(COLOURS), size=len(radius), replace=False)]
+    return {"width": width, "background": bg, "track": track, "radius": radius, "kinds": kinds,
+            "colours": colours}
+
+
+def render_video(out_dir, plan):
     os.makedirs(out_dir, exist_ok=True)
-    for t in range(frames):
-        img = Image.fromarray(bg)
+    track, radius, kinds, colours = plan["track"], plan["radius"], plan["kinds"], plan["colours"]
+    for t in range(len(track)):
+        img = Image.fromarray(plan["background"])
         draw = ImageDraw.Draw(img)
-        for (cx, cy), r, kind, colour in zip(track[t], radius, kinds, colours):
+        for i in list(range(1, len(radius))) + [0]:          # the main shape on top
+            (cx, cy), r = track[t][i], radius[i]
             box = (cx - r, cy - r, cx + r, cy + r)
-            if kind == 0:
-                draw.ellipse(box, fill=colour, outline=(0, 0, 0), width=2)
-            elif kind == 1:
-                draw.rectangle(box, fill=colour, outline=(0, 0, 0), width=2)
+            if kinds[i] == 0:
+                draw.ellipse(box, fill=colours[i], outline=(0, 0, 0), width=2)
+            elif kinds[i] == 1:
+                draw.rectangle(box, fill=colours[i], outline=(0, 0, 0), width=2)
             else:
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colour)
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colours[i])
         img.save(os.path.join(out_dir, f"img_{t + 1:05d}.jpg"), quality=90)
+
+
+def video_rng(seed, k):
+    return np.random.default_rng([seed, k])
 
 
 def make_demo_data(out, videos=48, frames=16, seed=0, val_fraction=0.25):
     rng = np.random.default_rng(seed)
     entries = []
+    templates = list(ACTIONS)
     for k in range(videos):
         video_id = str(1000 + k)
-        render_video(os.path.join(out, video_id), np.random.default_rng([seed, k]), frames)
-        template = ACTIONS[k % len(ACTIONS)]
+        template = templates[k % len(templates)]             # balanced classes
+        render_video(os.path.join(out, video_id),
+                     plan_video(video_rng(seed, k), frames, ACTIONS[template]))
         entries.append({"id": video_id, "label": template.replace("[something]", "a shape"),
                         "template": template,
                         "placeholders": ["a shape"] * template.count("[something]")})
@@ -98,7 +127,7 @@ def make_demo_data(out, videos=48, frames=16, seed=0, val_fraction=0.25):
     val_ids = {entries[i]["id"] for i in order[:n_val]}
     for split, keep in (("train", lambda e: e["id"] not in val_ids),
                         ("validation", lambda e: e["id"] in val_ids)):
-        with open(os.path.join(out, f"something-something-v2-{split}.json"), "w") as f:
+        with atomic_write(os.path.join(out, f"something-something-v2-{split}.json"), "w") as f:
             json.dump([e for e in entries if keep(e)], f, indent=1)
     return out
 

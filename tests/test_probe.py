@@ -1,0 +1,77 @@
+"""The action probe: demo labels follow the motion, the probe finds motion where a feature
+carries it and stays at chance where it does not, baselines, and the feature cache."""
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import make_demo_data as demo
+from probe import FeatureCache, baselines, read_templates, run_probe
+
+OFFSET = 4
+
+
+@pytest.fixture(scope="module")
+def motion_data(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("motion"))
+    demo.make_demo_data(out, videos=32, frames=12, seed=5)
+    return out
+
+
+def main_shape_centre(path, colour):
+    """Centroid of the pixels of the main shape's colour (found in the picture itself)."""
+    image = np.asarray(Image.open(path).convert("RGB")).astype(np.int32)
+    mask = (np.abs(image - np.array(colour)).sum(-1) < 60)
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
+def pair_features(root, video_ids, seed):
+    """Per (t, t + OFFSET) pair: the main shape's displacement measured in the frames (carries
+    the motion), and the current frame's mean colour (does not), with the template."""
+    templates = read_templates(root)
+    order = list(demo.ACTIONS)
+    motion, colour, labels = [], [], []
+    for vid in video_ids:
+        k = int(vid) - 1000
+        plan = demo.plan_video(demo.video_rng(seed, k), 12, demo.ACTIONS[order[k % 4]])
+        for t in range(1, 12 - OFFSET + 1):
+            a, b = (os.path.join(root, vid, f"img_{n:05d}.jpg") for n in (t, t + OFFSET))
+            motion.append(main_shape_centre(b, plan["colours"][0]) -
+                          main_shape_centre(a, plan["colours"][0]))
+            colour.append(np.asarray(Image.open(a)).reshape(-1, 3).mean(0))
+            labels.append(order.index(templates[vid]))
+    return {"motion": np.array(motion), "colour": np.array(colour)}, np.array(labels)
+
+
+def test_demo_labels_follow_the_motion_and_the_probe_sees_it(motion_data):
+    ids = {split: [e["id"] for e in json.load(open(os.path.join(
+        motion_data, f"something-something-v2-{name}.json")))]
+        for split, name in (("train", "train"), ("val", "validation"))}
+    train, test = pair_features(motion_data, ids["train"], 5), pair_features(motion_data, ids["val"], 5)
+    report = run_probe(train, test, num_classes=4)
+    assert report["chance"]["top1"] == 0.25
+    motion, colour = report["feature_sets"]["motion"], report["feature_sets"]["colour"]
+    assert motion["top1"]["mean"] > 0.9 and motion["top1"]["ci95"][0] > 0.5
+    assert colour["top1"]["ci95"][0] < 0.5 and colour["top1"]["mean"] < 0.6   # near chance
+
+
+def test_baselines_are_chance_and_the_most_frequent_train_classes():
+    report = baselines(np.array([2, 2, 2, 1, 1, 0]), np.array([2, 1, 0, 2]), num_classes=10)
+    assert report["chance"] == {"top1": 0.1, "top5": 0.5}
+    assert report["majority"]["top1"]["mean"] == 0.5        # class 2: two of four test pairs
+    assert report["majority"]["top5"]["mean"] == 1.0        # classes 2, 1, 0 cover all
+
+
+def test_feature_cache_reuses_finished_chunks_and_recomputes_damaged_ones(tmp_path):
+    cache = FeatureCache(str(tmp_path), {"pairs": [1, 2]})
+    assert cache.get("train", 0) is None
+    cache.put("train", 0, {"x": np.arange(6.0).reshape(2, 3)})
+    again = FeatureCache(str(tmp_path), {"pairs": [1, 2]})
+    assert np.array_equal(again.get("train", 0)["x"], np.arange(6.0).reshape(2, 3))
+    assert FeatureCache(str(tmp_path), {"pairs": [1, 3]}).get("train", 0) is None   # other key
+    with open(cache.path("train", 0), "wb") as f:
+        f.write(b"cut short")
+    assert cache.get("train", 0) is None
