@@ -13,6 +13,10 @@ this project is computed the same way. Images enter as float tensors in [0, 1], 
         use_sample_covariance=False, data_range=1, channel_axis=-1)
 - gmsd  piq.gmsd, data_range 1 (lower is better)
 - lpips the lpips package (AlexNet by default, VGG selectable), inputs mapped by normalize=True
+- rfid  reconstruction FID over a whole set: piq.FID between the 2048-d pool features of the
+        FID Inception-v3 (pytorch-fid's port of TensorFlow's network, through piq) of the
+        targets and of the reconstructions; images resized to 299 px by piq. A set-level
+        number, biased upwards for small sets: compare rFIDs over the same number of images
 """
 import math
 import os
@@ -28,8 +32,16 @@ SSIM_SETTINGS = {"kernel_size": 11, "kernel_sigma": 1.5, "k1": 0.01, "k2": 0.03,
 CI_METHOD = "bootstrap percentile, 2000 resamples of images, seed 0"
 
 
-class LpipsWeightsMissing(RuntimeError):
-    """The LPIPS backbone weights are not on disk, and downloading them would hang offline."""
+class WeightsMissing(RuntimeError):
+    """Pretrained weights are not on disk, and downloading them would hang offline."""
+
+
+class LpipsWeightsMissing(WeightsMissing):
+    """The LPIPS backbone weights are not on disk."""
+
+
+class InceptionWeightsMissing(WeightsMissing):
+    """The FID Inception weights are not on disk."""
 
 
 def lpips_backbone_file(net):
@@ -50,12 +62,73 @@ def build_lpips(net, device, random_backbone=False):
             raise LpipsWeightsMissing(
                 f"LPIPS ({net}) needs {os.path.basename(path)} in {os.path.dirname(path)} "
                 f"(set TORCH_HOME to move it); on a machine with internet run "
-                f"`python fetch_lpips_weights.py --net {net}` and copy that file there, "
+                f"`python fetch_weights.py --lpips {net}` and copy that file there, "
                 f"or pass --lpips-net none to skip LPIPS")
     with warnings.catch_warnings():      # lpips calls torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
     return model.eval().requires_grad_(False).to(device)
+
+
+def inception_weights_file():
+    """Where torch.hub keeps the FID Inception weights that piq loads."""
+    from piq.feature_extractors import fid_inception
+    return os.path.join(torch.hub.get_dir(), "checkpoints",
+                        os.path.basename(fid_inception.FID_WEIGHTS_URL))
+
+
+def build_inception(device, random_backbone=False):
+    """piq's FID Inception-v3 (pool features), failing at once, naming the file, when its
+    weights are absent. random_backbone=True builds the same network untrained, for offline
+    plumbing tests: piq's builder is run with its weight download replaced by nothing."""
+    from unittest import mock
+
+    from piq.feature_extractors import fid_inception
+    if random_backbone:
+        def untrained(*args, **kwargs):
+            model = original(*args, **kwargs)
+            model.load_state_dict = lambda *a, **k: None      # this instance keeps its init
+            return model
+        original = fid_inception.models.inception_v3
+        with mock.patch.object(fid_inception.models, "inception_v3", untrained), \
+                mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")       # torchvision's deprecation notes for piq
+            net = fid_inception.InceptionV3()
+    else:
+        path = inception_weights_file()
+        if not os.path.isfile(path):
+            raise InceptionWeightsMissing(
+                f"rFID needs the FID Inception weights {os.path.basename(path)} in "
+                f"{os.path.dirname(path)} (set TORCH_HOME to move it); on a machine with "
+                f"internet run `python fetch_weights.py --fid` and copy that file there, or "
+                f"pass --fid none to skip rFID")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            net = fid_inception.InceptionV3()
+    return net.eval().requires_grad_(False).to(device)
+
+
+class FidFeatures:
+    """Inception pool features of named image sets, gathered batch by batch, for rFID."""
+
+    def __init__(self, device, random_backbone=False):
+        self.net = build_inception(device, random_backbone)
+        self.random_backbone = random_backbone
+        self.sets = {}
+
+    @torch.no_grad()
+    def add(self, name, images01):
+        """images01: float (B, 3, H, W) in [0, 1] on the network's device."""
+        features = self.net(images01.float().clamp(0, 1))[0].flatten(1)
+        self.sets.setdefault(name, []).append(features.double().cpu())
+
+    def fid(self, a, b):
+        """Frechet distance between the Gaussians fitted to sets a and b (piq.FID)."""
+        x, y = torch.cat(self.sets[a]), torch.cat(self.sets[b])
+        if len(x) < 2 or len(y) < 2:
+            return None
+        return float(piq.FID().compute_metric(x, y))
 
 
 class ImageMetrics:
@@ -94,6 +167,27 @@ def add_lpips_arguments(parser):
     parser.add_argument("--lpips-random-backbone", action="store_true",
                         help="untrained LPIPS backbone: tests the pipeline offline; the LPIPS "
                              "numbers are then meaningless and metrics.json says so")
+
+
+def add_fid_arguments(parser):
+    parser.add_argument("--fid", choices=["inception", "none"], default="inception",
+                        help="rFID with the FID Inception-v3 (weights: fetch_weights.py --fid)")
+    parser.add_argument("--fid-random-backbone", action="store_true",
+                        help="untrained Inception: tests the pipeline offline; rFID values are "
+                             "then meaningless and metrics.json says so")
+
+
+def build_fid(args, device):
+    """FidFeatures for --fid inception, or None for --fid none (fails fast on missing weights)."""
+    return None if args.fid == "none" else FidFeatures(device, args.fid_random_backbone)
+
+
+def fid_label(args):
+    """How rFID was computed, for metrics.json."""
+    if args.fid == "none":
+        return "skipped with --fid none"
+    return "inception" + (" (random backbone: rFID values meaningless)"
+                          if args.fid_random_backbone else "")
 
 
 def lpips_label(args):

@@ -68,7 +68,7 @@ def test_missing_lpips_weights_stop_before_any_work(trained_checkpoint, demo_dat
     result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(tmp_path / "e"),
                           "--data-path", demo_data, env={"TORCH_HOME": str(tmp_path / "th")})
     assert result.returncode == 1
-    assert "alexnet-owt-7be5be79.pth" in result.stderr and "fetch_lpips_weights.py" in result.stderr
+    assert "alexnet-owt-7be5be79.pth" in result.stderr and "fetch_weights.py" in result.stderr
     assert not (tmp_path / "e").exists()
 
 

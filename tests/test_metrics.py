@@ -90,7 +90,7 @@ def test_missing_lpips_weights_fail_fast_with_the_fix(tmp_path, monkeypatch):
     message = str(info.value)
     assert "vgg16-397923af.pth" in message
     assert os.path.join(str(tmp_path), "hub", "checkpoints") in message
-    assert "python fetch_lpips_weights.py --net vgg" in message and "--lpips-net none" in message
+    assert "python fetch_weights.py --lpips vgg" in message and "--lpips-net none" in message
 
 
 def test_confidence_interval_covers_the_true_mean_about_95_percent():
@@ -138,3 +138,29 @@ def test_codebook_usage():
     assert uniform["perplexity"] == pytest.approx(8) and uniform["unique_codes"] == 8
     single = codebook_diagnostics(torch.full((5, 4), 3), 8)
     assert single["perplexity"] == pytest.approx(1) and single["histogram"][3] == 20
+
+
+def test_rfid_is_the_frechet_distance_of_scipy():
+    from scipy import linalg
+
+    from metrics import FidFeatures
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(200, 16)), rng.normal(0.3, 1.2, size=(150, 16))
+    mu_x, mu_y = x.mean(0), y.mean(0)
+    cov_x, cov_y = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    expected = (((mu_x - mu_y) ** 2).sum() + np.trace(cov_x + cov_y)
+                - 2 * np.trace(linalg.sqrtm(cov_x @ cov_y).real))
+    scorer = FidFeatures.__new__(FidFeatures)            # no network needed for the distance
+    scorer.sets = {"a": [torch.from_numpy(x)], "b": [torch.from_numpy(y)]}
+    assert scorer.fid("a", "b") == pytest.approx(expected, rel=1e-4)
+    assert scorer.fid("a", "a") == pytest.approx(0, abs=1e-6)
+
+
+def test_missing_inception_weights_fail_fast_naming_the_file(tmp_path, monkeypatch):
+    from metrics import InceptionWeightsMissing, build_inception
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    with pytest.raises(InceptionWeightsMissing) as info:
+        build_inception("cpu")
+    message = str(info.value)
+    assert "pt_inception-2015-12-05-6726825d.pth" in message and str(tmp_path) in message
+    assert "python fetch_weights.py --fid" in message and "--fid none" in message
