@@ -70,16 +70,18 @@ def load_model(path, device):
 def build_eval_dataset(args, config, image_size):
     """The images to score: a folder (--dataset images), or the split of the checkpoint's own
     data settings (its labels, val_fraction, frame_stride; dataset_sthv2.build_split)."""
+    d = data_params_of(config, data_path=args.data_path, dataset=args.dataset)
     if args.dataset == "images":
         if not args.data_path:
             raise DataError("--dataset images needs --data-path FOLDER")
-        return ImageFiles(args.data_path, image_size), {"data_path": args.data_path}
-    d = data_params_of(config, data_path=args.data_path, dataset=args.dataset)
+        return ImageFiles(args.data_path, image_size, d.resize), {
+            "data_path": args.data_path, "resize": d.resize}
     if not d.data_path:
         raise DataError("--data-path is needed: the checkpoint names no dataset")
     dataset = build_split(d, args.split, image_size, neighbour_tries=0)
     info = {"data_path": d.data_path, "split": args.split, "split_source": dataset.source}
-    return dataset, info if d.dataset == "celeba" else {**info, "frame_stride": d.frame_stride}
+    return dataset, info if d.dataset == "celeba" else {**info, "frame_stride": d.frame_stride,
+                                                        "resize": d.resize}
 
 
 def to_uint8(x01):

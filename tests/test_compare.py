@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import compare_with_laq as cmp
+import laq_loader
 from conftest import ROOT, run_script
 from dataset_sthv2 import load_frame
 
@@ -23,8 +24,8 @@ NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
 
 
 def build_standin(config):
-    cls = cmp.import_laq_class(os.path.join(STANDIN, "laq_model"))
-    with cmp.RedirectCuda("cpu"):
+    cls = laq_loader.import_laq_class(os.path.join(STANDIN, "laq_model"))
+    with laq_loader.RedirectCuda("cpu"):
         return cls(**config)
 
 
@@ -48,7 +49,7 @@ def test_trainer_dependencies_are_really_absent():
 
 
 def test_quantizer_asks_for_cuda_and_is_redirected():
-    cls = cmp.import_laq_class(os.path.join(STANDIN, "laq_model"))
+    cls = laq_loader.import_laq_class(os.path.join(STANDIN, "laq_model"))
     if not torch.cuda.is_available():
         with pytest.raises((RuntimeError, AssertionError)):
             cls(**SMALL_LAQ)                               # what a plain construction does
@@ -61,7 +62,8 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
     result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
                          "--data-path", demo_data, "--num-pairs", "6", "--offset", "4",
-                         "--output", str(out), "--lpips-random-backbone", "--batch-size", "4")
+                         "--output", str(out), "--lpips-random-backbone", "--batch-size", "4",
+                         "--fid-random-backbone", "--vae-resize", "stretch")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LAQ codes" in result.stdout
     report = json.loads((out / "metrics.json").read_text())
@@ -69,7 +71,8 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
     for model in ("vae", "laq"):
         for name in ("mse", "psnr", "ssim", "gmsd", "lpips"):
             assert {"mean", "std", "ci95"} <= set(report[model][name]), (model, name)
-    assert report["checkpoints"]["laq_keys"] == {"missing_keys": [], "unexpected_keys": []}
+    assert report["checkpoints"]["laq_keys"] == {"layout": "state_dict", "missing_keys": [],
+                                                 "unexpected_keys": []}
     laq_latent = report["latent"]["laq"]
     assert sum(laq_latent["histogram"]) == 6 * SMALL_LAQ["code_seq_len"]
     assert 1 <= laq_latent["unique_codes"] <= 8 and report["latent"]["vae"]["latent_dim"] == 8
@@ -85,12 +88,15 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
         number = lambda p: int(os.path.basename(p)[4:9])  # noqa: E731
         assert number(row["target"]) - number(row["current"]) == 4
 
-    # LAQ's numbers: recompute one pair with the stand-in model directly
+    # LAQ's numbers: recompute one pair with the stand-in model's own inference, fed as
+    # LAPA feeds it (whole frames stretched to a square); both models saw stretch frames here
+    assert report["resize"] == {"vae": "stretch", "laq": "stretch"}
+    assert report["scoring_target"] == "stretch"
     model = build_standin(SMALL_LAQ)
     state = torch.load(laq_checkpoint / "model.pt", weights_only=True)
     model.load_state_dict({k[len("module."):]: v for k, v in state.items()})
     row = rows[0]
-    frames = [load_frame(row[k], 32).float() / 255 for k in ("current", "target")]
+    frames = [load_frame(row[k], 32, "stretch").float() / 255 for k in ("current", "target")]
     with torch.no_grad():
         recon = model.eval().inference(torch.stack(frames, 1)[None]).clamp(0, 1)
     assert float(((recon[0] - frames[1]) ** 2).mean()) == pytest.approx(float(row["laq_mse"]), rel=1e-5)
@@ -99,20 +105,20 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
 def test_seed_one_line_form_with_an_installed_laq_model(trained_checkpoint, tmp_path):
     """`--vae V --laq L --image IMG --output DIR`, LAQ found on the path, LAPA's hyperparameters."""
     torch.manual_seed(1)
-    model = build_standin(cmp.LAPA_LAQ_CONFIG)
+    model = build_standin(laq_loader.LAPA_LAQ_CONFIG)
     torch.save(model.state_dict(), tmp_path / "laq.pt")
     image = tmp_path / "frame.png"
     from PIL import Image
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (240, 320, 3), np.uint8)).save(image)
     result = run_script("compare_with_laq.py", "--vae", trained_checkpoint, "--laq",
                         str(tmp_path / "laq.pt"), "--image", str(image), "--output",
-                        str(tmp_path / "out"), "--lpips-net", "none",
+                        str(tmp_path / "out"), "--lpips-net", "none", "--fid", "none",
                         env={**NO_GPU, "PYTHONPATH": STANDIN})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "identity clip" in result.stdout
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["inputs"]["identity_clip"] is True and report["pairs"] == 1
-    assert report["laq_config"] == cmp.LAPA_LAQ_CONFIG
+    assert report["laq_config"] == laq_loader.LAPA_LAQ_CONFIG
     assert report["image_sizes"] == {"vae": 32, "laq": 256} and report["scoring_size"] == 32
 
 
@@ -121,29 +127,30 @@ def test_wrong_checkpoint_is_reported_with_its_missing_keys(trained_checkpoint, 
     """LAQ loads non-strictly: a VAE checkpoint passed as --laq must not load silently."""
     result = compare_cli("--vae", trained_checkpoint, "--laq", trained_checkpoint, "--laq-repo",
                          STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"), "--frames",
-                         "a.jpg", "b.jpg", "--output", str(tmp_path / "o"), "--lpips-net", "none")
+                         "a.jpg", "b.jpg", "--output", str(tmp_path / "o"), "--lpips-net", "none",
+                         "--fid", "none")
     expected = len(build_standin(SMALL_LAQ).state_dict())
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert f"{expected} missing keys" in result.stderr and not (tmp_path / "o").exists()
 
 
 def test_bad_laq_config_and_repo_are_one_line_errors(laq_checkpoint, tmp_path):
     (tmp_path / "bad.yaml").write_text("dim: 32\nnum_layers: 3\n")
-    with pytest.raises(cmp.LaqError, match="num_layers is not an argument"):
-        cmp.laq_config(str(tmp_path / "bad.yaml"), cmp.import_laq_class(
+    with pytest.raises(laq_loader.LaqError, match="num_layers is not an argument"):
+        laq_loader.laq_config(str(tmp_path / "bad.yaml"), laq_loader.import_laq_class(
             os.path.join(STANDIN, "laq_model")))
     (tmp_path / "odd.yaml").write_text("code_seq_len: 3\n")
-    with pytest.raises(cmp.LaqError, match="code_seq_len 3 is not one of"):
-        cmp.laq_config(str(tmp_path / "odd.yaml"), cmp.import_laq_class(
+    with pytest.raises(laq_loader.LaqError, match="code_seq_len 3 is not one of"):
+        laq_loader.laq_config(str(tmp_path / "odd.yaml"), laq_loader.import_laq_class(
             os.path.join(STANDIN, "laq_model")))
-    with pytest.raises(cmp.LaqError, match="has no laq_model/ folder"):
-        cmp.find_laq_package(str(tmp_path))
+    with pytest.raises(laq_loader.LaqError, match="has no laq_model/ folder"):
+        laq_loader.find_laq_package(str(tmp_path))
 
 
 def test_missing_model_dependency_is_named_as_laqs(monkeypatch):
     monkeypatch.setitem(sys.modules, "einops", None)     # as if einops were not installed
-    with pytest.raises(cmp.LaqError, match="needs the Python module 'einops', a dependency of LAQ"):
-        cmp.import_laq_class(os.path.join(STANDIN, "laq_model"))
+    with pytest.raises(laq_loader.LaqError, match="needs the Python module 'einops', a dependency of LAQ"):
+        laq_loader.import_laq_class(os.path.join(STANDIN, "laq_model"))
 
 
 def test_pairs_come_from_the_vae_runs_own_split(trained_checkpoint, laq_checkpoint, demo_data,
@@ -163,7 +170,7 @@ def test_pairs_come_from_the_vae_runs_own_split(trained_checkpoint, laq_checkpoi
     result = compare_cli("--vae", str(tmp_path / "vae.pt"), "--laq", str(laq_checkpoint / "model.pt"),
                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
                          "--data-path", str(frames), "--num-pairs", "8", "--offset", "2",
-                         "--output", str(out), "--lpips-net", "none")
+                         "--output", str(out), "--lpips-net", "none", "--fid", "none")
     assert result.returncode == 0, result.stderr[-3000:]
     ids = {split: {e["id"] for e in json.load(open(labels / f"something-something-v2-{name}.json"))}
            for split, name in (("train", "train"), ("val", "validation"))}
@@ -175,7 +182,142 @@ def test_pairs_come_from_the_vae_runs_own_split(trained_checkpoint, laq_checkpoi
     train = compare_cli("--vae", str(tmp_path / "vae.pt"), "--laq", str(laq_checkpoint / "model.pt"),
                         "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
                         "--data-path", str(frames), "--split", "train", "--num-pairs", "4",
-                        "--offset", "2", "--output", str(tmp_path / "train"), "--lpips-net", "none")
+                        "--offset", "2", "--output", str(tmp_path / "train"), "--lpips-net", "none",
+                        "--fid", "none")
     assert train.returncode == 0, train.stderr[-3000:]
     used = json.loads((tmp_path / "train" / "metrics.json").read_text())["inputs"]["videos"]
     assert used and set(used) <= ids["train"]
+
+
+# --- fairness: geometry, LAQ's checkpoint layouts, one pass, LAQ's training videos -----------
+
+def test_stretch_output_maps_back_onto_the_centre_square():
+    from dataset_sthv2 import resize_frame
+    y, x = np.mgrid[0:120, 0:200].astype(np.float32)                   # a smooth 200x120 frame
+    frame = torch.from_numpy(np.stack([127 + 100 * np.sin(x / 17), 127 + 100 * np.cos(y / 13),
+                                       x / 200 * 255]).round().astype(np.uint8))
+    stretched = resize_frame(frame, 96, "stretch")[None].float() / 255
+    crop = resize_frame(frame, 96, "crop")[None].float() / 255
+    mapped = cmp.stretch_to_crop(stretched, [(120, 200)])
+    mse = lambda a, b: float(((a - b) ** 2).mean())  # noqa: E731
+    assert mse(mapped, crop) < 1e-4 < mse(stretched, crop) / 100       # PSNR > 40 dB
+    square = resize_frame(frame[:, :, :120], 96, "stretch")[None].float() / 255
+    assert torch.allclose(cmp.stretch_to_crop(square, [(120, 120)]), square, atol=1e-6)
+
+
+def test_one_inference_pass_gives_laqs_own_codes_and_reconstruction():
+    torch.manual_seed(0)
+    model = build_standin(SMALL_LAQ).eval()
+    clip = torch.rand(3, 3, 2, 32, 32)
+    runner = laq_loader.LaqRunner(model)
+    calls = []
+    original = type(model).inference
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(model), "inference", lambda self, *a, **k: calls.append(k) or
+                   original(self, *a, **k))
+        recon, codes, features = runner(clip)
+    assert len(calls) == 1 and runner.passes == 1
+    assert torch.equal(recon, model.inference(clip))
+    assert torch.equal(codes, model.inference(clip, return_only_codebook_ids=True))
+    first, last = model._encode(clip)[1:]                     # the action LAQ quantizes
+    action = model.vq.encode(last, 3) - model.vq.encode(first, 3)
+    assert torch.allclose(features, action.reshape(3, -1))
+    assert features.shape == (3, SMALL_LAQ["code_seq_len"] * SMALL_LAQ["quant_dim"])
+    assert not {"inference", "encode"} & set(vars(model.vq))  # the wrappers are gone afterwards
+
+
+def laq_args(path, config_path, **extra):
+    import argparse
+    return argparse.Namespace(laq=str(path), laq_repo=STANDIN, laq_config=str(config_path),
+                              laq_weights=extra.get("weights", "ema"),
+                              laq_allow_unused_keys=extra.get("allow_unused", False))
+
+
+def test_ema_files_and_trainer_packages_load_the_weights_asked_for(laq_checkpoint, tmp_path):
+    torch.manual_seed(1)
+    ema, online = build_standin(SMALL_LAQ).state_dict(), build_standin(SMALL_LAQ).state_dict()
+    torch.save({**{f"ema_model.{k}": v for k, v in ema.items()},
+                **{f"online_model.{k}": v for k, v in online.items()},
+                "initted": torch.tensor(True), "step": torch.tensor(1200)}, tmp_path / "vae.1200.ema.pt")
+    config = laq_checkpoint / "laq.yaml"
+    for weights, expected in (("ema", ema), ("online", online)):
+        model, _, report = laq_loader.load_laq(laq_args(tmp_path / "vae.1200.ema.pt", config,
+                                                        weights=weights), "cpu")
+        assert report["layout"] == f"ema-pytorch EMA file, {weights} weights"
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in expected.items())
+    torch.save({"model": {f"module.{k}": v for k, v in ema.items()}, "optim": {}, "steps": 5},
+               tmp_path / "package.pt")
+    model, _, report = laq_loader.load_laq(laq_args(tmp_path / "package.pt", config), "cpu")
+    assert report["layout"] == "package ['model']"
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in ema.items())
+    with pytest.raises(laq_loader.LaqError, match="not an EMA file"):
+        laq_loader.load_laq(laq_args(tmp_path / "package.pt", config, weights="online"), "cpu")
+
+
+def test_a_deeper_checkpoint_is_refused_naming_its_extra_blocks(laq_checkpoint, tmp_path):
+    deeper = build_standin({**SMALL_LAQ, "spatial_depth": 4}).state_dict()
+    torch.save(deeper, tmp_path / "deep.pt")
+    config = laq_checkpoint / "laq.yaml"                         # spatial_depth 2
+    with pytest.raises(laq_loader.LaqError) as info:
+        laq_loader.load_laq(laq_args(tmp_path / "deep.pt", config), "cpu")
+    message = str(info.value)
+    assert "4 keys the model built with --laq-config does not use, in enc.2, enc.3" in message
+    assert "--laq-allow-unused-keys" in message and "\n" not in message
+    model, _, report = laq_loader.load_laq(laq_args(tmp_path / "deep.pt", config,
+                                                    allow_unused=True), "cpu")
+    assert len(report["unexpected_keys"]) == 4
+    assert torch.equal(model.state_dict()["enc.1.0.weight"], deeper["enc.1.0.weight"])
+
+
+def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint, demo_data,
+                                              tmp_path):
+    """Defaults (each model fed as trained), LAQ's training videos left out, the probe, the
+    pictures and TensorBoard."""
+    val_ids = sorted(e["id"] for e in json.load(open(os.path.join(
+        demo_data, "something-something-v2-validation.json"))))
+    (tmp_path / "laq_train.txt").write_text(f"{val_ids[0]}\n")
+    out = tmp_path / "cmp"
+    result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
+                         "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                         "--data-path", demo_data, "--num-pairs", "50", "--offset", "3",
+                         "--laq-train-videos", str(tmp_path / "laq_train.txt"), "--probe",
+                         "--probe-pairs", "40", "--output", str(out), "--lpips-net", "none",
+                         "--fid-random-backbone", "--tensorboard", str(tmp_path / "tb"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["resize"] == {"vae": "crop", "laq": "stretch"}          # as each was trained
+    assert report["scoring_target"] == "crop" and "centre square" in report["scoring_note"]
+    assert "note: the models see differently prepared frames" in result.stdout
+    overlap = report["inputs"]["laq_training_overlap"]
+    assert overlap["excluded"] and overlap["dropped_videos"] == 1 and overlap["dropped_pairs"] == 7
+    rows = list(csv.DictReader(open(out / "per_pair.csv")))
+    assert len(rows) == report["pairs"] == 7 and {r["video"] for r in rows} == {val_ids[1]}
+    templates = {e["id"]: e["template"] for e in json.load(open(os.path.join(
+        demo_data, "something-something-v2-validation.json")))}
+    for row in rows:
+        assert row["label"] == templates[row["video"]]
+        assert int(row["target_frame"]) - int(row["current_frame"]) == 3
+        assert len(row["laq_codes"].split()) == SMALL_LAQ["code_seq_len"]
+    assert report["rate"]["laq"]["bound_bits"] == SMALL_LAQ["code_seq_len"] * 3   # 4 x log2(8)
+    assert 0 <= report["rate"]["laq"]["code_entropy_bits"] <= 12
+    kl_bits = np.mean([float(r["vae_kl_bits"]) for r in rows])
+    assert report["rate"]["vae"]["kl_bits_mean"] == pytest.approx(kl_bits, rel=1e-6)
+    assert report["rfid"]["vae"] is not None and "random backbone" in report["rfid"]["backbone"]
+    probe = json.loads((out / "probe.json").read_text())
+    assert set(probe["feature_sets"]) == {"vae_mu_current_future", "vae_mu_difference",
+                                          "laq_codes_onehot", "laq_action_continuous"}
+    assert probe["chance"]["top1"] == 0.25 and probe["test_pairs"] == 7
+    assert (out / "plots.png").stat().st_size > 20_000 and (out / "comparison.png").exists()
+    assert os.listdir(tmp_path / "tb") and os.listdir(out / "probe_cache")
+    assert report["laq_passes"] == 1 and report["pairs_per_sec"] > 0
+
+    again = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
+                        "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                        "--data-path", demo_data, "--num-pairs", "4", "--offset", "3",
+                        "--output", str(tmp_path / "plain"), "--lpips-net", "none", "--fid",
+                        "none")
+    assert again.returncode == 0, again.stderr[-3000:]
+    overlap = json.loads((tmp_path / "plain" / "metrics.json").read_text())["inputs"][
+        "laq_training_overlap"]
+    assert not overlap["excluded"] and "were in its training data" in overlap["note"]
+    assert "were in its training data" in again.stdout

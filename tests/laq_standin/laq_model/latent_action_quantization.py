@@ -33,10 +33,12 @@ class LatentActionQuantization(nn.Module):
         return self.to_patch(rearrange(frame, "b c (h p1) (w p2) -> b (h w) (c p1 p2)",
                                        p1=self.patch_size, p2=self.patch_size))
 
-    def _actions(self, video):
+    def _encode(self, video):
+        """(first frame's tokens (B, N, dim), first and last tokens pooled to (B, L, dim))."""
         first, second = self.enc(self._patches(video[:, :, 0])), self.enc(self._patches(video[:, :, 1]))
         joint = self.temporal(self.to_action(torch.cat([first, second], -1)))   # (B, N, dim)
-        return first, self.pool(joint.transpose(1, 2)).transpose(1, 2)         # (B, L, dim)
+        pool = lambda t: self.pool(t.transpose(1, 2)).transpose(1, 2)  # noqa: E731
+        return first, pool(first), pool(joint)
 
     def _decode(self, first, action):
         action = action.mean(1, keepdim=True).expand(-1, first.shape[1], -1)
@@ -45,14 +47,14 @@ class LatentActionQuantization(nn.Module):
                          p1=self.patch_size, p2=self.patch_size)
 
     def forward(self, video):
-        first, action = self._actions(video)
-        quantized, _ = self.vq(action)
+        first, first_tokens, last_tokens = self._encode(video)
+        quantized, _ = self.vq(first_tokens, last_tokens)
         return (self._decode(first, quantized) - video[:, :, 1]).abs().mean()
 
     @torch.no_grad()
     def inference(self, video, step=0, return_only_codebook_ids=False):
-        first, action = self._actions(video)
-        quantized, idx = self.vq.inference(action)
+        first, first_tokens, last_tokens = self._encode(video)
+        quantized, idx = self.vq.inference(first_tokens, last_tokens)
         if return_only_codebook_ids:
             return idx
         return self._decode(first, quantized)
