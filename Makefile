@@ -27,7 +27,7 @@ $(DEMO_DATA)/something-something-v2-train.json: make_demo_data.py | venv
 demo: venv $(DEMO_DATA)/something-something-v2-train.json
 	$(PY) train_single_gpu.py --config configs/demo.yaml --resume auto --device cpu
 	$(PY) evaluate.py --checkpoint $(DEMO_RUN)/checkpoints/vae_final.pt --output $(DEMO_RUN)/eval \
-		--data-path $(DEMO_DATA) --lpips-net none --device cpu --save-reconstructions
+		--data-path $(DEMO_DATA) --lpips-net none --fid none --device cpu --save-reconstructions
 	@echo
 	@echo "TensorBoard logs:  tensorboard --logdir $(DEMO_RUN)"
 	@echo "Checkpoints:       $(DEMO_RUN)/checkpoints/"

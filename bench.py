@@ -4,12 +4,16 @@
                           [--device cpu|cuda] [--rounds 3] [--set SECTION.KEY=VALUE ...]
     python bench.py data  --data-path DIR [--workers N] [--batches N] [--image-size 256]
                           [--batch-size 32] [--rounds 3]
+    python bench.py laq   --laq-repo DIR [--laq-config YAML] [--batch-size 4] [--batches 3]
+                          [--rounds 3] [--device cpu|cuda]
 
 Each prints one JSON line last. `train` times the training step of training.py on synthetic
 batches already on the device (data loading excluded), and in the same run a plain fp32
 eager loop of the same model for reference. `data` times the project's DataLoader over a
-frames folder and, in the same run, a loader that does what LAQ's published one does. Both
-alternate the two, `--rounds` times each, and report medians.
+frames folder and, in the same run, a loader that does what LAQ's published one does. `laq`
+times LAQ's part of the comparison per pair: one inference pass (compare_with_laq's LaqRunner)
+against the two passes of calling `inference` for the reconstruction and again for the codes.
+Each alternates the two, `--rounds` times, and reports medians.
 """
 import argparse
 import functools
@@ -203,6 +207,40 @@ def bench_data(args):
             "rounds": rounds, "cpus": os.cpu_count()}
 
 
+def bench_laq(args):
+    """Seconds per pair for LAQ's reconstruction + codes: one pass vs two, alternating."""
+    from laq_loader import LaqRunner, RedirectCuda, find_laq_package, import_laq_class, laq_config
+    device = pick_device(args.device, gpus=-1)
+    laq_class = import_laq_class(find_laq_package(args.laq_repo))
+    config = laq_config(args.laq_config, laq_class)
+    torch.manual_seed(0)
+    with RedirectCuda(device):
+        model = laq_class(**config).to(device).eval()
+    size = config["image_size"]
+    clip = torch.rand(args.batch_size, 3, 2, size, size, device=device)
+    runner = LaqRunner(model)
+
+    def two_passes():
+        model.inference(clip)
+        model.inference(clip, return_only_codebook_ids=True)
+
+    def timed(fn):
+        with torch.no_grad():
+            return time_steps(fn, args.batches, device) / (args.batches * args.batch_size)
+
+    with torch.no_grad():
+        two_passes(), runner(clip)                      # warm-up
+    medians, rounds = alternate({"two_passes": lambda: timed(two_passes),
+                                 "one_pass": lambda: timed(lambda: runner(clip))}, args.rounds)
+    sig = lambda v: float(f"{v:.4g}")  # noqa: E731
+    return {"seconds_per_pair_one_pass": sig(medians["one_pass"]),
+            "seconds_per_pair_two_passes": sig(medians["two_passes"]),
+            "speedup": round(medians["two_passes"] / medians["one_pass"], 2),
+            "passes": runner.passes, "batch_size": args.batch_size, "laq_config": config,
+            "device": str(device), "threads": torch.get_num_threads(),
+            "rounds": [{k: sig(v) for k, v in r.items()} for r in rounds]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,13 +262,23 @@ def main():
     data.add_argument("--rounds", type=int, default=3,
                       help="alternating timings of each loader; medians are reported")
     data.add_argument("--index-cache-dir", default="")
+    laq = sub.add_parser("laq", help="LAQ per pair in the comparison: one pass vs two")
+    laq.add_argument("--laq-repo", help="folder containing laq_model/ (LAPA's laq/)")
+    laq.add_argument("--laq-config", help="YAML of LatentActionQuantization arguments "
+                                          "(default: LAPA's SthV2 configuration)")
+    laq.add_argument("--batch-size", type=int, default=4)
+    laq.add_argument("--batches", type=int, default=3)
+    laq.add_argument("--rounds", type=int, default=3)
+    laq.add_argument("--device", choices=["cpu", "cuda"])
     args = parser.parse_args()
     from config import ConfigError
     from dataset_sthv2 import DataError
+    from laq_loader import LaqError
     try:
-        result = bench_train(args) if args.command == "train" else bench_data(args)
-    except (ConfigError, DataError) as e:
-        sys.exit(f"error: {e}")
+        result = {"train": bench_train, "data": bench_data, "laq": bench_laq}[args.command](args)
+    except (ConfigError, DataError, LaqError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     print(json.dumps(result))
 
 

@@ -85,12 +85,12 @@ def split_pairs(args, vae_config, split, exclude=()):
     if d.dataset != "sthv2":
         raise DataError(f"the VAE was trained on {d.dataset}; frame pairs need SthV2 videos")
     pairs = build_split(d, split, image_size=None, pair_offset=args.offset)
-    ids = np.array(pairs.index.videos, dtype=object)[pairs.video] if len(pairs) else []
-    keep = np.array([vid not in exclude for vid in ids], dtype=bool)
-    dropped_videos = len({vid for vid in ids if vid in exclude})
+    excluded = np.array([vid in exclude for vid in pairs.index.videos] + [False], dtype=bool)
+    keep = ~excluded[pairs.video]                   # per pair, from one flag per video
+    dropped_videos = len(np.unique(pairs.video[~keep]))
     if not keep.any():
         raise DataError(f"no {split} video in {d.data_path} has more than {args.offset} frames"
-                        + (" that LAQ did not train on" if len(ids) else ""))
+                        + (" that LAQ did not train on" if len(pairs) else ""))
     return pairs, np.flatnonzero(keep), int((~keep).sum()), dropped_videos
 
 

@@ -14,6 +14,7 @@ import csv
 import json
 import os
 import sys
+import time
 
 import numpy as np
 import torch
@@ -25,8 +26,9 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, atomic_write, load_checkpoint
 from config import ConfigError, data_params_of
 from dataset_sthv2 import DataError, ImageFiles, build_split
-from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, LpipsWeightsMissing,
-                     add_lpips_arguments, latent_summary, lpips_label, summarize)
+from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, WeightsMissing, add_fid_arguments,
+                     add_lpips_arguments, build_fid, fid_label, latent_summary, lpips_label,
+                     summarize)
 from models import build_model
 from runtime import pick_device
 from pythae_adapter import PythaeError, is_pythae_folder, load_pythae
@@ -100,9 +102,10 @@ def section(per_image, names, not_applicable):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, positions, metrics, args, device):
-    """Per-image metrics over `positions` of the dataset; returns (rows, latent diagnostics,
-    [(input, reconstruction)] for the picture, unreadable files)."""
+def evaluate(model, dataset, positions, metrics, args, device, fid=None):
+    """Per-image metrics over `positions` of the dataset (and Inception features for rFID);
+    returns (rows, latent diagnostics, [(input, reconstruction)] for the picture, unreadable
+    files)."""
     loader = DataLoader(Indexed(dataset, positions), args.batch_size, num_workers=args.workers,
                         collate_fn=collate_readable)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -119,6 +122,9 @@ def evaluate(model, dataset, positions, metrics, args, device):
         recon, model_metrics, latents = model.evaluate_batch(x01 * 2 - 1, generator,
                                                              args.kld_weight)
         recon01 = (recon.float() + 1) / 2
+        if fid:
+            fid.add("input", x01)
+            fid.add("recon", recon01)
         values = {**metrics(x01, recon01),
                   **{k: v.double().cpu() for k, v in model_metrics.items()}}
         latent_batches.append({k: v.cpu() for k, v in latents.items()})
@@ -159,6 +165,9 @@ def print_table(report):
             if name != "not_applicable" and s is not None and s["mean"] is not None:
                 print(f"{name:<18} {s['mean']:>10.4f} {s['std']:>10.4f}   "
                       f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]")
+    if report["rfid"]["value"] is not None:
+        print(f"{'rfid':<18} {report['rfid']['value']:>10.4g}   (set-level, "
+              f"{report['rfid']['images']} images; {report['rfid']['backbone']})")
     lat = report["latent"]
     if lat and "active_units" in lat:
         print(f"-- latent: {lat['active_units']}/{lat['latent_dim']} active units, "
@@ -183,6 +192,7 @@ def parse_args():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     add_lpips_arguments(parser)
+    add_fid_arguments(parser)
     parser.add_argument("--num-samples", type=int, default=64,
                         help="prior samples for generation self-consistency (0 = skip)")
     parser.add_argument("--save-reconstructions", action="store_true")
@@ -200,6 +210,7 @@ def main():
     try:
         device = pick_device(args.device, gpus=-1)
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
+        fid = build_fid(args, device)
         if is_pythae_folder(args.checkpoint):
             model, config = load_pythae(args.checkpoint, device, args.allow_pickle)
             ckpt = {"config": config, "step": None}
@@ -208,14 +219,18 @@ def main():
         image_size = ckpt["config"]["model_params"]["image_size"]
         args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
         dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
-    except (ConfigError, LpipsWeightsMissing, CheckpointError, DataError, PythaeError) as e:
-        sys.exit(f"error: {e}")
+    except (ConfigError, WeightsMissing, CheckpointError, DataError, PythaeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)                                   # bad input: nothing was evaluated
     positions = list(range(len(dataset)))
     if args.max_images and args.max_images < len(positions):
         positions = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, args.max_images)})
     os.makedirs(args.output, exist_ok=True)
 
-    rows, latent, grid, unreadable = evaluate(model, dataset, positions, metrics, args, device)
+    start = time.perf_counter()
+    rows, latent, grid, unreadable = evaluate(model, dataset, positions, metrics, args, device,
+                                              fid)
+    seconds = time.perf_counter() - start
     if not rows:
         sys.exit(f"error: none of the {len(positions)} images could be read")
     if unreadable:
@@ -231,7 +246,10 @@ def main():
               "num_samples": args.num_samples, "ci_method": CI_METHOD,
               "ssim_settings": SSIM_SETTINGS,
               "reconstruction": section(per_image, metrics.names + model_names,
-                                        {**skipped, **model.not_applicable})}
+                                        {**skipped, **model.not_applicable}),
+              "rfid": {"value": fid.fid("input", "recon") if fid else None,
+                       "images": len(rows), "backbone": fid_label(args)},
+              "images_per_sec": len(rows) / seconds}
     if args.num_samples:
         generated, samples = generation_consistency(model, metrics, args.num_samples,
                                                     args.batch_size, device)
@@ -251,6 +269,7 @@ def main():
     save_image(make_grid(torch.stack(inputs + recons), nrow=len(inputs)),
                os.path.join(args.output, "reconstructions.png"))
     print_table(report)
+    print(f"{report['images_per_sec']:.1f} images/s on {device}")
     print(f"\nwrote {args.output}/metrics.json, per_image.csv, reconstructions.png"
           + (", samples.png" if args.num_samples else "")
           + (", reconstructions/" if args.save_reconstructions else ""))

@@ -129,7 +129,7 @@ def test_trains_and_evaluates_on_celeba_arrays(celeba, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     result = run_script("evaluate.py", "--checkpoint",
                         str(tmp_path / "logs/run/checkpoints/vae_final.pt"), "--output",
-                        str(tmp_path / "eval"), "--dataset", "celeba", "--lpips-net", "none",
+                        str(tmp_path / "eval"), "--dataset", "celeba", "--lpips-net", "none", "--fid", "none",
                         "--num-samples", "4", "--device", "cpu", "--workers", "0")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())

@@ -15,7 +15,8 @@ SUMMARY_KEYS = {"mean", "std", "ci95"}
 
 
 def evaluate_cli(*args, env=None):
-    return run_script("evaluate.py", *args, "--device", "cpu", "--workers", "0", env=env)
+    fid = [] if any(a.startswith("--fid") for a in args) else ["--fid", "none"]
+    return run_script("evaluate.py", *args, *fid, "--device", "cpu", "--workers", "0", env=env)
 
 
 def test_evaluate_writes_metrics_csv_and_reconstructions(trained_checkpoint, demo_data, tmp_path):
@@ -23,8 +24,9 @@ def test_evaluate_writes_metrics_csv_and_reconstructions(trained_checkpoint, dem
     result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(out),
                           "--data-path", demo_data, "--max-images", "12", "--batch-size", "5",
                           "--lpips-random-backbone", "--num-samples", "10",
-                          "--save-reconstructions")
+                          "--save-reconstructions", "--fid-random-backbone")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "images/s on cpu" in result.stdout and "rfid" in result.stdout
     assert "psnr" in result.stdout and "active units" in result.stdout
     report = json.loads((out / "metrics.json").read_text())
     assert report["model"] == "VanillaVAE" and report["num_images"] == 12
@@ -37,6 +39,8 @@ def test_evaluate_writes_metrics_csv_and_reconstructions(trained_checkpoint, dem
     assert rec["kl"]["mean"] > 0 and rec["elbo"]["mean"] < 0
     assert {"mse", "psnr", "ssim", "lpips"} <= set(report["generation"])
     assert report["latent"]["latent_dim"] == 8 and len(report["latent"]["kl_per_dim"]) == 8
+    assert report["rfid"]["value"] is not None and report["rfid"]["images"] == 12
+    assert "random backbone" in report["rfid"]["backbone"] and report["images_per_sec"] > 0
 
     rows = list(csv.DictReader(open(out / "per_image.csv")))
     assert len(rows) == 12 and all(os.path.isfile(r["path"]) for r in rows)
@@ -67,9 +71,14 @@ def test_lpips_none_is_recorded_as_skipped(trained_checkpoint, demo_data, tmp_pa
 def test_missing_lpips_weights_stop_before_any_work(trained_checkpoint, demo_data, tmp_path):
     result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(tmp_path / "e"),
                           "--data-path", demo_data, env={"TORCH_HOME": str(tmp_path / "th")})
-    assert result.returncode == 1
+    assert result.returncode == 2
     assert "alexnet-owt-7be5be79.pth" in result.stderr and "fetch_weights.py" in result.stderr
     assert not (tmp_path / "e").exists()
+    result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(tmp_path / "e"),
+                          "--data-path", demo_data, "--lpips-net", "none", "--fid", "inception",
+                          env={"TORCH_HOME": str(tmp_path / "th")})
+    assert result.returncode == 2 and "pt_inception-2015-12-05-6726825d.pth" in result.stderr
+    assert "--fid none" in result.stderr and not (tmp_path / "e").exists()
 
 
 def test_plain_image_folder(trained_checkpoint, tmp_path):
@@ -96,7 +105,7 @@ def test_refuses_a_checkpoint_that_would_run_code(tmp_path, demo_data):
     torch.save({"model": Payload()}, tmp_path / "evil.pt")
     result = evaluate_cli("--checkpoint", str(tmp_path / "evil.pt"), "--output", str(tmp_path / "e"),
                           "--data-path", demo_data, "--lpips-net", "none")
-    assert result.returncode == 1 and "refused" in result.stderr
+    assert result.returncode == 2 and "refused" in result.stderr
     assert not (tmp_path / "pwned").exists()
 
 
@@ -122,7 +131,7 @@ def test_pythae_model_folder_is_scored_like_our_models(demo_data, tmp_path):
     (tmp_path / "pythae_vae" / "encoder.pkl").write_bytes(b"not to be unpickled")
     result = evaluate_cli("--checkpoint", str(tmp_path / "pythae_vae"), "--output", str(out),
                           "--data-path", demo_data, "--lpips-net", "none")
-    assert result.returncode == 1 and "--allow-pickle" in result.stderr
+    assert result.returncode == 2 and "--allow-pickle" in result.stderr
 
 
 def test_vq_vae_reports_codebook_latents_and_its_own_metrics(demo_data, tmp_path):

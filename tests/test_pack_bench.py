@@ -59,3 +59,18 @@ def test_bench_train_and_data_print_their_json_line(demo_data, tmp_path):
     assert {"frames_per_sec", "baseline_frames_per_sec", "ratio", "workers"} <= set(result)
     assert result["ratio"] == round(result["frames_per_sec"] / result["baseline_frames_per_sec"], 2)
     assert len(result["rounds"]) == 3
+
+
+def test_bench_laq_times_one_pass_against_two(tmp_path):
+    import yaml
+    small = {"dim": 32, "quant_dim": 8, "codebook_size": 8, "image_size": 32, "patch_size": 8,
+             "spatial_depth": 2, "temporal_depth": 1, "dim_head": 8, "heads": 2, "code_seq_len": 4}
+    (tmp_path / "laq.yaml").write_text(yaml.safe_dump(small))
+    result = run_script("bench.py", "laq", "--laq-repo", os.path.join(ROOT, "tests", "laq_standin"),
+                        "--laq-config", str(tmp_path / "laq.yaml"), "--batches", "1",
+                        "--rounds", "2", "--device", "cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["passes"] == 1 and len(report["rounds"]) == 2
+    ratio = report["seconds_per_pair_two_passes"] / report["seconds_per_pair_one_pass"]
+    assert abs(report["speedup"] - ratio) <= 0.01 * ratio + 0.005
