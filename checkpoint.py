@@ -5,6 +5,7 @@ A checkpoint is a plain dict of tensors and Python primitives, so it loads with
 `torch.load(path, weights_only=True)`; nothing in it can run code when loaded.
 """
 import contextlib
+import errno
 import glob
 import logging
 import os
@@ -173,23 +174,80 @@ def prune_step_checkpoints(ckpt_dir, keep):
 
 # --- a run's checkpoints ------------------------------------------------------------------
 
+class RunLock:
+    """An exclusive lock on a run directory, held by rank 0 for the run's whole life.
+
+    A POSIX record lock (fcntl) on run_dir/.lock: the kernel releases it when the process ends
+    in any way, kill -9 included, so a crashed run never leaves a stale lock. The file names
+    the holder (host, pid, start time) for the message a second start gets."""
+
+    def __init__(self, run_dir):
+        import fcntl
+        import socket
+        import time
+        self.path = os.path.join(run_dir, ".lock")
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            if err.errno in (errno.EACCES, errno.EAGAIN):
+                raise ConfigError(f"{run_dir} is in use by {holder}: wait for that run, or "
+                                  f"choose another logging_params.name") from None
+            log.warning("cannot lock %s (%s); make sure no other run uses this folder",
+                        self.path, err.strerror)
+            self.file = None
+            return
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                        f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self.file.flush()
+
+    def release(self):
+        if self.file:
+            self.file.close()                 # closing the file drops the lock
+            self.file = None
+
+
 def prepare_run_dir(run_dir, rt):
-    """Create run_dir/checkpoints (rank 0), check that it is writable, and remove temp files a
-    kill left behind; every rank waits for it. Returns the checkpoint folder."""
-    ckpt_dir = os.path.join(run_dir, "checkpoints")
+    """Create run_dir/checkpoints, lock the run directory, check that it is writable, and
+    remove temp files a killed run left behind (rank 0; only once it holds the lock, so a
+    refused start never touches a running job's files); every rank waits for it. Returns
+    (checkpoint folder, the lock: keep it until the run ends)."""
+    ckpt_dir, lock = os.path.join(run_dir, "checkpoints"), None
     if rt.is_main:
         try:
             os.makedirs(ckpt_dir, exist_ok=True)
+            lock = RunLock(run_dir)
             with open(os.path.join(run_dir, ".write_test"), "w"):
                 pass
             os.remove(os.path.join(run_dir, ".write_test"))
             for stale in glob.glob(os.path.join(ckpt_dir, "*.tmp.*")):
                 os.remove(stale)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(run_dir, STOPPED_FILE))
         except OSError as err:
+            if lock:
+                lock.release()
             raise ConfigError(f"logging_params.save_dir: cannot write to {run_dir} "
                               f"({err.strerror})") from None
     barrier()
-    return ckpt_dir
+    return ckpt_dir, lock
+
+
+STOPPED_FILE = "stopped.json"
+
+
+def mark_stopped(run_dir, step, reason):
+    """run_dir/stopped.json: the run stopped on a signal after saving step `step`.
+    run_train.sh reads it to exit with PREEMPTED_EXIT_CODE when torchrun cannot pass the
+    ranks' exit code on."""
+    import json
+    with atomic_write(os.path.join(run_dir, STOPPED_FILE), "w") as f:
+        json.dump({"step": step, "signal": reason}, f)
 
 
 def resume_point(resume, ckpt_dir, model_params):

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from checkpoint import CheckpointError, atomic_write
 from config import ConfigError, data_params_of
 from dataset_sthv2 import (DECODE_ERRORS, LABEL_FILES, DataError, build_split, decode_rgb,
-                           resize_frame)
+                           read_file, resize_frame)
 from evaluate import load_model, section
 from laq_loader import LaqError, LaqRunner, load_laq
 from metrics import (CI_METHOD, ImageMetrics, WeightsMissing, add_fid_arguments,
@@ -53,11 +53,6 @@ class Pair(NamedTuple):
     current_frame: int                # frame numbers in the video (-1 for --image / --frames)
     target_frame: int
     read: Callable                    # () -> [encoded current, encoded target]
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 # --- which pairs ----------------------------------------------------------------------------
@@ -112,13 +107,13 @@ def choose(pairs, positions, n, seed):
 def frame_pairs(args, vae_config):
     """(pairs, inputs): what is compared and a description of where it came from."""
     if args.image:
-        return [Pair(args.image, args.image, "", -1, -1, lambda: [read_bytes(args.image)] * 2)], {
+        return [Pair(args.image, args.image, "", -1, -1, lambda: [read_file(args.image)] * 2)], {
             "source": "image", "identity_clip": True,
             "note": "--image: the image is both the current and the target frame (identity "
                     "clip), so LAQ's action codes carry no motion"}
     if args.frames:
         first, second = args.frames
-        return [Pair(first, second, "", -1, -1, lambda: [read_bytes(first), read_bytes(second)])], {
+        return [Pair(first, second, "", -1, -1, lambda: [read_file(first), read_file(second)])], {
             "source": "frames", "identity_clip": False}
     exclude = read_video_ids(args.laq_train_videos) if args.laq_train_videos else set()
     pairs, positions, dropped, dropped_videos = split_pairs(args, vae_config, args.split, exclude)

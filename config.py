@@ -56,6 +56,7 @@ class DataParams:
     frame_stride: int = 1
     index_cache_dir: str = ""           # "" = $XDG_CACHE_HOME/sthv2_frame_index
     prefetch_factor: int = 4
+    worker_timeout: int = 600           # seconds a worker may take for a batch; 0 = no limit
 
 
 @dataclass
@@ -227,6 +228,8 @@ def _validate(cfg, world_size, check_paths=True):
                 "prefetch_factor"):
         need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")
     need(d.num_workers >= 0, "data_params.num_workers", f"must be >= 0, got {d.num_workers}")
+    need(d.worker_timeout >= 0, "data_params.worker_timeout",
+         f"must be >= 0 seconds, got {d.worker_timeout}")
     need(not (d.resize == "stretch" and d.dataset == "celeba"), "data_params.resize",
          "applies to SthV2 frames; CelebA arrays were cropped by prepare_celeba.py (--crop)")
     need(0.0 < d.val_fraction < 1.0, "data_params.val_fraction",

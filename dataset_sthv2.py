@@ -20,7 +20,9 @@ import json
 import logging
 import os
 import re
+import stat
 import warnings
+import zipfile
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -29,6 +31,7 @@ from torch.utils.data import (DataLoader, Dataset, DistributedSampler, default_c
                               get_worker_info)
 
 from checkpoint import atomic_write
+from runtime import ignore_stop_signals
 
 with warnings.catch_warnings():   # torchvision >= 0.29 marks its decoders as deprecated
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -45,6 +48,33 @@ LABEL_FILES = {"train": "something-something-v2-train.json",
 INDEX_VERSION = 1
 NEIGHBOUR_TRIES = 4          # frames tried on each side of an unreadable one
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+INDEX_ERRORS = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
+MAX_FILE_BYTES = 64 * 2 ** 20     # a frame file larger than this is treated as unreadable
+
+
+def _first_line(err):
+    text = str(err).strip()
+    return text.splitlines()[0][:200] if text else type(err).__name__
+
+
+def read_file(path, limit=MAX_FILE_BYTES):
+    """The bytes of a regular file of at most `limit` bytes. Anything else (a FIFO, which would
+    block forever; a device such as /dev/zero behind a symlink, which never ends; a huge file)
+    raises ValueError, which the datasets treat like any unreadable frame."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # a FIFO must not block the open
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size} bytes, more than the {limit} a frame may have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than the {limit} bytes a frame may have")
+    return data
 
 
 class DataError(RuntimeError):
@@ -96,8 +126,7 @@ class FrameIndex:
         return os.path.join(self.root, video, f"{prefix}{number:0{width}d}{ext}")
 
     def read_bytes(self, v, pos):
-        with open(self.frame_path(v, pos), "rb") as f:
-            return f.read()
+        return read_file(self.frame_path(v, pos))
 
     @classmethod
     def build(cls, root):
@@ -148,10 +177,15 @@ class FrameIndex:
 
     @classmethod
     def load(cls, path, root, signature):
-        """The cached index if it matches `signature`, else None."""
+        """The cached index if it matches `signature`, else None (a damaged cache is named in
+        a warning and rebuilt)."""
+        if not os.path.exists(path):
+            return None
         try:
             meta, arrays = cls.read(path)
-        except (OSError, ValueError, KeyError):
+        except INDEX_ERRORS as e:
+            log.warning("frame index cache %s is unreadable (%s); rebuilding it", path,
+                        _first_line(e))
             return None
         if meta.get("version") != INDEX_VERSION or meta.get("signature") != signature:
             return None
@@ -196,8 +230,9 @@ class PackedFrameIndex(FrameIndex):
             meta, arrays = FrameIndex.read(path)
             return cls(FrameIndex.from_meta(root, meta, arrays), meta["source_root"],
                        meta["shards"], arrays["shard"], arrays["start"], arrays["length"])
-        except (OSError, ValueError, KeyError) as e:
-            raise DataError(f"packed index {path} is unreadable ({e}); re-run pack_frames.py")
+        except INDEX_ERRORS as e:
+            raise DataError(f"packed index {path} is unreadable ({_first_line(e)}); re-run "
+                            f"pack_frames.py") from None
 
 
 def _natural_key(name):
@@ -265,6 +300,12 @@ def split_videos(index, labels_path="", val_fraction=0.05, seed=0):
                     ids[split] = {str(entry["id"]) for entry in json.load(f)}
             except (OSError, ValueError, KeyError, TypeError) as e:
                 raise DataError(f"cannot read video ids from {path}: {e}") from None
+        both = ids["train"] & ids["val"]
+        if both:
+            named = ", ".join(sorted(both, key=_natural_key)[:5])
+            raise DataError(f"{len(both)} video ids are in both {LABEL_FILES['train']} and "
+                            f"{LABEL_FILES['val']} in {folder} (e.g. {named}): a video may be "
+                            f"in one split only")
         train = [v for v, vid in enumerate(index.videos) if vid in ids["train"]]
         val = [v for v, vid in enumerate(index.videos) if vid in ids["val"]]
         return train, val, f"label files in {folder}"
@@ -289,22 +330,37 @@ def is_complete_jpeg(data):
 def decode_rgb(data):
     """uint8 (3, H, W) from encoded bytes. Complete JPEGs go through libjpeg-turbo
     (torchvision); anything else (PNG, a JPEG without its end marker) through PIL, which
-    rejects truncated files."""
-    if is_complete_jpeg(data):
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                   mode=ImageReadMode.RGB)
-        except RuntimeError as e:
-            raise ValueError(f"JPEG decode failed: {str(e).splitlines()[-1][:200]}") from None
+    rejects truncated files. Every image's size is read from its header first: one of more
+    than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) pixels is refused before it
+    is decoded. 16-bit images are scaled to 8 bits, not clipped."""
     if not data:
         raise ValueError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1).contiguous()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))     # reads the header only
+    except Image.DecompressionBombWarning as e:
+        raise Image.DecompressionBombError(str(e)) from None
     except UnidentifiedImageError:
         raise ValueError("not an image format PIL can read") from None
+    with image:
+        width, height = image.size
+        limit = Image.MAX_IMAGE_PIXELS
+        if limit and width * height > limit:
+            raise Image.DecompressionBombError(f"{width}x{height} pixels, more than the "
+                                               f"{limit} PIL accepts (decompression bomb?)")
+        if is_complete_jpeg(data):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                                       mode=ImageReadMode.RGB)
+            except RuntimeError as e:
+                raise ValueError(f"JPEG decode failed: {str(e).splitlines()[-1][:200]}") from None
+        if image.mode in ("I;16", "I;16B", "I;16L", "I"):     # 16-bit grey: keep the range
+            grey = (np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
+            return torch.from_numpy(grey)[None].expand(3, -1, -1).contiguous()
+        return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 def resize_frame(img, image_size, resize="crop"):
@@ -324,8 +380,7 @@ def resize_frame(img, image_size, resize="crop"):
 
 def load_frame(path, image_size, resize="crop"):
     """uint8 (3, S, S) frame from a file, resized as resize_frame says. Raises DECODE_ERRORS."""
-    with open(path, "rb") as f:
-        return resize_frame(decode_rgb(f.read()), image_size, resize)
+    return resize_frame(decode_rgb(read_file(path)), image_size, resize)
 
 
 class SthV2Frames(Dataset):
@@ -565,6 +620,26 @@ def describe(train_set, val_set):
 
 # --- loaders: what the training loop iterates -----------------------------------------------
 
+def _reported(loader):
+    """Iterate a DataLoader, turning its worker failures into one-line DataErrors."""
+    it = iter(loader)
+    while True:
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        except RuntimeError as e:
+            if "timed out" in str(e):
+                raise DataError(f"a data loader worker gave no batch for {loader.timeout:g} s "
+                                f"(a file read that hangs? a FIFO or a network filesystem "
+                                f"stall); raise data_params.worker_timeout if the files are "
+                                f"just slow") from None
+            raise
+        except DataError as e:        # raised in a worker: keep the message, not its traceback
+            raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        yield batch
+
+
 class ResumableSampler(DistributedSampler):
     """DistributedSampler that can start an epoch part-way, for exact mid-epoch resume."""
     skip = 0
@@ -605,7 +680,8 @@ def make_loaders(train_set, val_set, data_params, rt, seed, val_batches=0):
     common = dict(num_workers=d.num_workers, collate_fn=PooledCollate(d.prefetch_factor + 2),
                   pin_memory=d.pin_memory and rt.device.type == "cuda",
                   persistent_workers=d.num_workers > 0,
-                  **({"prefetch_factor": d.prefetch_factor} if d.num_workers else {}))
+                  **({"prefetch_factor": d.prefetch_factor, "worker_init_fn": ignore_stop_signals,
+                      "timeout": d.worker_timeout} if d.num_workers else {}))
     sampler = ResumableSampler(train_set, rt.world_size, rt.rank, shuffle=True, seed=seed,
                                drop_last=True)
     train = DataLoader(train_set, d.train_batch_size // rt.world_size, sampler=sampler,
@@ -622,9 +698,10 @@ def make_loaders(train_set, val_set, data_params, rt, seed, val_batches=0):
 def device_batches(loader, device):
     """(uint8 images on `device`, unreadable paths) for each batch of `loader`. A pooled
     buffer (PooledCollate) goes back to its worker when the next batch is asked for: by then
-    the step that read it is done."""
+    the step that read it is done. A worker that gives no batch for data_params.worker_timeout
+    seconds (a file read that hangs) is reported as a DataError, not waited for forever."""
     lease = None
-    for images, bad, next_lease in loader:
+    for images, bad, next_lease in _reported(loader):
         if lease:
             lease.release()
         yield images.to(device, non_blocking=True), bad

@@ -126,18 +126,33 @@ def setup_logging(rt, run_dir=None):
         log.addHandler(h)
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
+def ignore_stop_signals(worker_id=None):
+    """DataLoader worker_init_fn: the training process decides when to stop. SLURM, torchrun
+    and a terminal signal a whole process group, workers included; a worker that died of the
+    signal would take the run down before it could save."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 class StopSignal:
-    """Remember SIGTERM / SIGUSR1 (SLURM's warning before the time limit) instead of dying."""
+    """Remember SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT (Ctrl-C)
+    instead of dying: the run finishes its step, saves and exits with PREEMPTED_EXIT_CODE.
+    A second SIGINT aborts at once."""
 
     EVERY = 10                                # steps between checks when distributed
 
     def __init__(self, device):
         self.device, self.received = device, None
         self._pending = None                  # the previous check's all-reduced flag
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT and self.received == "SIGINT":
+            raise KeyboardInterrupt           # the second Ctrl-C: stop now, without saving
         self.received = signal.Signals(signum).name
 
     def agreed(self, step):

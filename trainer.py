@@ -72,7 +72,7 @@ class Trainer:
 
     def __init__(self, cfg, rt, steps_per_epoch):
         e, t = cfg.exp_params, cfg.trainer_params
-        self.rt, self.seed = rt, e.seed
+        self.rt, self.seed, self.base_lr, self.weight_decay = rt, e.seed, e.LR, e.weight_decay
         self.steps_per_epoch = steps_per_epoch
         self.kld_weight, self.max_grad_norm, self.hflip = e.kld_weight, e.max_grad_norm, e.hflip
         cuda = rt.device.type == "cuda"
@@ -105,6 +105,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.bare = self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
+        # what the forward pass itself writes (BatchNorm statistics, EMA codebooks): put back
+        # on a skipped step, so a run of non-finite steps cannot leave NaN statistics behind
+        self.forward_state = list(model.buffers()) + \
+            [p for p in model.parameters() if not p.requires_grad]
         if self.own_step:
             if cuda and t.compile:
                 log.info("%s trains eagerly: torch.compile applies to the standard step only",
@@ -146,11 +150,31 @@ class Trainer:
                                                   else state["scheduler"][name])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
+        self._apply_config_rates(state.get("step", 0))
         try:
             self.noise_gen.set_state(state["noise_generator"])
         except RuntimeError:      # saved on another device type: continue, not bit-exactly
             log.warning("noise generator state comes from another device type; reseeding")
             self.noise_gen.manual_seed(self.seed + int(state.get("step", 0)))
+
+    def _apply_config_rates(self, step):
+        """The config's LR and weight decay win over the checkpoint's: a resumed run with
+        `--set exp_params.LR=...` continues at the new rate (times the schedule) from here."""
+        for name, scheduler in self.schedulers.items():
+            optimizer, old = self.optimizers[name], scheduler.base_lrs[0]
+            old_decay = optimizer.param_groups[0]["weight_decay"]
+            if old == self.base_lr and old_decay == self.weight_decay:
+                continue
+            scheduler.base_lrs = [self.base_lr] * len(optimizer.param_groups)
+            factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+            for group in optimizer.param_groups:
+                group.update(lr=self.base_lr * factor, initial_lr=self.base_lr,
+                             weight_decay=self.weight_decay)
+            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+            if name == next(iter(self.schedulers)):
+                log.info("resuming at step %d with exp_params.LR %g (checkpoint: %g) and "
+                         "weight_decay %g (checkpoint: %g): the config's values apply from here",
+                         step, self.base_lr, old, self.weight_decay, old_decay)
 
     def step(self, images):
         """One optimizer step on this rank's uint8 images; returns (losses, grad norm,
@@ -160,6 +184,7 @@ class Trainer:
         flip = (torch.rand(global_batch, generator=self.noise_gen, device=self.rt.device)
                 [self.rt.rank::self.rt.world_size] < 0.5) if self.hflip else None
         x = to_model_input(images, self.rt.device, flip, self.channels_last)
+        before = [t.detach().clone() for t in self.forward_state]
         if self.own_step:
             with torch.autocast(self.rt.device.type, dtype=self.amp_dtype or torch.float32,
                                 enabled=self.amp_dtype is not None):
@@ -171,6 +196,9 @@ class Trainer:
             result = losses, grad_norm, finite
         else:
             result = self._standard_step(x, noise)
+        with torch.no_grad():                     # on the device: no host sync
+            for t, old in zip(self.forward_state, before):
+                t.copy_(torch.where(result[2], t, old))
         with warnings.catch_warnings():
             # a skipped update (non-finite, or a VAE-GAN rule) still advances the schedule,
             # so the learning rate stays a function of the step; torch warns about that

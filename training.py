@@ -89,7 +89,7 @@ def train(cfg, rt, resume=None):
     """Train `cfg` on this process's share of the run; returns the final checkpoint's path."""
     e, t, lg, d = cfg.exp_params, cfg.trainer_params, cfg.logging_params, cfg.data_params
     size = cfg.model_params["image_size"]
-    ckpt_dir = ck.prepare_run_dir(cfg.run_dir, rt)
+    ckpt_dir, lock = ck.prepare_run_dir(cfg.run_dir, rt)
     setup_logging(rt, cfg.run_dir)
     stop = StopSignal(rt.device)
     if t.deterministic:
@@ -170,6 +170,8 @@ def train(cfg, rt, resume=None):
                 save(trainer, cfg, rt, step, epoch)
             if stop.agreed(step):
                 save(trainer, cfg, rt, step, epoch)
+                if rt.is_main:
+                    ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
                 log.info("stopping on %s at step %d; resume with --resume auto",
                          stop.received or "a peer's signal", step)
                 raise Preempted(step)
@@ -187,6 +189,8 @@ def train(cfg, rt, resume=None):
     save(trainer, cfg, rt, step, epoch, also="vae_final.pt")
     if writer:
         writer.close()
+    if lock:
+        lock.release()
     return os.path.join(ckpt_dir, "vae_final.pt")
 
 
@@ -283,3 +287,7 @@ def run(cfg_loader, rt_factory, resume):
         sys.exit(1)
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
+    except KeyboardInterrupt:                 # a second Ctrl-C: the first one asks to save
+        print("error: interrupted twice; stopped without saving (resume from the last "
+              "checkpoint with --resume auto)", file=sys.stderr)
+        sys.exit(130)

@@ -210,3 +210,82 @@ def test_pooled_buffers_are_never_refilled_before_release(tmp_path):
         assert torch.equal(images, expected[k % 6])
     leases = [lease for _, _, lease in kept]
     assert sum(lease is not None for lease in leases) == 4     # 2 per worker, then fresh memory
+
+
+# --- hostile files ---------------------------------------------------------------------------
+
+def test_fifos_devices_and_huge_files_are_unreadable_frames_not_hangs(tmp_path, monkeypatch):
+    import signal
+    root = tmp_path / "images"
+    root.mkdir()
+    write_frame(str(root / "a.png"), 90)
+    os.mkfifo(root / "b.png")                                  # would block a plain open()
+    os.symlink("/dev/zero", root / "c.png")                    # would never end
+    (root / "d.png").write_bytes(b"\x89PNG" + b"\0" * 2000)
+    monkeypatch.setattr(ds, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(ds.read_file, "__defaults__", (1000,))
+    signal.alarm(20)                                           # a hang fails instead of waiting
+    try:
+        images = ds.ImageFiles(str(root), 16)
+        results = [images[i] for i in range(len(images))]
+    finally:
+        signal.alarm(0)
+    assert results[0][0] is not None and not results[0][1]
+    reasons = [bad[0] for _, bad in results[1:]]
+    assert all(img is None for img, _ in results[1:])
+    assert "not a regular file" in reasons[0] and "not a regular file" in reasons[1]
+    assert "more than the 1000" in reasons[2]
+
+
+def test_images_over_pils_pixel_limit_are_refused_from_the_header(tmp_path, monkeypatch):
+    from PIL import Image as PILImage
+    path = str(tmp_path / "big.jpg")
+    PILImage.new("RGB", (60, 50), (10, 200, 30)).save(path)
+    assert ds.load_frame(path, 16).shape == (3, 16, 16)
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 2000)    # 3000 pixels > the limit
+    decoded = []
+    monkeypatch.setattr(ds, "decode_jpeg", lambda *a, **k: decoded.append(1))
+    with pytest.raises(PILImage.DecompressionBombError, match="limit of 2000"):
+        ds.load_frame(path, 16)
+    assert not decoded                                         # refused before decoding
+
+
+def test_sixteen_bit_grey_pngs_keep_their_brightness(tmp_path):
+    grey = np.full((20, 30), 32768, dtype=np.uint16)
+    grey[:, :10] = 65535
+    Image.fromarray(grey).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode.startswith("I")
+    img = ds.load_frame(str(tmp_path / "deep.png"), 20, resize="stretch")
+    assert img.shape == (3, 20, 20) and int(img[0, 10, 0]) == 255
+    assert abs(int(img[1, 10, 15]) - 128) <= 1                 # mid grey, not clipped to white
+
+
+def test_a_video_in_both_label_files_is_an_error_naming_it(tmp_path):
+    root = str(tmp_path / "frames")
+    for video in ("1", "2", "3"):
+        make_video(root, video, ["img_00001.jpg"])
+    for split, ids in (("train", ["1", "2"]), ("validation", ["2", "3"])):
+        with open(os.path.join(root, f"something-something-v2-{split}.json"), "w") as f:
+            json.dump([{"id": i} for i in ids], f)
+    with pytest.raises(ds.DataError, match=r"1 video ids are in both .* \(e\.g\. 2\)"):
+        ds.split_videos(ds.load_index(root, str(tmp_path / "cache")))
+
+
+def test_a_damaged_index_cache_is_rebuilt_and_a_damaged_packed_index_named(tmp_path, caplog):
+    root, cache = str(tmp_path / "frames"), str(tmp_path / "cache")
+    make_video(root, "a", [f"img_{k:05d}.jpg" for k in range(1, 4)])
+    assert len(ds.load_index(root, cache)) == 3
+    (cached,) = os.listdir(cache)
+    for damage in (b"", b"PK\x03\x04 cut short", open(os.path.join(cache, cached), "rb").read()[:100]):
+        with open(os.path.join(cache, cached), "wb") as f:
+            f.write(damage)
+        with caplog.at_level("WARNING", logger="vae"):
+            assert len(ds.load_index(root, cache)) == 3
+        assert "is unreadable" in caplog.text and "rebuilding" in caplog.text
+        caplog.clear()
+    packed = tmp_path / "packed"
+    packed.mkdir()
+    (packed / ds.PACKED_INDEX).write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(ds.DataError) as info:
+        ds.load_index(str(packed), cache)
+    assert str(packed / ds.PACKED_INDEX) in str(info.value) and "\n" not in str(info.value)

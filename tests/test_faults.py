@@ -2,6 +2,7 @@
 worker killed, a full disk, broken data, a malicious checkpoint. After each, nothing is lost:
 the resumed run ends with the same weights as an uninterrupted one."""
 import glob
+import json
 import os
 import resource
 import signal
@@ -241,3 +242,70 @@ def test_same_seed_gives_bit_identical_weights(reference, demo_data, tmp_path):
     result = run_script(*cli("--config", path)[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same(final_weights(str(tmp_path), "again"), reference)
+
+
+# --- hostile-cluster faults ------------------------------------------------------------
+
+def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_data, tmp_path):
+    """A terminal's Ctrl-C reaches the DataLoader workers too: they must not die of it."""
+    path = write_config(tmp_path / "c.yaml", config_dict(
+        demo_data, str(tmp_path), "run", **{"data_params.num_workers": 2}))
+    proc = start(cli("--config", path))
+    wait_for_line(proc, "step 12 ")
+    os.killpg(proc.pid, signal.SIGINT)                         # the whole group, workers too
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-3000:]
+    assert "stopping on SIGINT" in out and "Traceback" not in out
+    assert json.loads((tmp_path / "run" / "stopped.json").read_text())["signal"] == "SIGINT"
+    result = run_script(*cli("--config", path, "--resume", "auto")[1:])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not (tmp_path / "run" / "stopped.json").exists()
+    assert_same(final_weights(str(tmp_path), "run"), reference)
+
+
+def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(demo_data, tmp_path):
+    env = {"RUN_TRAIN_NPROC": "2", "OMP_NUM_THREADS": "1"}
+
+    def config(name):
+        return write_config(tmp_path / f"{name}.yaml", config_dict(
+            demo_data, str(tmp_path), name, **{"data_params.train_batch_size": 16,
+                                              "data_params.num_workers": 2,
+                                              "trainer_params.max_steps": 30}))
+
+    def run_train(path, *extra):
+        return ["bash", "run_train.sh", "--config", path, "--device", "cpu", *extra]
+
+    ref = subprocess.run(run_train(config("ref")), cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, **env}, timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    proc = start(run_train(config("run")), env=env)
+    wait_for_line(proc, "step 12 ")
+    os.killpg(proc.pid, signal.SIGTERM)                        # what SLURM and a terminal do
+    out = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 75, out[-4000:]
+    assert "stopping on SIGTERM" in out and "killed by signal" not in out
+    assert len(torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["rng"]) == 2
+    resumed = subprocess.run(run_train(config("run"), "--resume", "auto"), cwd=ROOT,
+                             capture_output=True, text=True, env={**os.environ, **env},
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(final_weights(str(tmp_path), "run"), final_weights(str(tmp_path), "ref"))
+
+
+def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", config_dict(
+        demo_data, str(tmp_path), "run", **{"trainer_params.max_steps": 2000}))
+    first = start(cli("--config", path))
+    wait_for_line(first, "step 3 ")
+    in_flight = tmp_path / "run" / "checkpoints" / "step_0000010.pt.tmp.99999"
+    in_flight.write_bytes(b"being written")
+    second = run_script(*cli("--config", path, "--resume", "auto")[1:])
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert f"is in use by pid {first.pid} on" in second.stderr
+    assert len(second.stderr.strip().splitlines()) == 1 and in_flight.exists()
+    os.killpg(first.pid, signal.SIGKILL)                       # a crash: the lock goes with it
+    first.communicate(timeout=60)
+    third = run_script(*cli("--config", path, "--resume", "auto", "--set",
+                            "trainer_params.max_steps=12")[1:])
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert not in_flight.exists()                              # the holder cleans up

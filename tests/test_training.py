@@ -80,6 +80,18 @@ def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(demo_data, tmp_p
     assert a["scheduler"] == b["scheduler"]
 
 
+def test_a_new_learning_rate_on_resume_takes_effect_from_the_resume_step(demo_data, tmp_path):
+    path = write_config(tmp_path / "c.yaml", tiny_config(
+        demo_data, str(tmp_path / "logs"), **{"trainer_params.max_steps": 7}))
+    train_cli(path)
+    result = train_cli(path, "--resume", "auto", "--set", "exp_params.LR=5e-4",
+                       "--set", "trainer_params.max_steps=10")
+    assert "exp_params.LR 0.0005 (checkpoint: 0.001)" in result.stdout
+    final = torch.load(tmp_path / "logs/run/checkpoints/vae_final.pt", weights_only=True)
+    assert final["scheduler"]["base_lrs"] == [5e-4]
+    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * 0.95 ** 2)
+
+
 def test_existing_run_is_never_overwritten_without_resume(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(
         demo_data, str(tmp_path / "logs"), **{"trainer_params.max_steps": 2}))
@@ -122,6 +134,23 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
     torch.manual_seed(cfg.exp_params.seed)                    # the run's initialisation
     for name, p in build_model(cfg.model_params).named_parameters():
         assert torch.equal(saved["model"][name], p), name
+
+
+def test_skipped_steps_leave_batchnorm_statistics_as_they_were(demo_data, tmp_path, monkeypatch):
+    """Exploding inputs make the forward pass write NaN running statistics; the checkpoint
+    saved when the run stops must hold the last good ones."""
+    import trainer
+    cfg = config_from_dict(tiny_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_nonfinite_steps": 3}))
+    original = trainer.to_model_input
+    monkeypatch.setattr(trainer, "to_model_input",
+                        lambda *a, **k: original(*a, **k) * float("inf"))
+    with pytest.raises(TrainingError, match="non-finite steps in a row"):
+        train(cfg, Runtime())
+    saved = torch.load(tmp_path / "logs/run/checkpoints/last.pt", weights_only=True)["model"]
+    torch.manual_seed(cfg.exp_params.seed)
+    for name, b in build_model(cfg.model_params).named_buffers():
+        assert torch.equal(saved[name], b), name            # zeros, ones, 0 batches tracked
 
 
 def test_flip_mask_flips_exactly_the_chosen_images():
