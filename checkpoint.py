@@ -99,17 +99,40 @@ def link_atomic(src, dst):
     os.replace(tmp, dst)
 
 
+def _kind_of_file(path):
+    """None for what torch.save writes (a zip archive, or the legacy pickle stream); else
+    a few words on what the file is instead."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        return None
+    if not head:
+        return "an empty file"
+    if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8"):
+        return "an image"
+    return "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "another format"
+
+
 def load_checkpoint(path):
-    """Load with weights_only=True; refuse pickled code and incomplete files with one line."""
+    """Load with weights_only=True; refuse pickled code, other files and incomplete files,
+    each with one line that names the file."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"{path} is a folder, not a PyTorch checkpoint file")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        kind = _kind_of_file(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} does not exist") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror})") from None
+    if kind:
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (it holds {kind})")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is refused: it holds objects other than "
                               f"tensors and plain data, which could run code ({first})") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
+    except Exception as e:            # torch reports damaged archives in many ways
         raise CheckpointError(f"checkpoint {path} is unreadable or truncated "
                               f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
                               ) from None
@@ -119,11 +142,26 @@ def load_checkpoint(path):
 
 
 def load_training_checkpoint(path):
+    """A checkpoint of this project's training, its parts checked before anything uses them."""
     ckpt = load_checkpoint(path)
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path} lacks {', '.join(missing)}: "
                               f"not a training checkpoint of this project")
+    config = ckpt["config"]
+    wrong = [k for k, ok in (
+        ("model", isinstance(ckpt["model"], dict) and all(torch.is_tensor(v)
+                                                         for v in ckpt["model"].values())),
+        ("config", isinstance(config, dict) and isinstance(config.get("model_params"), dict)),
+        ("step", isinstance(ckpt["step"], int) and ckpt["step"] >= 0),
+        ("epoch", isinstance(ckpt["epoch"], int) and ckpt["epoch"] >= 0),
+        ("optimizer", isinstance(ckpt["optimizer"], dict)),
+        ("scheduler", isinstance(ckpt["scheduler"], dict)),
+        ("rng", isinstance(ckpt["rng"], list) and all(isinstance(r, dict) for r in ckpt["rng"])),
+    ) if not ok]
+    if wrong:
+        raise CheckpointError(f"checkpoint {path} has unusable {', '.join(wrong)}: not a "
+                              f"training checkpoint of this project, or damaged")
     return ckpt
 
 
@@ -258,6 +296,10 @@ def resume_point(resume, ckpt_dir, model_params):
     state = None
     if resume == "auto":
         path, state, rejected = find_resumable(ckpt_dir)
+        if path is None and rejected:
+            raise CheckpointError(f"--resume auto: none of the {len(rejected)} checkpoints in "
+                                  f"{ckpt_dir} is usable ({'; '.join(rejected[:2])}); move them "
+                                  f"away to start fresh, or pass --resume PATH")
         for msg in rejected:
             log.warning("skipping %s", msg)
         log.info("resuming from %s" % path if path else "no checkpoint to resume: starting fresh")
@@ -268,9 +310,30 @@ def resume_point(resume, ckpt_dir, model_params):
         raise ConfigError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue "
                           f"that run, or choose another logging_params.name")
     if state is not None and state["config"]["model_params"] != model_params:
-        raise ConfigError(f"model_params differ from the checkpoint's "
-                          f"({state['config']['model_params']})")
+        saved = state["config"]["model_params"]
+        diff = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the checkpoint, "
+                         f"{model_params.get(k, '(unset)')} now"
+                         for k in sorted(set(saved) | set(model_params))
+                         if saved.get(k) != model_params.get(k))
+        raise ConfigError(f"model_params differ from the checkpoint's ({diff})")
     return state
+
+
+def check_same_data(state, data, allow_change):
+    """Refuse to resume on a train split that changed since the checkpoint (frames added or
+    removed change steps per epoch, the schedule and epoch numbering) unless allowed."""
+    saved = state.get("data")
+    if saved is None or saved == data:
+        return
+    change = (f"{saved['frames']} frames in {saved['videos']} videos then, {data['frames']} in "
+              f"{data['videos']} now" if saved["frames"] != data["frames"] or
+              saved["videos"] != data["videos"] else "the same counts, other videos or frames")
+    if not allow_change:
+        raise ConfigError(f"the train split changed since the checkpoint ({change}); pass "
+                          f"--allow-data-change to resume on the new data anyway (steps per "
+                          f"epoch, the schedule and epoch numbers then follow the new size)")
+    log.warning("the train split changed since the checkpoint (%s); resuming on the new data "
+                "(--allow-data-change)", change)
 
 
 def save_checkpoint(ckpt_dir, state, rt, keep, also=None):
@@ -286,6 +349,7 @@ def save_checkpoint(ckpt_dir, state, rt, keep, also=None):
                 link_atomic(path, os.path.join(ckpt_dir, name))
         except (OSError, RuntimeError) as err:   # torch.save reports short writes as RuntimeError
             reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+            reason = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", reason)  # libtorch's
             raise TrainingError(f"step {state['step']}: cannot write checkpoint {path} "
                                 f"({reason}; is the disk full?); the previous checkpoints "
                                 f"are intact") from None
@@ -299,3 +363,8 @@ def restore_rng(state, rt):
     """This rank's saved RNG states, when the checkpoint was written by as many ranks."""
     if len(state["rng"]) == rt.world_size:
         set_rng_state(state["rng"][rt.rank])
+    else:
+        log.warning("the checkpoint was written by %d processes and this run has %d: the "
+                    "processes' random states are not restored; the data order, latent noise "
+                    "and flips still continue exactly (they come from the run's own generators)",
+                    len(state["rng"]), rt.world_size)

@@ -11,6 +11,7 @@ import inspect
 import math
 import os
 import re
+import reprlib
 import typing
 from dataclasses import dataclass, field
 from typing import List, Literal
@@ -131,6 +132,15 @@ SECTIONS = {"data_params": DataParams, "exp_params": ExpParams,
             "trainer_params": TrainerParams, "logging_params": LoggingParams}
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 4, 4
+
+
+def _short(value):
+    """A bounded repr for messages: a YAML alias bomb must not be expanded to print it."""
+    return _REPR.repr(value)
+
+
 def _check_type(value, annotation, key):
     """Return value converted to `annotation` (int -> float only), or raise ConfigError."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -141,26 +151,26 @@ def _check_type(value, annotation, key):
         return _check_type(value, inner[0], key)
     if origin is Literal:
         if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+            raise ConfigError(f"{key}: expected one of {list(args)}, got {_short(value)}")
         return value
     if origin in (list, List):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {_short(value)}")
         return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         if not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+            raise ConfigError(f"{key}: must be a finite number, got {_short(value)}")
         return float(value)
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
         raise ConfigError(f"{key}: expected {annotation.__name__}, got "
-                          f"{type(value).__name__} {value!r}")
+                          f"{type(value).__name__} {_short(value)}")
     return value
 
 
 def _model_schema(name):
     from models import MODELS
     if name not in MODELS:
-        raise ConfigError(f"model_params.name: unknown model {name!r}; "
+        raise ConfigError(f"model_params.name: unknown model {_short(name)}; "
                           f"choose one of {sorted(MODELS)}")
     cls = MODELS[name]
     hints = typing.get_type_hints(cls.__init__)
@@ -264,17 +274,17 @@ def _validate(cfg, world_size, check_paths=True):
     need(lg.keep_last_checkpoints >= 0, "logging_params.keep_last_checkpoints",
          f"must be >= 0, got {lg.keep_last_checkpoints}")
     need(lg.name != "" and "/" not in lg.name, "logging_params.name",
-         f"must be a non-empty folder name, got {lg.name!r}")
+         f"must be a non-empty folder name, got {_short(lg.name)}")
 
 
 def apply_override(raw, assignment):
     """Apply one `SECTION.KEY=VALUE` to the raw dict; VALUE is read as YAML."""
     if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
-        raise ConfigError(f"--set {assignment!r}: expected SECTION.KEY=VALUE")
+        raise ConfigError(f"--set {_short(assignment)}: expected SECTION.KEY=VALUE")
     path, value = assignment.split("=", 1)
     section, key = path.split(".", 1)
     if section not in raw and section not in SECTIONS and section != "model_params":
-        raise ConfigError(f"--set {path}: unknown section {section!r}")
+        raise ConfigError(f"--set {path}: unknown section {_short(section)}")
     raw.setdefault(section, {})[key] = parse_yaml(value) if value != "" else ""
 
 
@@ -289,7 +299,7 @@ def config_from_dict(raw, world_size=1, check_paths=True):
         if section not in raw:
             raise ConfigError(f"{section}: missing section")
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"{section}: expected a mapping of keys, got {raw[section]!r}")
+            raise ConfigError(f"{section}: expected a mapping of keys, got {_short(raw[section])}")
     cfg = Config(model_params=_build_model_params(raw["model_params"]),
                  **{s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()})
     _validate(cfg, world_size, check_paths)
@@ -303,12 +313,19 @@ def load_config(path, overrides=(), world_size=1, check_paths=True):
             raw = parse_yaml(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file (a YAML config is expected)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping of sections, not a "
+                          f"{type(raw).__name__}")
+    set_keys = {a.split("=", 1)[0] for a in overrides}
     try:
-        raw = {} if raw is None else raw
         for assignment in overrides:
             apply_override(raw, assignment)
         return config_from_dict(raw, world_size, check_paths)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        key = str(e).split(":", 1)[0]                  # the blamed key, e.g. data_params.LR
+        raise ConfigError(f"--set {e}" if key in set_keys else f"{path}: {e}") from None

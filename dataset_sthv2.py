@@ -14,6 +14,7 @@ a readable neighbour from the same video and reported, never retried in a loop.
 build_split() is the one definition of a train or val split; make_loaders() and
 device_batches() are what the training loop iterates.
 """
+import atexit
 import hashlib
 import io
 import json
@@ -608,6 +609,18 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
     return dataset
 
 
+def data_signature(dataset):
+    """What a checkpoint records of its train split, to notice a changed one on resume:
+    {"frames", "videos", "hash"} (the hash covers every video id and its frame count)."""
+    h = hashlib.sha1()
+    if isinstance(dataset, CelebAArrays):
+        h.update(f"{dataset.file}\0{dataset.shape}".encode())
+        return {"frames": len(dataset), "videos": 0, "hash": h.hexdigest()}
+    for v in dataset.videos:
+        h.update(f"{dataset.index.videos[v]}\0{dataset.index.num_frames(v)}\0".encode())
+    return {"frames": len(dataset), "videos": len(dataset.videos), "hash": h.hexdigest()}
+
+
 def describe(train_set, val_set):
     """One line about the two splits, for the training log."""
     if isinstance(train_set, CelebAArrays):
@@ -672,11 +685,22 @@ class BlockBatchSampler:
         return len(self.blocks)
 
 
+def _kill_workers_at_exit():
+    """Workers ignore SIGTERM, which is how multiprocessing ends daemonic children at exit:
+    kill any still running (e.g. one stuck in a read) so that the process can end."""
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+
+
 def make_loaders(train_set, val_set, data_params, rt, seed, val_batches=0):
     """(train loader, val loader) of this rank's share of the global batches. The train
     loader's sampler is a ResumableSampler; validation takes `val_batches` evenly spaced global
     batches' worth of frames (0: all)."""
     d = data_params
+    atexit.unregister(_kill_workers_at_exit)
+    atexit.register(_kill_workers_at_exit)          # runs before multiprocessing's own hook
     common = dict(num_workers=d.num_workers, collate_fn=PooledCollate(d.prefetch_factor + 2),
                   pin_memory=d.pin_memory and rt.device.type == "cuda",
                   persistent_workers=d.num_workers > 0,

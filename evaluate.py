@@ -236,6 +236,11 @@ def main():
     if unreadable:
         print(f"warning: {len(unreadable)} unreadable images left out, e.g. {unreadable[0]}",
               file=sys.stderr)
+    diverged = sum(not np.isfinite(r["mse"]) for r in rows)
+    if diverged:
+        print(f"warning: {diverged} of {len(rows)} reconstructions hold NaN or inf (do the "
+              f"model's weights?); their metrics are NaN and left out of the summaries",
+              file=sys.stderr)
     model_names = [k for k in rows[0] if k not in ("index", "path") and k not in metrics.names]
     per_image = {k: [r[k] for r in rows] for k in metrics.names + model_names}
     skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}

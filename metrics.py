@@ -148,8 +148,11 @@ class ImageMetrics:
         """dict name -> (B,) float64 CPU tensor for `names` (default: all of self.names).
         Both inputs are clamped into [0, 1] first (model outputs may overshoot; piq asserts
         the range)."""
-        target = target.float().clamp(0, 1)
-        recon = recon.float().clamp(0, 1)
+        # an image with NaN/inf pixels (a diverged model) scores NaN, not a traceback
+        finite = (torch.isfinite(recon.float()).flatten(1).all(1)
+                  & torch.isfinite(target.float()).flatten(1).all(1))
+        target = torch.nan_to_num(target.float(), nan=0.0).clamp(0, 1)
+        recon = torch.nan_to_num(recon.float(), nan=0.0).clamp(0, 1)
         compute = {
             "mse": lambda: (recon - target).pow(2).flatten(1).mean(1),
             "bce": lambda: F.binary_cross_entropy(recon.clamp(1e-6, 1 - 1e-6), target,
@@ -159,7 +162,9 @@ class ImageMetrics:
             "gmsd": lambda: piq.gmsd(recon, target, data_range=1.0, reduction="none"),
             "lpips": lambda: self.lpips(recon, target, normalize=True).flatten(),
         }
-        return {k: compute[k]().double().cpu() for k in (names or self.names)}
+        nan = torch.tensor(float("nan"), dtype=torch.float64)
+        return {k: torch.where(finite.cpu(), compute[k]().double().cpu(), nan)
+                for k in (names or self.names)}
 
 
 def add_lpips_arguments(parser):

@@ -189,6 +189,9 @@ def parse_args(description):
                         help="override one config key (repeatable), e.g. --set exp_params.LR=3e-4")
     parser.add_argument("--resume", metavar="PATH|auto",
                         help="checkpoint to continue from; 'auto' = newest valid one of the run")
+    parser.add_argument("--allow-data-change", action="store_true",
+                        help="resume even though frames were added or removed since the "
+                             "checkpoint (steps per epoch and the schedule follow the new data)")
     parser.add_argument("--device", choices=["cpu", "cuda"],
                         help="default: cuda when available and trainer_params.gpus != 0")
     return parser.parse_args()

@@ -54,7 +54,8 @@ def main():
     if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0 and resume is None:
         resume = "auto"
     try:   # the config is checked before any GPU or network work
-        run(lambda: load_config(args.config, args.set, world_size), runtime, resume)
+        run(lambda: load_config(args.config, args.set, world_size), runtime, resume,
+            args.allow_data_change)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -19,7 +19,7 @@ def main():
             torch.cuda.set_device(device)
         return Runtime(device=device)
 
-    run(lambda: load_config(args.config, args.set), runtime, args.resume)
+    run(lambda: load_config(args.config, args.set), runtime, args.resume, args.allow_data_change)
 
 
 if __name__ == "__main__":

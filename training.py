@@ -7,6 +7,7 @@ fixed by the config, and the latent noise and flips are drawn for the whole glob
 one generator and sliced per rank, so 1 process and N processes see the same samples with the
 same noise. Checkpoints (checkpoint.py) carry everything needed to continue bit-exactly.
 """
+import functools
 import logging
 import os
 import sys
@@ -20,8 +21,8 @@ from tqdm import tqdm
 
 import checkpoint as ck
 from config import ConfigError
-from dataset_sthv2 import (DataError, build_split, collate_frames, describe, device_batches,
-                           load_index, make_loaders)
+from dataset_sthv2 import (DataError, build_split, collate_frames, data_signature, describe,
+                           device_batches, load_index, make_loaders)
 from metrics import ImageMetrics
 from runtime import (PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError, all_gather_object,
                      all_reduce, all_reduce_mean, setup_logging)
@@ -85,7 +86,7 @@ class StepStats:
         return stats, worst
 
 
-def train(cfg, rt, resume=None):
+def train(cfg, rt, resume=None, allow_data_change=False):
     """Train `cfg` on this process's share of the run; returns the final checkpoint's path."""
     e, t, lg, d = cfg.exp_params, cfg.trainer_params, cfg.logging_params, cfg.data_params
     size = cfg.model_params["image_size"]
@@ -119,9 +120,17 @@ def train(cfg, rt, resume=None):
 
     # --- model, optimizers, schedule, and the state to continue from ------------------
     trainer = Trainer(cfg, rt, steps_per_epoch)
+    data = data_signature(train_set)
+    save = functools.partial(save_checkpoint, trainer, cfg, rt, data=data)
     step, epoch = 0, 0
     if state is not None:
-        trainer.load_state_dict(state)
+        ck.check_same_data(state, data, allow_data_change)
+        try:
+            trainer.load_state_dict(state)
+        except (KeyError, ValueError, RuntimeError, TypeError) as err:
+            raise ck.CheckpointError(f"the checkpoint's model or optimizer state does not fit "
+                                     f"this model ({type(err).__name__}: "
+                                     f"{str(err).splitlines()[0][:200]})") from None
         step, epoch = state["step"], state["epoch"]
         ck.restore_rng(state, rt)
 
@@ -159,7 +168,7 @@ def train(cfg, rt, resume=None):
                             f"step {step} (epoch {epoch + 1})")
                 bar.set_postfix(loss=f"{window.get('loss', float('nan')):.4g}")
                 if worst >= t.max_nonfinite_steps:
-                    path = save(trainer, cfg, rt, step, epoch)
+                    path = save(step, epoch)
                     raise TrainingError(
                         f"{worst} non-finite steps in a row by step {step} (last loss "
                         f"{losses['loss'].item()}, grad norm {grad_norm.item()}); state saved to "
@@ -167,9 +176,9 @@ def train(cfg, rt, resume=None):
             if writer and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
                 log_images(trainer.bare, fixed_images, writer, cfg.run_dir, step, e.seed + 2)
             if step % lg.save_every_n_steps == 0 and step < max_steps:
-                save(trainer, cfg, rt, step, epoch)
+                save(step, epoch)
             if stop.agreed(step):
-                save(trainer, cfg, rt, step, epoch)
+                save(step, epoch)
                 if rt.is_main:
                     ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
                 log.info("stopping on %s at step %d; resume with --resume auto",
@@ -186,7 +195,7 @@ def train(cfg, rt, resume=None):
             log_scalars(writer, "val", val, step, f"validation after epoch {epoch} (step {step})")
         report_bad_frames(epoch_bad, seen_bad, writer, step)
     bar.close()
-    save(trainer, cfg, rt, step, epoch, also="vae_final.pt")
+    save(step, epoch, also="vae_final.pt")
     if writer:
         writer.close()
     if lock:
@@ -194,9 +203,9 @@ def train(cfg, rt, resume=None):
     return os.path.join(ckpt_dir, "vae_final.pt")
 
 
-def save(trainer, cfg, rt, step, epoch, also=None):
+def save_checkpoint(trainer, cfg, rt, step, epoch, data, also=None):
     """Checkpoint the run at `step` (collective; see checkpoint.save_checkpoint)."""
-    state = {"config": cfg.to_dict(), "step": step, "epoch": epoch,
+    state = {"config": cfg.to_dict(), "step": step, "epoch": epoch, "data": data,
              "steps_per_epoch": trainer.steps_per_epoch, **trainer.state_dict()}
     return ck.save_checkpoint(os.path.join(cfg.run_dir, "checkpoints"), state, rt,
                               cfg.logging_params.keep_last_checkpoints, also)
@@ -256,20 +265,21 @@ def log_images(model, images, writer, run_dir, step, seed):
 
 
 def report_bad_frames(bad, seen, writer, step):
-    """Count unreadable frames of the epoch over all ranks; name each new one once."""
-    bad = [p for part in all_gather_object(bad) for p in part]
+    """Count the distinct unreadable files of the epoch over all ranks; name each new one once."""
+    by_path = {message.split(" (", 1)[0]: message
+               for part in all_gather_object(bad) for message in part}
     if writer:
-        writer.add_scalar("data/unreadable_frames", len(bad), step)
-    by_path = {message.split(" (", 1)[0]: message for message in bad}
+        writer.add_scalar("data/unreadable_frames", len(by_path), step)
     new = sorted(by_path[p] for p in set(by_path) - seen)
     seen.update(by_path)
-    if bad:
+    if by_path:
         listed = "; ".join(new[:5]) + (f" and {len(new) - 5} more" if len(new) > 5 else "")
-        log.warning("%d unreadable frames were replaced by readable neighbours this epoch%s",
-                    len(bad), f"; first seen now: {listed}" if new else "")
+        log.warning("%d unreadable files this epoch, each replaced by a readable neighbour in "
+                    "its video or, where none was readable, by another frame of its batch%s",
+                    len(by_path), f"; first seen now: {listed}" if new else "")
 
 
-def run(cfg_loader, rt_factory, resume):
+def run(cfg_loader, rt_factory, resume, allow_data_change=False):
     """Load the config, build the runtime and train; every known failure exits with one line.
 
     Exit codes: 0 done, 1 training failed, 2 bad config / data / checkpoint,
@@ -278,7 +288,7 @@ def run(cfg_loader, rt_factory, resume):
     try:
         cfg = cfg_loader()
         rt = rt_factory(cfg)
-        return train(cfg, rt, resume)
+        return train(cfg, rt, resume, allow_data_change)
     except (ConfigError, DataError, ck.CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

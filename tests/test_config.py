@@ -8,6 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import yaml
+
 from config import SECTIONS, ConfigError, config_from_dict, load_config
 from conftest import ROOT, run_script, tiny_config, write_config
 
@@ -143,3 +145,39 @@ def test_property_any_wrong_value_is_a_one_line_error_or_accepted_safely(raw, fi
         assert isinstance(got, float) and math.isfinite(got)
     else:
         assert isinstance(got, declared) and not (declared is int and isinstance(got, bool))
+
+
+def test_hostile_config_files_are_one_line_errors(raw, tmp_path):
+    import time
+    levels = ["&l0 [x, x, x, x, x, x, x, x, x]"] + [
+        f"&l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, 10)]
+    bomb = tmp_path / "bomb.yaml"                                 # 9^10 strings if expanded
+    bomb.write_text(yaml.safe_dump({k: v for k, v in raw.items() if k != "exp_params"})
+                    + "exp_params:\n  LR: [" + ", ".join(levels) + "]\n")
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bomb))
+    assert time.monotonic() - started < 5 and len(str(info.value)) < 400
+    assert "exp_params.LR: expected float" in str(info.value)
+
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a text file"):
+        load_config(str(binary))
+    listed = tmp_path / "list.yaml"
+    listed.write_text("- model_params\n- data_params\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections, not a list"):
+        load_config(str(listed), ["exp_params.LR=1e-3"])
+
+
+def test_a_bad_set_value_names_set_not_the_file(raw, tmp_path):
+    path = write_config(tmp_path / "c.yaml", raw)
+    with pytest.raises(ConfigError) as info:
+        load_config(path, [f"data_params.data_path={tmp_path / 'nope'}"])
+    assert str(info.value).startswith("--set data_params.data_path: folder")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["exp_params.LR=-1"])
+    assert str(info.value) == "--set exp_params.LR: must be positive, got -1.0"
+    with pytest.raises(ConfigError) as info:                      # the file's own mistake
+        load_config(write_config(tmp_path / "d.yaml", {**raw, "exp_params": {"LR": -1.0}}))
+    assert str(info.value).startswith(str(tmp_path / "d.yaml"))

@@ -152,3 +152,18 @@ def test_vq_vae_reports_codebook_latents_and_its_own_metrics(demo_data, tmp_path
     assert rec["vq_loss"]["mean"] > 0
     latent = report["latent"]
     assert latent["codebook_size"] == 16 and sum(latent["histogram"]) == 6 * 8 * 8
+
+
+def test_a_model_with_nan_weights_is_reported_not_a_traceback(trained_checkpoint, demo_data,
+                                                              tmp_path):
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    ckpt["model"]["final_layer.1.bias"][0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pt")
+    result = evaluate_cli("--checkpoint", str(tmp_path / "nan.pt"), "--output", str(tmp_path / "e"),
+                          "--data-path", demo_data, "--max-images", "4", "--lpips-net", "none",
+                          "--num-samples", "4")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 of 4 reconstructions hold NaN or inf" in result.stderr
+    assert "Traceback" not in result.stderr
+    report = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert report["reconstruction"]["psnr"]["mean"] is None

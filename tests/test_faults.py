@@ -189,6 +189,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_data,
     assert result.returncode == 1, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: step 20: cannot write checkpoint") and "intact" in message
+    assert "enforce fail" not in message and len(result.stderr.strip().splitlines()) == 1
     assert torch.load(last, weights_only=True)["step"] == 10
     assert not glob.glob(str(tmp_path / "run/checkpoints/*.tmp.*"))
 
@@ -213,15 +214,23 @@ def test_broken_frames_are_counted_and_training_goes_on(demo_data, tmp_path):
     open(frames[5], "wb").write(blob[: len(blob) // 3])               # truncated
     open(frames[9], "w").write("<html>not a frame</html>")            # wrong content
     os.makedirs(data / "9999")                                         # empty video
+    train_ids = [e["id"] for e in json.load(open(data / "something-something-v2-train.json"))]
+    dead = sorted(glob.glob(str(data / train_ids[-1] / "img_*.jpg")))  # no readable neighbour
+    for frame in dead:
+        open(frame, "w").write("gone")
     path = write_config(tmp_path / "c.yaml", config_dict(str(data), str(tmp_path), "run", **{
         "trainer_params.max_steps": 0, "trainer_params.max_epochs": 2}))
     result = run_script(*cli("--config", path)[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "run/train.log").read_text()
     assert "1 video folders hold no frames" in log
-    assert "unreadable frames were replaced" in log
     assert all(sum(f in line for line in log.splitlines()) == 1 for f in (frames[0], frames[5], frames[9]))
-    assert log.count("unreadable frames were replaced") == 2                # counted each epoch
+    counted = [line for line in log.splitlines() if "unreadable files this epoch" in line]
+    assert len(counted) == 2                                           # counted each epoch
+    broken = {frames[0], frames[5], frames[9], *dead}                  # distinct files, not tries
+    for line in counted:
+        number = int(line.split(" unreadable files")[0].split()[-1])
+        assert len(dead) <= number <= len(broken)
 
 
 def test_malicious_checkpoint_is_refused_for_resume(demo_data, tmp_path):
@@ -309,3 +318,68 @@ def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_d
                             "trainer_params.max_steps=12")[1:])
     assert third.returncode == 0, third.stderr[-3000:]
     assert not in_flight.exists()                              # the holder cleans up
+
+
+def test_resume_refuses_changed_data_corrupt_checkpoints_and_strangers(demo_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    path = write_config(tmp_path / "c.yaml", config_dict(
+        str(data), str(tmp_path), "run", **{"trainer_params.max_steps": 4,
+                                            "logging_params.save_every_n_steps": 2}))
+    assert run_script(*cli("--config", path)[1:]).returncode == 0
+    train_ids = [e["id"] for e in json.load(open(data / "something-something-v2-train.json"))]
+    os.remove(data / train_ids[0] / "img_00010.jpg")                    # a frame goes away
+    more = ["--set", "trainer_params.max_steps=6"]
+    refused = run_script(*cli("--config", path, "--resume", "auto", *more)[1:])
+    assert refused.returncode == 2
+    assert "the train split changed since the checkpoint (40 frames in 4 videos then, 39 in 4 " \
+           "now)" in refused.stderr and "--allow-data-change" in refused.stderr
+    allowed = run_script(*cli("--config", path, "--resume", "auto", "--allow-data-change", *more)[1:])
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+
+    ckpt_dir = tmp_path / "run" / "checkpoints"
+    for name in os.listdir(ckpt_dir):                                  # every one damaged
+        (ckpt_dir / name).write_bytes((ckpt_dir / name).read_bytes()[:200])
+    corrupt = run_script(*cli("--config", path, "--resume", "auto", "--allow-data-change")[1:])
+    assert corrupt.returncode == 2 and "none of the" in corrupt.stderr
+    assert "is usable" in corrupt.stderr and "last.pt" in corrupt.stderr
+
+    for name, content in (("notes.txt", b"hello, not weights"), ("frame.png", b"\x89PNG\r\n..")):
+        (tmp_path / name).write_bytes(content)
+        result = run_script(*cli("--config", path, "--resume", str(tmp_path / name))[1:])
+        assert result.returncode == 2 and "is not a PyTorch checkpoint" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = run_script(*cli("--config", path, "--resume", str(tmp_path))[1:])
+    assert result.returncode == 2 and "is a folder, not a PyTorch checkpoint" in result.stderr
+    torch.save({"model": [1, 2], "config": {}, "step": "x", "epoch": 0, "optimizer": {},
+                "scheduler": {}, "rng": []}, tmp_path / "odd.pt")
+    result = run_script(*cli("--config", path, "--resume", str(tmp_path / "odd.pt"))[1:])
+    assert result.returncode == 2 and "has unusable model, config, step" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_worker_that_hangs_is_reported_not_waited_for(demo_data, tmp_path):
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    path = write_config(tmp_path / "c.yaml", config_dict(
+        str(data), str(tmp_path), "run", **{"data_params.num_workers": 1,
+                                            "data_params.worker_timeout": 3}))
+    env = {"PYTHONPATH": str(tmp_path / "hook")}                       # reads hang in workers
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "import os, sys, time\n"
+        "real = os.open\n"
+        "def hang_in_workers(path, *args, **kwargs):\n"
+        "    data = sys.modules.get('torch.utils.data')\n"
+        "    if str(path).endswith('.jpg') and data and data.get_worker_info() is not None:\n"
+        "        time.sleep(3600)                  # a read that never returns\n"
+        "    return real(path, *args, **kwargs)\n"
+        "os.open = hang_in_workers\n")
+    started = time.monotonic()
+    result = subprocess.run(cli("--config", path), cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, **env}, timeout=300)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "gave no batch for 3 s" in result.stderr and "worker_timeout" in result.stderr
+    assert time.monotonic() - started < 120

@@ -28,9 +28,11 @@ def test_run_train_sh_checks_the_config_before_launching(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(
         demo_data, str(tmp_path / "logs"), **{"trainer_params.gpus": "all"}))
     result = shell("--config", path)
-    assert result.returncode != 0
+    assert result.returncode == 2                             # bad input, as every script
     assert "trainer_params.gpus: expected int, got str 'all'" in result.stderr
     assert not (tmp_path / "logs").exists()
+    usage = shell("--help")
+    assert usage.returncode == 0 and "Usage: ./run_train.sh" in usage.stdout
 
 
 def test_test_setup_passes_on_a_good_setup_and_names_the_fix_otherwise(demo_data, tmp_path):
