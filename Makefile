@@ -29,13 +29,13 @@ demo: venv $(DEMO_DATA)/something-something-v2-train.json
 	$(PY) evaluate.py --checkpoint $(DEMO_RUN)/checkpoints/vae_final.pt --output $(DEMO_RUN)/eval \
 		--data-path $(DEMO_DATA) --lpips-net none --fid none --device cpu --save-reconstructions
 	@echo
-	@echo "TensorBoard logs:  tensorboard --logdir $(DEMO_RUN)"
+	@echo "TensorBoard logs:  $(VENV)/bin/tensorboard --logdir $(DEMO_RUN)"
 	@echo "Checkpoints:       $(DEMO_RUN)/checkpoints/"
 	@echo "Training pictures: $(DEMO_RUN)/images/"
 	@echo "Evaluation:        $(DEMO_RUN)/eval/metrics.json, $(DEMO_RUN)/eval/reconstructions/"
 
 test: venv-dev
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 tests
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN)

@@ -125,7 +125,9 @@ def evaluate(model, dataset, positions, metrics, args, device, fid=None):
         if fid:
             fid.add("input", x01)
             fid.add("recon", recon01)
-        values = {**metrics(x01, recon01),
+        flat = x01.mean((2, 3), keepdim=True).expand_as(x01)    # each image's mean colour
+        baseline = {f"mean_colour_{k}": v for k, v in metrics(x01, flat, ("mse", "psnr")).items()}
+        values = {**metrics(x01, recon01), **baseline,
                   **{k: v.double().cpu() for k, v in model_metrics.items()}}
         latent_batches.append({k: v.cpu() for k, v in latents.items()})
         for k, i in enumerate(index.tolist()):
@@ -165,6 +167,11 @@ def print_table(report):
             if name != "not_applicable" and s is not None and s["mean"] is not None:
                 print(f"{name:<18} {s['mean']:>10.4f} {s['std']:>10.4f}   "
                       f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]")
+    base = report["baseline_mean_colour"]["psnr"]
+    if base["mean"] is not None:
+        print(f"{'psnr of mean colour':<18} {base['mean']:>10.4f} {base['std']:>10.4f}   "
+              f"[{base['ci95'][0]:.4f}, {base['ci95'][1]:.4f}]   (baseline: each image "
+              f"replaced by its mean colour; a model that learned scores well above it)")
     if report["rfid"]["value"] is not None:
         print(f"{'rfid':<18} {report['rfid']['value']:>10.4g}   (set-level, "
               f"{report['rfid']['images']} images; {report['rfid']['backbone']})")
@@ -241,7 +248,8 @@ def main():
         print(f"warning: {diverged} of {len(rows)} reconstructions hold NaN or inf (do the "
               f"model's weights?); their metrics are NaN and left out of the summaries",
               file=sys.stderr)
-    model_names = [k for k in rows[0] if k not in ("index", "path") and k not in metrics.names]
+    model_names = [k for k in rows[0] if k not in ("index", "path") and k not in metrics.names
+                   and not k.startswith("mean_colour_")]
     per_image = {k: [r[k] for r in rows] for k in metrics.names + model_names}
     skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}
     report = {"model": ckpt["config"]["model_params"]["name"],
@@ -252,6 +260,8 @@ def main():
               "ssim_settings": SSIM_SETTINGS,
               "reconstruction": section(per_image, metrics.names + model_names,
                                         {**skipped, **model.not_applicable}),
+              "baseline_mean_colour": {k: summarize([r[f"mean_colour_{k}"] for r in rows])
+                                       for k in ("mse", "psnr")},
               "rfid": {"value": fid.fid("input", "recon") if fid else None,
                        "images": len(rows), "backbone": fid_label(args)},
               "images_per_sec": len(rows) / seconds}

@@ -117,10 +117,17 @@ class FidFeatures:
         self.random_backbone = random_backbone
         self.sets = {}
 
+    RANDOM_BACKBONE_SIZE = 96      # untrained network: plumbing only, so not at 299 px
+
     @torch.no_grad()
     def add(self, name, images01):
         """images01: float (B, 3, H, W) in [0, 1] on the network's device."""
-        features = self.net(images01.float().clamp(0, 1))[0].flatten(1)
+        images01 = images01.float().clamp(0, 1)
+        if self.random_backbone:
+            self.net.resize_input = False
+            images01 = F.interpolate(images01, size=(self.RANDOM_BACKBONE_SIZE,) * 2,
+                                     mode="bilinear", align_corners=False)
+        features = self.net(images01)[0].flatten(1)
         self.sets.setdefault(name, []).append(features.double().cpu())
 
     def fid(self, a, b):
@@ -191,7 +198,7 @@ def fid_label(args):
     """How rFID was computed, for metrics.json."""
     if args.fid == "none":
         return "skipped with --fid none"
-    return "inception" + (" (random backbone: rFID values meaningless)"
+    return "inception" + (" (random backbone at 96 px: rFID values meaningless)"
                           if args.fid_random_backbone else "")
 
 

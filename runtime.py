@@ -107,23 +107,47 @@ class _TqdmHandler(logging.StreamHandler):
         tqdm.write(self.format(record), file=sys.stdout)
 
 
-def setup_logging(rt, run_dir=None):
-    """Rank 0 logs to stdout and run_dir/train.log; other ranks print warnings only."""
+class _Held(logging.Handler):
+    """Keeps the records of a run's start until its train.log can be opened."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def setup_logging(rt):
+    """Rank 0 logs to stdout (and, once log_to_file is called, to run_dir/train.log); other
+    ranks print warnings only. Until then records are held, so that a start that fails on
+    its inputs leaves no file behind but the log still begins at the beginning."""
     log.handlers.clear()
     log.propagate = False
+    formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     if rt.is_main:
         log.setLevel(logging.INFO)
-        handlers = [_TqdmHandler()]
-        if run_dir:
-            handlers.append(logging.FileHandler(os.path.join(run_dir, "train.log")))
-        for h in handlers:
-            h.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+        for h in (_TqdmHandler(), _Held()):
+            h.setFormatter(formatter)
             log.addHandler(h)
     else:
         log.setLevel(logging.WARNING)
         h = logging.StreamHandler(sys.stderr)
         h.setFormatter(logging.Formatter(f"[rank {rt.rank}] %(message)s"))
         log.addHandler(h)
+
+
+def log_to_file(run_dir):
+    """Start run_dir/train.log with the records held so far (rank 0)."""
+    held = [h for h in log.handlers if isinstance(h, _Held)]
+    if not held:
+        return
+    file = logging.FileHandler(os.path.join(run_dir, "train.log"))
+    file.setFormatter(held[0].formatter)
+    for record in held[0].records:
+        file.handle(record)
+    log.removeHandler(held[0])
+    log.addHandler(file)
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

@@ -25,7 +25,7 @@ from dataset_sthv2 import (DataError, build_split, collate_frames, data_signatur
                            device_batches, load_index, make_loaders)
 from metrics import ImageMetrics
 from runtime import (PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError, all_gather_object,
-                     all_reduce, all_reduce_mean, setup_logging)
+                     all_reduce, all_reduce_mean, log_to_file, setup_logging)
 from trainer import Trainer, draw_noise, to_model_input
 
 log = logging.getLogger("vae")
@@ -89,9 +89,8 @@ class StepStats:
 def train(cfg, rt, resume=None, allow_data_change=False):
     """Train `cfg` on this process's share of the run; returns the final checkpoint's path."""
     e, t, lg, d = cfg.exp_params, cfg.trainer_params, cfg.logging_params, cfg.data_params
-    size = cfg.model_params["image_size"]
-    ckpt_dir, lock = ck.prepare_run_dir(cfg.run_dir, rt)
-    setup_logging(rt, cfg.run_dir)
+    size, ckpt_dir = cfg.model_params["image_size"], os.path.join(cfg.run_dir, "checkpoints")
+    setup_logging(rt)
     stop = StopSignal(rt.device)
     if t.deterministic:
         torch.use_deterministic_algorithms(True)
@@ -99,14 +98,9 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     elif rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
 
-    # --- where to start: fresh, or from a checkpoint of this run ------------------------
+    # --- inputs first: nothing is written until the checkpoint and the data are good -----
     state = ck.resume_point(resume, ckpt_dir, cfg.model_params)
-    if rt.is_main:
-        with ck.atomic_write(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
-
-    # --- data: one process per node indexes, the others read its cache ---------------
-    with rt.local_main_first():
+    with rt.local_main_first():          # one process per node indexes, the others read it
         index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
         train_set, val_set = (build_split(d, split, size, index) for split in ("train", "val"))
     log.info("data: %s (frame_stride %d)", describe(train_set, val_set), d.frame_stride)
@@ -116,6 +110,17 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                             f"global batch (data_params.train_batch_size={d.train_batch_size})")
     max_steps = t.max_epochs * steps_per_epoch            # max_steps (if set) can only shorten it
     max_steps = min(max_steps, t.max_steps) if t.max_steps else max_steps
+    final = os.path.join(ckpt_dir, "vae_final.pt")
+    if state is not None and state["step"] >= max_steps and os.path.isfile(final):
+        log.info("the run finished at step %d (%s): nothing to do", state["step"], final)
+        return final
+
+    # --- the run directory: locked, then the config and the log -----------------------
+    ckpt_dir, lock = ck.prepare_run_dir(cfg.run_dir, rt)
+    if rt.is_main:
+        log_to_file(cfg.run_dir)
+        with ck.atomic_write(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     train_loader, val_loader = make_loaders(train_set, val_set, d, rt, e.seed, t.limit_val_batches)
 
     # --- model, optimizers, schedule, and the state to continue from ------------------
@@ -200,7 +205,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         writer.close()
     if lock:
         lock.release()
-    return os.path.join(ckpt_dir, "vae_final.pt")
+    return final
 
 
 def save_checkpoint(trainer, cfg, rt, step, epoch, data, also=None):

@@ -77,6 +77,8 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
     assert sum(laq_latent["histogram"]) == 6 * SMALL_LAQ["code_seq_len"]
     assert 1 <= laq_latent["unique_codes"] <= 8 and report["latent"]["vae"]["latent_dim"] == 8
     assert (out / "comparison.png").stat().st_size > 10_000
+    assert report["rfid"]["vae"] is not None and report["rfid"]["laq"] is not None
+    assert "random backbone" in report["rfid"]["backbone"] and report["rfid"]["images"] == 6
 
     # every pair is `offset` frames apart in one validation video
     val_ids = {e["id"] for e in json.load(open(os.path.join(
@@ -282,7 +284,7 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
                          "--data-path", demo_data, "--num-pairs", "50", "--offset", "3",
                          "--laq-train-videos", str(tmp_path / "laq_train.txt"), "--probe",
                          "--probe-pairs", "40", "--output", str(out), "--lpips-net", "none",
-                         "--fid-random-backbone", "--tensorboard", str(tmp_path / "tb"))
+                         "--fid", "none", "--tensorboard", str(tmp_path / "tb"))
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((out / "metrics.json").read_text())
     assert report["resize"] == {"vae": "crop", "laq": "stretch"}          # as each was trained
@@ -302,7 +304,7 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
     assert 0 <= report["rate"]["laq"]["code_entropy_bits"] <= 12
     kl_bits = np.mean([float(r["vae_kl_bits"]) for r in rows])
     assert report["rate"]["vae"]["kl_bits_mean"] == pytest.approx(kl_bits, rel=1e-6)
-    assert report["rfid"]["vae"] is not None and "random backbone" in report["rfid"]["backbone"]
+    assert report["rfid"] == {"backbone": "skipped with --fid none"}
     probe = json.loads((out / "probe.json").read_text())
     assert set(probe["feature_sets"]) == {"vae_mu_current_future", "vae_mu_difference",
                                           "laq_codes_onehot", "laq_action_continuous"}

@@ -91,7 +91,7 @@ def test_overrides_are_type_checked_and_applied(raw, tmp_path):
                              "model_params.hidden_dims=[4,8]"])
     assert cfg.exp_params.LR == 3e-4 and cfg.trainer_params.sync_batchnorm is True
     assert cfg.model_params["hidden_dims"] == [4, 8]
-    with pytest.raises(ConfigError, match=r"c.yaml: exp_params.LR: expected float, got str"):
+    with pytest.raises(ConfigError, match=r"^--set exp_params.LR: expected float, got str"):
         load_config(path, ["exp_params.LR=fast"])
     with pytest.raises(ConfigError, match="expected SECTION.KEY=VALUE"):
         load_config(path, ["LR=1"])

@@ -44,6 +44,15 @@ def test_evaluate_writes_metrics_csv_and_reconstructions(trained_checkpoint, dem
 
     rows = list(csv.DictReader(open(out / "per_image.csv")))
     assert len(rows) == 12 and all(os.path.isfile(r["path"]) for r in rows)
+    # the mean-colour baseline, recomputed from the inputs as the model saw them
+    for row in rows[:3]:
+        seen = load_frame(row["path"], 32).float().numpy() / 255
+        flat = seen.mean((1, 2), keepdims=True)
+        expected = 10 * np.log10(1 / ((seen - flat) ** 2).mean())
+        assert float(row["mean_colour_psnr"]) == pytest.approx(expected, abs=1e-3)
+    base = report["baseline_mean_colour"]["psnr"]
+    assert base["mean"] == pytest.approx(np.mean([float(r["mean_colour_psnr"]) for r in rows]))
+    assert "psnr of mean colour" in result.stdout
     assert np.mean([float(r["mse"]) for r in rows]) == pytest.approx(rec["mse"]["mean"], rel=1e-9)
 
     # saved pairs: the input exactly as the model saw it, and its reconstruction

@@ -130,29 +130,37 @@ def worker_pids(torchrun_pid):
     return pids
 
 
-def test_killed_torchrun_worker_restarts_and_resumes(demo_data, tmp_path):
-    def config(name):
-        return write_config(tmp_path / f"{name}.yaml", config_dict(
-            demo_data, str(tmp_path), name, **{"data_params.train_batch_size": 16,
-                                              "trainer_params.max_steps": 30,
-                                              "logging_params.save_every_n_steps": 5}))
+DDP = {"data_params.train_batch_size": 16, "trainer_params.max_steps": 30}
 
-    def torchrun(path):
-        return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                "--nproc_per_node=2", "--max-restarts=1", "train_ddp.py", "--config", path,
-                "--device", "cpu"]
 
-    env = {"OMP_NUM_THREADS": "1"}
-    ref = subprocess.run(torchrun(config("ref")), cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, **env}, timeout=300)
+def torchrun(path):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            "--nproc_per_node=2", "--max-restarts=1", "train_ddp.py", "--config", path,
+            "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def ddp_reference(demo_data, tmp_path_factory):
+    """An uninterrupted 2-process run of 30 steps, for the interrupted 2-process runs."""
+    save_dir = str(tmp_path_factory.mktemp("ddp_reference"))
+    path = write_config(os.path.join(save_dir, "c.yaml"),
+                        config_dict(demo_data, save_dir, "ref", **DDP))
+    ref = subprocess.run(torchrun(path), cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = start(torchrun(config("run")), env=env)
+    return final_weights(save_dir, "ref")
+
+
+def test_killed_torchrun_worker_restarts_and_resumes(ddp_reference, demo_data, tmp_path):
+    path = write_config(tmp_path / "run.yaml", config_dict(
+        demo_data, str(tmp_path), "run", **DDP, **{"logging_params.save_every_n_steps": 5}))
+    proc = start(torchrun(path), env={"OMP_NUM_THREADS": "1"})
     wait_for_line(proc, "step 12 ")
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 0, out[-4000:]
     assert "resuming from" in out
-    assert_same(final_weights(str(tmp_path), "run"), final_weights(str(tmp_path), "ref"))
+    assert_same(final_weights(str(tmp_path), "run"), ddp_reference)
 
 
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_path):
@@ -272,33 +280,23 @@ def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_d
     assert_same(final_weights(str(tmp_path), "run"), reference)
 
 
-def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(demo_data, tmp_path):
+def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(
+        ddp_reference, demo_data, tmp_path):
     env = {"RUN_TRAIN_NPROC": "2", "OMP_NUM_THREADS": "1"}
-
-    def config(name):
-        return write_config(tmp_path / f"{name}.yaml", config_dict(
-            demo_data, str(tmp_path), name, **{"data_params.train_batch_size": 16,
-                                              "data_params.num_workers": 2,
-                                              "trainer_params.max_steps": 30}))
-
-    def run_train(path, *extra):
-        return ["bash", "run_train.sh", "--config", path, "--device", "cpu", *extra]
-
-    ref = subprocess.run(run_train(config("ref")), cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, **env}, timeout=300)
-    assert ref.returncode == 0, ref.stderr[-3000:]
-    proc = start(run_train(config("run")), env=env)
+    path = write_config(tmp_path / "run.yaml", config_dict(
+        demo_data, str(tmp_path), "run", **DDP, **{"data_params.num_workers": 2}))
+    run_train = ["bash", "run_train.sh", "--config", path, "--device", "cpu"]
+    proc = start(run_train, env=env)
     wait_for_line(proc, "step 12 ")
     os.killpg(proc.pid, signal.SIGTERM)                        # what SLURM and a terminal do
     out = proc.communicate(timeout=300)[0]
     assert proc.returncode == 75, out[-4000:]
     assert "stopping on SIGTERM" in out and "killed by signal" not in out
     assert len(torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["rng"]) == 2
-    resumed = subprocess.run(run_train(config("run"), "--resume", "auto"), cwd=ROOT,
-                             capture_output=True, text=True, env={**os.environ, **env},
-                             timeout=300)
+    resumed = subprocess.run(run_train + ["--resume", "auto"], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, **env}, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same(final_weights(str(tmp_path), "run"), final_weights(str(tmp_path), "ref"))
+    assert_same(final_weights(str(tmp_path), "run"), ddp_reference)
 
 
 def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_data, tmp_path):
@@ -322,41 +320,47 @@ def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_d
 
 def test_resume_refuses_changed_data_corrupt_checkpoints_and_strangers(demo_data, tmp_path):
     import shutil
+
+    import checkpoint as ck
+    from config import ConfigError, config_from_dict
+    from runtime import Runtime
+    from training import train
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
-    path = write_config(tmp_path / "c.yaml", config_dict(
-        str(data), str(tmp_path), "run", **{"trainer_params.max_steps": 4,
-                                            "logging_params.save_every_n_steps": 2}))
-    assert run_script(*cli("--config", path)[1:]).returncode == 0
+    raw = config_dict(str(data), str(tmp_path), "run", **{"trainer_params.max_steps": 4,
+                                                          "logging_params.save_every_n_steps": 2})
+    train(config_from_dict(raw), Runtime())
     train_ids = [e["id"] for e in json.load(open(data / "something-something-v2-train.json"))]
     os.remove(data / train_ids[0] / "img_00010.jpg")                    # a frame goes away
-    more = ["--set", "trainer_params.max_steps=6"]
-    refused = run_script(*cli("--config", path, "--resume", "auto", *more)[1:])
-    assert refused.returncode == 2
+    longer = config_from_dict({**raw, "trainer_params": {**raw["trainer_params"], "max_steps": 6}})
+    with pytest.raises(ConfigError) as info:
+        train(longer, Runtime(), resume="auto")
     assert "the train split changed since the checkpoint (40 frames in 4 videos then, 39 in 4 " \
-           "now)" in refused.stderr and "--allow-data-change" in refused.stderr
-    allowed = run_script(*cli("--config", path, "--resume", "auto", "--allow-data-change", *more)[1:])
-    assert allowed.returncode == 0, allowed.stderr[-3000:]
+           "now)" in str(info.value) and "--allow-data-change" in str(info.value)
+    assert torch.load(train(longer, Runtime(), resume="auto", allow_data_change=True),
+                      weights_only=True)["step"] == 6
 
     ckpt_dir = tmp_path / "run" / "checkpoints"
     for name in os.listdir(ckpt_dir):                                  # every one damaged
         (ckpt_dir / name).write_bytes((ckpt_dir / name).read_bytes()[:200])
-    corrupt = run_script(*cli("--config", path, "--resume", "auto", "--allow-data-change")[1:])
-    assert corrupt.returncode == 2 and "none of the" in corrupt.stderr
-    assert "is usable" in corrupt.stderr and "last.pt" in corrupt.stderr
+    with pytest.raises(ck.CheckpointError, match="none of the .* is usable .*last.pt"):
+        train(longer, Runtime(), resume="auto", allow_data_change=True)
 
-    for name, content in (("notes.txt", b"hello, not weights"), ("frame.png", b"\x89PNG\r\n..")):
-        (tmp_path / name).write_bytes(content)
-        result = run_script(*cli("--config", path, "--resume", str(tmp_path / name))[1:])
-        assert result.returncode == 2 and "is not a PyTorch checkpoint" in result.stderr
-        assert len(result.stderr.strip().splitlines()) == 1
-    result = run_script(*cli("--config", path, "--resume", str(tmp_path))[1:])
-    assert result.returncode == 2 and "is a folder, not a PyTorch checkpoint" in result.stderr
+    path = write_config(tmp_path / "c.yaml", raw)
+    (tmp_path / "notes.txt").write_bytes(b"hello, not weights")
+    result = run_script(*cli("--config", path, "--resume", str(tmp_path / "notes.txt"))[1:])
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "is not a PyTorch checkpoint (it holds text)" in result.stderr
+    import checkpoint as ck
+    (tmp_path / "frame.png").write_bytes(b"\x89PNG\r\n\x1a\n....")
+    with pytest.raises(ck.CheckpointError, match="not a PyTorch checkpoint .it holds an image"):
+        ck.load_training_checkpoint(str(tmp_path / "frame.png"))
+    with pytest.raises(ck.CheckpointError, match="is a folder, not a PyTorch checkpoint"):
+        ck.load_training_checkpoint(str(tmp_path))
     torch.save({"model": [1, 2], "config": {}, "step": "x", "epoch": 0, "optimizer": {},
                 "scheduler": {}, "rng": []}, tmp_path / "odd.pt")
-    result = run_script(*cli("--config", path, "--resume", str(tmp_path / "odd.pt"))[1:])
-    assert result.returncode == 2 and "has unusable model, config, step" in result.stderr
-    assert "Traceback" not in result.stderr
+    with pytest.raises(ck.CheckpointError, match="has unusable model, config, step"):
+        ck.load_training_checkpoint(str(tmp_path / "odd.pt"))
 
 
 def test_a_worker_that_hangs_is_reported_not_waited_for(demo_data, tmp_path):

@@ -178,3 +178,30 @@ def test_hflip_switch_reaches_the_training_batches(demo_data, tmp_path):
     plain, flipped, plain_again = final("a", False), final("b", True), final("c", False)
     assert all(torch.equal(plain[k], plain_again[k]) for k in plain)
     assert any(not torch.equal(plain[k], flipped[k]) for k in plain)
+
+
+def test_a_failed_start_writes_nothing_and_a_finished_run_is_left_alone(demo_data, tmp_path):
+    from checkpoint import CheckpointError
+    from dataset_sthv2 import DataError
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match="no frames found"):
+        train(config_from_dict(tiny_config(str(empty), str(tmp_path / "logs"), **{
+            "data_params.index_cache_dir": str(tmp_path / "cache")})), Runtime())
+    assert not (tmp_path / "logs").exists()                   # no run dir, no train.log
+    cfg = config_from_dict(tiny_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_steps": 4, "data_params.index_cache_dir": str(tmp_path / "cache")}))
+    with pytest.raises(CheckpointError, match="does not exist"):
+        train(cfg, Runtime(), resume=str(tmp_path / "missing.pt"))
+    assert not (tmp_path / "logs").exists()
+
+    final = train(cfg, Runtime())
+    run_dir = tmp_path / "logs" / "run"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
+    assert train(cfg, Runtime(), resume="auto") == final
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+    again = run_script("train_single_gpu.py", "--config", write_config(
+        tmp_path / "c.yaml", cfg.to_dict()), "--device", "cpu", "--resume", "auto")
+    assert again.returncode == 0 and "the run finished at step 4" in again.stdout
+    assert "nothing to do" in again.stdout
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
