@@ -16,7 +16,6 @@ rate (bits per pair), rFID, and with --probe how well each model's latent predic
 README.md ("Comparing with LAQ") says how to read every output.
 """
 import argparse
-import csv
 import json
 import math
 import os
@@ -33,7 +32,7 @@ from checkpoint import CheckpointError, atomic_write
 from config import ConfigError, data_params_of
 from dataset_sthv2 import (DECODE_ERRORS, LABEL_FILES, DataError, build_split, decode_rgb,
                            read_file, resize_frame)
-from evaluate import load_model, section
+from evaluate import load_model, section, write_report
 from laq_loader import LaqError, LaqRunner, load_laq
 from metrics import (CI_METHOD, ImageMetrics, WeightsMissing, add_fid_arguments,
                      add_lpips_arguments, build_fid, codebook_diagnostics, fid_label,
@@ -401,12 +400,7 @@ def summary_lines(report):
 def write_outputs(args, report, rows, examples, kl_per_dim):
     from plots import comparison_figure, summary_figure
     os.makedirs(args.output, exist_ok=True)
-    with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with atomic_write(os.path.join(args.output, "per_pair.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_report(args.output, report, rows, "per_pair.csv")
     shown = ("psnr", "ssim", "lpips")
     for e in examples:
         row = e["row"]

@@ -94,6 +94,16 @@ def save_png(tensor_uint8, path):
     Image.fromarray(tensor_uint8.permute(1, 2, 0).cpu().numpy()).save(path)
 
 
+def write_report(folder, report, rows, csv_name):
+    """folder/metrics.json and folder/csv_name (one row per scored item), each atomically."""
+    with atomic_write(os.path.join(folder, "metrics.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with atomic_write(os.path.join(folder, csv_name), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def section(per_image, names, not_applicable):
     out = {name: summarize(per_image[name]) for name in names}
     out.update({name: None for name in not_applicable})
@@ -274,12 +284,7 @@ def main():
         report["generation"] = {"not_applicable": {"all": "skipped with --num-samples 0"}}
     report["latent"] = latent
 
-    with atomic_write(os.path.join(args.output, "metrics.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with atomic_write(os.path.join(args.output, "per_image.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_report(args.output, report, rows, "per_image.csv")
     inputs, recons = zip(*grid)
     save_image(make_grid(torch.stack(inputs + recons), nrow=len(inputs)),
                os.path.join(args.output, "reconstructions.png"))
