@@ -310,13 +310,14 @@ def probe_features(vae, runner, num_codes, pairs, geometry, batch_size, device, 
     return {n: np.concatenate([c[n] for c in chunks]) for n in names}, labels_kept
 
 
-def probe(args, vae, runner, num_codes, vae_config, geometry, device):
-    """Train-split pairs -> val-split pairs linear probe of the action template (probe.py)."""
+def probe(args, vae, runner, num_codes, vae_config, geometry, device, templates):
+    """Train-split pairs -> val-split pairs linear probe of the action template (probe.py);
+    `templates`: {video id: template} as labels_of read them ({} when the files are missing)."""
     from probe import FeatureCache, read_templates, run_probe
     if getattr(vae, "noise_dim", 0) == 0 or not hasattr(vae, "encode"):
         raise DataError("--probe needs a VAE with a Gaussian posterior (its mean is the feature)")
     d = data_params_of(vae_config, data_path=args.data_path)
-    templates = read_templates(d.labels_path or d.data_path)
+    templates = templates or read_templates(d.labels_path or d.data_path)   # names what is missing
     classes = {t: c for c, t in enumerate(sorted(set(templates.values())))}
     exclude = read_video_ids(args.laq_train_videos) if args.laq_train_videos else set()
     sets = {}
@@ -520,7 +521,7 @@ def main():
     if args.probe:
         try:
             report["probe"] = probe(args, vae, runner, config["codebook_size"], vae_config,
-                                    geometry, device)
+                                    geometry, device, templates)
         except DataError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
