@@ -5,6 +5,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 DEMO_DATA := data/demo_sthv2
 DEMO_RUN := logs_demo/VanillaVAE_demo
+DEMO_ARGS ?=         # extra training arguments, e.g. DEMO_ARGS="--set trainer_params.max_epochs=2"
+DEMO_DATA_ARGS ?=    # extra make_demo_data.py arguments, e.g. DEMO_DATA_ARGS="--videos 64"
 
 .PHONY: demo test venv venv-dev clean-demo
 
@@ -22,10 +24,11 @@ $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
 	touch $@
 
 $(DEMO_DATA)/something-something-v2-train.json: make_demo_data.py | venv
-	$(PY) make_demo_data.py --out $(DEMO_DATA)
+	rm -rf $(DEMO_DATA) $(DEMO_RUN)     # new data: the old demo run no longer matches it
+	$(PY) make_demo_data.py --out $(DEMO_DATA) $(DEMO_DATA_ARGS)
 
 demo: venv $(DEMO_DATA)/something-something-v2-train.json
-	$(PY) train_single_gpu.py --config configs/demo.yaml --resume auto --device cpu
+	$(PY) train_single_gpu.py --config configs/demo.yaml --resume auto --device cpu $(DEMO_ARGS)
 	$(PY) evaluate.py --checkpoint $(DEMO_RUN)/checkpoints/vae_final.pt --output $(DEMO_RUN)/eval \
 		--data-path $(DEMO_DATA) --lpips-net none --fid none --device cpu --save-reconstructions
 	@echo
@@ -33,6 +36,7 @@ demo: venv $(DEMO_DATA)/something-something-v2-train.json
 	@echo "Checkpoints:       $(DEMO_RUN)/checkpoints/"
 	@echo "Training pictures: $(DEMO_RUN)/images/"
 	@echo "Evaluation:        $(DEMO_RUN)/eval/metrics.json, $(DEMO_RUN)/eval/reconstructions/"
+	@echo "In a new shell, run 'source $(VENV)/bin/activate' before the README's python commands."
 
 test: venv-dev
 	$(PY) -m pytest -q -n 2 tests

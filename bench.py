@@ -21,7 +21,6 @@ import json
 import os
 import resource
 import statistics
-import sys
 import time
 
 import torch
@@ -30,8 +29,8 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
 from config import load_config
-from dataset_sthv2 import PooledCollate, SthV2Frames, device_batches, load_index
-from runtime import Runtime, pick_device
+from dataset_sthv2 import DataError, PooledCollate, SthV2Frames, device_batches, load_index
+from runtime import Runtime, exit_bad_input, pick_device
 from trainer import Trainer
 from models import build_model
 
@@ -185,12 +184,12 @@ def bench_data(args):
     frames = SthV2Frames(index, range(len(index.videos)), args.image_size)
     needed = (args.batches + max(2, 2 * args.workers) + 4 * max(args.workers, 1)) * args.batch_size
     if len(frames) < needed:
-        sys.exit(f"error: {args.data_path} has {len(frames)} frames; this run needs {needed} "
-                 f"(lower --batches or --batch-size)")
+        raise DataError(f"{args.data_path} has {len(frames)} frames; this run needs {needed} "
+                        f"(lower --batches or --batch-size)")
     for i in range(len(frames)):                       # both loaders read from the page cache
         frames.index.read_bytes(int(frames.video[i]), int(frames.pos[i]))
         if not os.path.isfile(frames.path(i)):
-            sys.exit(f"error: the baseline reads the frames tree, and {frames.path(i)} is missing")
+            raise DataError(f"the baseline reads the frames tree, and {frames.path(i)} is missing")
         with open(frames.path(i), "rb") as f:
             f.read()
     laq_style = LaqStyleFrames(frames, args.image_size)
@@ -272,13 +271,11 @@ def main():
     laq.add_argument("--device", choices=["cpu", "cuda"])
     args = parser.parse_args()
     from config import ConfigError
-    from dataset_sthv2 import DataError
     from laq_loader import LaqError
     try:
         result = {"train": bench_train, "data": bench_data, "laq": bench_laq}[args.command](args)
     except (ConfigError, DataError, LaqError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(e)
     print(json.dumps(result))
 
 

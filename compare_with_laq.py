@@ -37,7 +37,7 @@ from laq_loader import LaqError, LaqRunner, load_laq
 from metrics import (CI_METHOD, ImageMetrics, WeightsMissing, add_fid_arguments,
                      add_lpips_arguments, build_fid, codebook_diagnostics, fid_label,
                      latent_summary, lpips_label)
-from runtime import pick_device
+from runtime import exit_bad_input, pick_device
 
 FIGURE_ROWS = 8
 OVERLAP_NOTE = ("LAQ's trainer reads every video folder under its data folder: unless LAQ was "
@@ -484,8 +484,7 @@ def main():
         laq, config, key_report = load_laq(args, device)
         pairs, inputs = frame_pairs(args, vae_ckpt["config"])
     except (ConfigError, LaqError, WeightsMissing, CheckpointError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(e)
     vae_config = vae_ckpt["config"]
     geometry = Geometry(vae_config["model_params"]["image_size"],
                         args.vae_resize or data_params_of(vae_config).resize,
@@ -496,7 +495,7 @@ def main():
                                                  args.batch_size, device, figure_picks(pairs))
     seconds = time.perf_counter() - start
     if not rows:
-        sys.exit("error: none of the frame pairs could be read")
+        exit_bad_input("none of the frame pairs could be read")
     names = metrics.names
     skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}
     model_section = lambda m: section({n: [r[f"{m}_{n}"] for r in rows] for n in names},  # noqa: E731
@@ -523,8 +522,7 @@ def main():
             report["probe"] = probe(args, vae, runner, config["codebook_size"], vae_config,
                                     geometry, device, templates)
         except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            exit_bad_input(e)
     report["summary_lines"] = summary_lines(report)
     write_outputs(args, report, rows, examples, (vae_latent or {}).get("kl_per_dim"))
     if inputs.get("note"):

@@ -7,6 +7,7 @@ model_params is checked against the constructor of the model class it names, so 
 family declares its own keys in one place.
 """
 import dataclasses
+import importlib.util
 import inspect
 import math
 import os
@@ -98,6 +99,11 @@ class LoggingParams:
     log_images_every_n_steps: int = 5000
     keep_last_checkpoints: int = 3      # step_*.pt files kept; 0 = keep all
     num_image_samples: int = 8
+    wandb: bool = False                 # also log to Weights & Biases (optional package)
+    wandb_project: str = "vae-sthv2"
+    wandb_entity: str = ""              # "" = your default entity
+    wandb_run_name: str = ""            # "" = logging_params.name
+    wandb_mode: Literal["", "online", "offline", "disabled"] = ""   # "" = $WANDB_MODE or online
 
 
 @dataclass
@@ -275,6 +281,9 @@ def _validate(cfg, world_size, check_paths=True):
          f"must be >= 0, got {lg.keep_last_checkpoints}")
     need(lg.name != "" and "/" not in lg.name, "logging_params.name",
          f"must be a non-empty folder name, got {_short(lg.name)}")
+    need(not lg.wandb or importlib.util.find_spec("wandb") is not None, "logging_params.wandb",
+         "true needs the wandb package, which is not installed (pip install wandb==0.31.0), "
+         "or set it to false")
 
 
 def apply_override(raw, assignment):

@@ -24,12 +24,14 @@ import re
 import stat
 import warnings
 import zipfile
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import (DataLoader, Dataset, DistributedSampler, default_collate,
                               get_worker_info)
+from tqdm import tqdm
 
 from checkpoint import atomic_write
 from runtime import ignore_stop_signals
@@ -135,7 +137,7 @@ class FrameIndex:
         with os.scandir(root) as it:
             folders = sorted((e.name for e in it if e.is_dir() and not e.name.startswith(".")),
                              key=_natural_key)
-        for video in folders:
+        for video in tqdm(folders, desc="indexing", unit="video", disable=None, leave=False):
             with os.scandir(os.path.join(root, video)) as it:
                 parsed = [m for m in (FRAME_NAME.match(e.name) for e in it if e.is_file()) if m]
             if not parsed:

@@ -30,7 +30,7 @@ from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, WeightsMissing, add
                      add_lpips_arguments, build_fid, fid_label, latent_summary, lpips_label,
                      summarize)
 from models import build_model
-from runtime import pick_device
+from runtime import exit_bad_input, pick_device
 from pythae_adapter import PythaeError, is_pythae_folder, load_pythae
 
 GRID_IMAGES = 8
@@ -124,7 +124,7 @@ def evaluate(model, dataset, positions, metrics, args, device, fid=None):
     recon_dir = os.path.join(args.output, "reconstructions")
     if args.save_reconstructions:
         os.makedirs(recon_dir, exist_ok=True)
-    for index, images, bad in tqdm(loader, desc="reconstruction", disable=not sys.stderr.isatty()):
+    for index, images, bad in tqdm(loader, desc="reconstruction", unit="batch", disable=None):
         unreadable += bad
         if len(index) == 0:
             continue
@@ -177,11 +177,14 @@ def print_table(report):
             if name != "not_applicable" and s is not None and s["mean"] is not None:
                 print(f"{name:<18} {s['mean']:>10.4f} {s['std']:>10.4f}   "
                       f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]")
-    base = report["baseline_mean_colour"]["psnr"]
-    if base["mean"] is not None:
-        print(f"{'psnr of mean colour':<18} {base['mean']:>10.4f} {base['std']:>10.4f}   "
-              f"[{base['ci95'][0]:.4f}, {base['ci95'][1]:.4f}]   (baseline: each image "
-              f"replaced by its mean colour; a model that learned scores well above it)")
+        base = report["baseline_mean_colour"]["psnr"]
+        if title == "reconstruction" and base["mean"] is not None:
+            print(f"{'psnr of mean colour':<18} {base['mean']:>10.4f} {base['std']:>10.4f}   "
+                  f"[{base['ci95'][0]:.4f}, {base['ci95'][1]:.4f}]   (baseline: each image "
+                  f"replaced by its mean colour; a model that learned scores well above it)")
+        for name, reason in report[title].get("not_applicable", {}).items():
+            if title == "generation" and name == "all":
+                print(f"(none: {reason})")
     if report["rfid"]["value"] is not None:
         print(f"{'rfid':<18} {report['rfid']['value']:>10.4g}   (set-level, "
               f"{report['rfid']['images']} images; {report['rfid']['backbone']})")
@@ -237,8 +240,7 @@ def main():
         args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
         dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
     except (ConfigError, WeightsMissing, CheckpointError, DataError, PythaeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)                                   # bad input: nothing was evaluated
+        exit_bad_input(e)                             # nothing was evaluated
     positions = list(range(len(dataset)))
     if args.max_images and args.max_images < len(positions):
         positions = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, args.max_images)})
@@ -249,7 +251,7 @@ def main():
                                               fid)
     seconds = time.perf_counter() - start
     if not rows:
-        sys.exit(f"error: none of the {len(positions)} images could be read")
+        exit_bad_input(f"none of the {len(positions)} images could be read")
     if unreadable:
         print(f"warning: {len(unreadable)} unreadable images left out, e.g. {unreadable[0]}",
               file=sys.stderr)

@@ -7,7 +7,7 @@ action template says which way the main shape moves, so the label follows from t
 (a feature that carries the motion can predict it; one that does not stays at chance). Writes
 `OUT/<video_id>/img_00001.jpg ...` and the two SthV2 label JSON files.
 
-    python make_demo_data.py --out data/demo_sthv2 [--videos 48] [--frames 16] [--seed 0]
+    python make_demo_data.py --out data/demo_sthv2 [--videos 384] [--frames 8] [--seed 0]
 """
 import argparse
 import json
@@ -37,8 +37,8 @@ def background(rng, width):
     img = base + x[..., None] * tilt[0] * 0.3 + y[..., None] * tilt[1] * 0.3
     period, angle = rng.uniform(12, 40), rng.uniform(0, np.pi)
     stripes = np.sin((x * np.cos(angle) + y * np.sin(angle)) * 2 * np.pi / period)
-    img += stripes[..., None] * rng.uniform(8, 25)
-    img += rng.normal(0, 6, size=img.shape)
+    img += stripes[..., None] * rng.uniform(4, 10)
+    img += rng.normal(0, 3, size=img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -46,8 +46,8 @@ def simulate(rng, width, frames, direction):
     """Positions of the shapes, (frames, n, 2), and their radii. Shape 0, the main one,
     crosses 60% of the frame along `direction` at a steady speed and passes over the others;
     shapes 1.. bounce elastically off the walls and each other."""
-    n = int(rng.integers(3, 5))
-    radius = np.concatenate([[rng.uniform(30, 38)], rng.uniform(12, 22, size=n - 1)])
+    n = int(rng.integers(2, 4))
+    radius = np.concatenate([[rng.uniform(45, 60)], rng.uniform(20, 30, size=n - 1)])
     size = np.array([width, HEIGHT], dtype=np.float64)
     pos = np.stack([rng.uniform(radius, width - radius), rng.uniform(radius, HEIGHT - radius)], 1)
     vel = rng.uniform(-9, 9, size=(n, 2))
@@ -110,7 +110,7 @@ def video_rng(seed, k):
     return np.random.default_rng([seed, k])
 
 
-def make_demo_data(out, videos=48, frames=16, seed=0, val_fraction=0.25):
+def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25):
     rng = np.random.default_rng(seed)
     entries = []
     templates = list(ACTIONS)
@@ -135,8 +135,8 @@ def make_demo_data(out, videos=48, frames=16, seed=0, val_fraction=0.25):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--videos", type=int, default=48)
-    parser.add_argument("--frames", type=int, default=16, help="frames per video")
+    parser.add_argument("--videos", type=int, default=384)
+    parser.add_argument("--frames", type=int, default=8, help="frames per video")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.videos < 2 or args.frames < 1:

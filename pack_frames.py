@@ -11,7 +11,6 @@ opens tens of files instead of millions. Every frame is copied byte for byte.
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -19,6 +18,7 @@ from tqdm import tqdm
 
 from checkpoint import atomic_write, copy_atomic
 from dataset_sthv2 import LABEL_FILES, PACKED_INDEX, DataError, load_index
+from runtime import exit_bad_input
 
 
 def pack(data_path, out, shard_size, index_cache_dir=""):
@@ -32,7 +32,7 @@ def pack(data_path, out, shard_size, index_cache_dir=""):
     length = np.zeros(n, dtype=np.int64)
     frames = ((v, pos) for v in range(len(index.videos)) for pos in range(index.num_frames(v)))
     shards, k = [], 0
-    with tqdm(total=n, unit="frame", disable=not sys.stderr.isatty()) as progress:
+    with tqdm(total=n, unit="frame", disable=None) as progress:
         while k < n:                          # each shard appears whole, or not at all
             name = f"shard_{len(shards):05d}.bin"
             with atomic_write(os.path.join(out, name)) as handle:
@@ -71,7 +71,7 @@ def main():
         report = pack(args.data_path, args.out, int(args.shard_size_gb * 2 ** 30),
                       args.index_cache_dir)
     except DataError as e:
-        sys.exit(f"error: {e}")
+        exit_bad_input(e)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report))
 

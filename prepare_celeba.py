@@ -23,7 +23,6 @@ import argparse
 import io
 import json
 import os
-import sys
 import zipfile
 from concurrent.futures import ProcessPoolExecutor
 
@@ -32,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import atomic_write
+from runtime import exit_bad_input
 
 SPLITS = {"train": {0}, "valid": {1}, "test": {2}, "valid+test": {1, 2}}
 EXPECTED = {0: 162770, 1: 19867, 2: 19962}
@@ -151,7 +151,7 @@ def prepare(args):
         todo = [k for k in range(len(chunks)) if not os.path.exists(chunk_path(k))]
         with ProcessPoolExecutor(args.workers, initializer=_init_worker,
                                  initargs=(args.src,)) as pool, \
-                tqdm(total=len(names), desc=split, disable=not sys.stderr.isatty()) as bar:
+                tqdm(total=len(names), desc=split, unit="image", disable=None) as bar:
             bar.update(len(names) - sum(len(chunks[k]) for k in todo))
             jobs = pool.map(_work, [(chunks[k], args.crop, args.image_size) for k in todo])
             for k, (array, kept, problems) in zip(todo, jobs):
@@ -182,18 +182,22 @@ def write_split(chunk_paths, out, split, size, partitions):
             problems += json.loads(str(z["problems"]))
     shape = (total, 3, size, size)
     npy = os.path.join(out, f"{split}_data.npy")
-    with atomic_write(npy) as f:              # the memory map writes into the temp file
+    with atomic_write(npy) as f, \
+            tqdm(total=total, desc=f"{split}_data.npy", unit="image", disable=None) as bar:
         array = np.lib.format.open_memmap(f.name, mode="w+", dtype=np.uint8, shape=shape)
-        at = 0
+        at = 0                                # the memory map writes into the temp file
         for path in chunk_paths:
             images = np.load(path)["images"]
             array[at:at + len(images)] = images
             at += len(images)
+            bar.update(len(images))
         array.flush()
         del array
     images = np.load(npy, mmap_mode="r")
-    with atomic_write(os.path.join(out, f"{split}_data.npz")) as f:
-        np.savez(f, images=images, filenames=np.array(names))
+    with atomic_write(os.path.join(out, f"{split}_data.npz")) as f, \
+            tqdm.wrapattr(f, "write", total=images.nbytes, desc=f"{split}_data.npz",
+                          disable=None) as counted:
+        np.savez(counted, images=images, filenames=np.array(names))
     expected = sum(EXPECTED[p] for p in partitions)
     return {"images": total, "shape": list(shape), "skipped": problems,
             "official_count": expected}
@@ -228,7 +232,7 @@ def main():
     try:
         report = prepare(args)
     except PrepareError as e:
-        sys.exit(f"error: {e}")
+        exit_bad_input(e)
     for split, info in report["splits"].items():
         print(f"{split}: {info['images']} images {info['shape']}, {len(info['skipped'])} skipped "
               f"(official split size {info['official_count']})")

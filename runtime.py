@@ -15,11 +15,22 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from config import ConfigError
 
 log = logging.getLogger("vae")
+# Every script: 0 done, 1 the work failed, 2 bad input (arguments, config, data, checkpoint;
+# nothing was done, as argparse's own exit), 75 stopped on a signal after saving, 130 aborted.
+FAILED_EXIT_CODE = 1
+BAD_INPUT_EXIT_CODE = 2
 PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: the job wrote last.pt and should be requeued
+
+
+def exit_bad_input(message):
+    """One line on stderr, and the bad-input exit code."""
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(BAD_INPUT_EXIT_CODE)
 
 
 class TrainingError(RuntimeError):
@@ -102,11 +113,6 @@ class Runtime:
             barrier()
 
 
-class _TqdmHandler(logging.StreamHandler):
-    def emit(self, record):
-        tqdm.write(self.format(record), file=sys.stdout)
-
-
 class _Held(logging.Handler):
     """Keeps the records of a run's start until its train.log can be opened."""
 
@@ -127,7 +133,7 @@ def setup_logging(rt):
     formatter = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     if rt.is_main:
         log.setLevel(logging.INFO)
-        for h in (_TqdmHandler(), _Held()):
+        for h in (logging.StreamHandler(sys.stdout), _Held()):
             h.setFormatter(formatter)
             log.addHandler(h)
     else:
@@ -148,6 +154,17 @@ def log_to_file(run_dir):
         file.handle(record)
     log.removeHandler(held[0])
     log.addHandler(file)
+
+
+def progress(iterable=None, main=True, **kwargs):
+    """A tqdm bar on the main process, shown when stderr is a terminal (tqdm decides:
+    disable=None); log lines printed while one runs go above it (`logged_progress`)."""
+    return tqdm(iterable, disable=None if main else True, dynamic_ncols=True, **kwargs)
+
+
+def logged_progress():
+    """Route this project's log records through tqdm.write while bars are shown."""
+    return logging_redirect_tqdm(loggers=[log])
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)

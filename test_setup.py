@@ -81,9 +81,9 @@ def main():
         report.add("✓", "config", f"{args.config}: {cfg.model_params['name']}, "
                    f"{cfg.model_params['image_size']} px")
     except ConfigError as e:
-        report.add("✗", "config", str(e), "edit the key it names (README: Configuration reference)")
+        report.add("✗", "config", str(e), "fix the file or key it names (README: Configuration reference)")
         report.print()
-        sys.exit(1)
+        sys.exit(2)                           # bad input, as in every script
 
     from runtime import pick_device
     try:
@@ -91,7 +91,7 @@ def main():
     except ConfigError as e:
         report.add("✗", "device", str(e), "drop --device cuda or run on a GPU node")
         report.print()
-        sys.exit(1)
+        sys.exit(2)
 
     check_data(report, cfg)
     check_model(report, cfg, device)

@@ -17,15 +17,16 @@ import numpy as np
 import torch
 import yaml
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
 import checkpoint as ck
 from config import ConfigError
 from dataset_sthv2 import (DataError, build_split, collate_frames, data_signature, describe,
                            device_batches, load_index, make_loaders)
 from metrics import ImageMetrics
-from runtime import (PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError, all_gather_object,
-                     all_reduce, all_reduce_mean, log_to_file, setup_logging)
+from runtime import (FAILED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError,
+                     all_gather_object, all_reduce, all_reduce_mean, exit_bad_input, log_to_file,
+                     logged_progress, progress, setup_logging)
+from tracking import Tracker
 from trainer import Trainer, draw_noise, to_model_input
 
 log = logging.getLogger("vae")
@@ -139,11 +140,9 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         step, epoch = state["step"], state["epoch"]
         ck.restore_rng(state, rt)
 
-    writer = fixed_images = None
+    tracker = fixed_images = None
     if rt.is_main:
-        from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(cfg.run_dir, purge_step=step + 1 if step else None)
-        writer.add_text("config", f"```\n{yaml.safe_dump(cfg.to_dict(), sort_keys=False)}```", step)
+        tracker = Tracker(cfg, step)
         picks = np.linspace(0, len(val_set) - 1, lg.num_image_samples).round()
         fixed_images = collate_frames([val_set[int(i)] for i in picks])[0]
 
@@ -153,8 +152,8 @@ def train(cfg, rt, resume=None, allow_data_change=False):
              rt.world_size, rt.device.type,
              f" with {t.precision} autocast" if trainer.amp_dtype else " in fp32")
     stats = StepStats(rt.device, d.train_batch_size, step, not trainer.scaler.is_enabled())
-    bar = tqdm(total=max_steps, initial=step, dynamic_ncols=True,
-               disable=not (rt.is_main and sys.stderr.isatty()))
+    bar = progress(total=max_steps, initial=step, main=rt.is_main, desc="training",
+                   unit="step")
     seen_bad = set()
     while step < max_steps:
         train_loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch)
@@ -169,7 +168,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
 
             if step % t.log_every_n_steps == 0 or step == max_steps:
                 window, worst = stats.flush(step)
-                log_scalars(writer, "train", {**window, "lr": trainer.lr}, step,
+                log_scalars(tracker, "train", {**window, "lr": trainer.lr}, step,
                             f"step {step} (epoch {epoch + 1})")
                 bar.set_postfix(loss=f"{window.get('loss', float('nan')):.4g}")
                 if worst >= t.max_nonfinite_steps:
@@ -178,8 +177,8 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                         f"{worst} non-finite steps in a row by step {step} (last loss "
                         f"{losses['loss'].item()}, grad norm {grad_norm.item()}); state saved to "
                         f"{path}; lower exp_params.LR or check the data")
-            if writer and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
-                log_images(trainer.bare, fixed_images, writer, cfg.run_dir, step, e.seed + 2)
+            if tracker and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
+                log_images(trainer.bare, fixed_images, tracker, cfg.run_dir, step, e.seed + 2)
             if step % lg.save_every_n_steps == 0 and step < max_steps:
                 save(step, epoch)
             if stop.agreed(step):
@@ -197,12 +196,12 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         if (epoch_done and epoch % t.check_val_every_n_epoch == 0) or step >= max_steps:
             val, val_bad = validate(trainer.bare, val_loader, rt, cfg)
             epoch_bad += val_bad
-            log_scalars(writer, "val", val, step, f"validation after epoch {epoch} (step {step})")
-        report_bad_frames(epoch_bad, seen_bad, writer, step)
+            log_scalars(tracker, "val", val, step, f"validation after epoch {epoch} (step {step})")
+        report_bad_frames(epoch_bad, seen_bad, tracker, step)
     bar.close()
     save(step, epoch, also="vae_final.pt")
-    if writer:
-        writer.close()
+    if tracker:
+        tracker.close()
     if lock:
         lock.release()
     return final
@@ -216,11 +215,10 @@ def save_checkpoint(trainer, cfg, rt, step, epoch, data, also=None):
                               cfg.logging_params.keep_last_checkpoints, also)
 
 
-def log_scalars(writer, prefix, values, step, title):
-    """One log line, and `prefix/name` scalars in TensorBoard (rank 0 has the writer)."""
-    if writer:
-        for k, v in values.items():
-            writer.add_scalar(f"{prefix}/{k}", v, step)
+def log_scalars(tracker, prefix, values, step, title):
+    """One log line, and `prefix/name` scalars in TensorBoard / W&B (rank 0 has the tracker)."""
+    if tracker:
+        tracker.scalars({f"{prefix}/{k}": v for k, v in values.items()}, step)
     log.info("%s: %s", title, " ".join(f"{k} {v:.4g}" for k, v in values.items()))
 
 
@@ -231,7 +229,11 @@ def validate(model, loader, rt, cfg):
     model.eval()
     gen = torch.Generator(device=rt.device).manual_seed(cfg.exp_params.seed + 1)
     keys, sums, unreadable = None, None, []
+    log.info("validating on %d frames", len(loader.dataset))
+    bar = progress(total=len(loader), main=rt.is_main, desc="validation", unit="batch",
+                   leave=False)
     for images, bad in device_batches(loader, rt.device):
+        bar.update(1)
         unreadable += bad
         noise = draw_noise(model, cfg.data_params.val_batch_size, gen, rt)
         x = to_model_input(images, rt.device)
@@ -246,13 +248,14 @@ def validate(model, loader, rt, cfg):
             sums = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)
         sums += torch.stack([values[k] for k in keys]                    # last: image count
                             + [torch.tensor(float(len(x)), device=rt.device, dtype=torch.float64)])
+    bar.close()
     all_reduce(sums)
     model.train()
     return {k: (sums[i] / sums[-1]).item() for i, k in enumerate(keys)}, unreadable
 
 
 @torch.no_grad()
-def log_images(model, images, writer, run_dir, step, seed):
+def log_images(model, images, tracker, run_dir, step, seed):
     """Fixed validation frames above their reconstructions; samples from fixed noise."""
     model.eval()
     device = next(model.parameters()).device
@@ -262,19 +265,18 @@ def log_images(model, images, writer, run_dir, step, seed):
     model.train()
     pairs = make_grid(torch.cat([x, recon]).float().add(1).div(2).clamp(0, 1), nrow=len(x))
     samples = make_grid(generated.float().add(1).div(2).clamp(0, 1), nrow=len(x))
-    writer.add_image("images/reconstructions", pairs, step)
-    writer.add_image("images/samples", samples, step)
+    tracker.images({"images/reconstructions": pairs, "images/samples": samples}, step)
     os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
     save_image(pairs, os.path.join(run_dir, "images", f"reconstructions_{step:07d}.png"))
     save_image(samples, os.path.join(run_dir, "images", f"samples_{step:07d}.png"))
 
 
-def report_bad_frames(bad, seen, writer, step):
+def report_bad_frames(bad, seen, tracker, step):
     """Count the distinct unreadable files of the epoch over all ranks; name each new one once."""
     by_path = {message.split(" (", 1)[0]: message
                for part in all_gather_object(bad) for message in part}
-    if writer:
-        writer.add_scalar("data/unreadable_frames", len(by_path), step)
+    if tracker:
+        tracker.scalars({"data/unreadable_frames": len(by_path)}, step)
     new = sorted(by_path[p] for p in set(by_path) - seen)
     seen.update(by_path)
     if by_path:
@@ -293,13 +295,13 @@ def run(cfg_loader, rt_factory, resume, allow_data_change=False):
     try:
         cfg = cfg_loader()
         rt = rt_factory(cfg)
-        return train(cfg, rt, resume, allow_data_change)
+        with logged_progress():
+            return train(cfg, rt, resume, allow_data_change)
     except (ConfigError, DataError, ck.CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_bad_input(err)
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(FAILED_EXIT_CODE)
     except Preempted:
         sys.exit(PREEMPTED_EXIT_CODE)
     except KeyboardInterrupt:                 # a second Ctrl-C: the first one asks to save

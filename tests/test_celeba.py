@@ -111,10 +111,10 @@ def test_zip_source_gives_the_same_arrays(celeba, tmp_path):
 
 def test_missing_source_and_download_without_gdown_are_clear(tmp_path):
     result = prepare("--src", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
-    assert result.returncode == 1 and "does not exist" in result.stderr
+    assert result.returncode == 2 and "does not exist" in result.stderr
     result = run_script("prepare_celeba.py", "--src", str(tmp_path / "celeba.zip"), "-o",
                         str(tmp_path / "o"), "--gdrive-url", "https://example.invalid/x")
-    assert result.returncode == 1 and "pip install gdown" in result.stderr
+    assert result.returncode == 2 and "pip install gdown" in result.stderr
 
 
 def test_trains_and_evaluates_on_celeba_arrays(celeba, tmp_path):

@@ -66,7 +66,8 @@ def test_two_rank_run_logs_and_checkpoints_once_and_matches_one_process(demo_dat
     torchrun(config(demo_data, tmp_path, "ddp_plain"))
     single, synced, plain = (final_model(tmp_path, n) for n in ("single", "ddp_sync", "ddp_plain"))
     gap_sync, gap_plain = max_param_gap(single, synced), max_param_gap(single, plain)
-    assert gap_sync < 1e-5, gap_sync
+    assert gap_sync < 1e-4, gap_sync        # float reordering, which Adam's normalisation
+    #                                         magnifies on near-zero gradients (lr is 1e-3)
     assert gap_plain > 100 * gap_sync                          # the test can tell them apart
     val_single = EventAccumulator(str(tmp_path / "logs" / "single"))
     val_single.Reload()

@@ -45,7 +45,7 @@ def test_test_setup_passes_on_a_good_setup_and_names_the_fix_otherwise(demo_data
     assert " ✓  sample batch            batch (8, 3, 32, 32) torch.uint8" in ok.stdout
     bad = run_script("test_setup.py", "--config", path, "--set",
                      f"data_params.data_path={tmp_path / 'missing'}")
-    assert bad.returncode == 1
+    assert bad.returncode == 2                                 # bad input, as every script
     assert " ✗  config" in bad.stdout and "fix:" in bad.stdout
 
 

@@ -1,0 +1,46 @@
+"""One exit-code convention for every script: bad input (arguments, config, data, checkpoint)
+exits 2 with one `error:` line on stderr and writes nothing. Run in-process, as `python SCRIPT`."""
+import os
+import runpy
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+MISSING = "no/such/path"
+
+
+def cases(tmp):
+    out = os.path.join(tmp, "out")
+    return {
+        "train_single_gpu.py": ["--config", f"{MISSING}.yaml", "--device", "cpu"],
+        "train_ddp.py": ["--config", f"{MISSING}.yaml", "--device", "cpu"],
+        "test_setup.py": ["--config", f"{MISSING}.yaml", "--device", "cpu"],
+        "evaluate.py": ["--checkpoint", f"{MISSING}.pt", "--output", out, "--device", "cpu"],
+        "compare_with_laq.py": ["--vae", f"{MISSING}.pt", "--laq", MISSING, "--data-path", MISSING,
+                                "--output", out, "--device", "cpu", "--lpips-net", "none",
+                                "--fid", "none"],
+        "pack_frames.py": ["--data-path", MISSING, "--out", out],
+        "prepare_celeba.py": ["--src", f"{MISSING}.zip", "-o", out, "--skip-download"],
+        "bench.py": ["data", "--data-path", MISSING],
+        "make_demo_data.py": ["--out", out, "--videos", "1"],
+        "fetch_weights.py": ["--lpips", "resnet"],
+    }
+
+
+@pytest.mark.parametrize("script", sorted(cases("")))
+def test_bad_input_exits_2_with_one_error_line(script, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)                               # relative paths resolve here
+    monkeypatch.setattr(sys, "argv", [script, *cases(str(tmp_path))[script]])
+    with pytest.raises(SystemExit) as exit:
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()
+    assert exit.value.code == 2, err
+    if script == "test_setup.py":                             # its table names the failed check
+        assert "✗  config" in printed.out and MISSING in printed.out
+    else:
+        assert [line for line in err if line.startswith(("error:", f"{script}: error:"))], err
+    assert "Traceback" not in printed.err
+    assert not (tmp_path / "out").exists()                    # nothing written
