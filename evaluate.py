@@ -31,7 +31,7 @@ from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, WeightsMissing, add
                      summarize)
 from models import build_model
 from runtime import exit_bad_input, pick_device
-from pythae_adapter import PythaeError, is_pythae_folder, load_pythae
+from pythae_adapter import PythaeError, is_pythae_source, load_pythae
 
 GRID_IMAGES = 8
 
@@ -202,7 +202,9 @@ def print_table(report):
 def parse_args():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint of this project, or a model folder saved by pythae")
+                        help="a checkpoint of this project, a model folder saved by pythae, "
+                             "or hf:OWNER/NAME[@REVISION] (a pythae model on the Hugging Face "
+                             "Hub, from its local cache or downloaded)")
     parser.add_argument("--output", required=True, help="folder for the results")
     parser.add_argument("--data-path", help="default: data_params.data_path of the checkpoint")
     parser.add_argument("--dataset", choices=["sthv2", "images", "celeba"], default="sthv2")
@@ -231,7 +233,7 @@ def main():
         device = pick_device(args.device, gpus=-1)
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
         fid = build_fid(args, device)
-        if is_pythae_folder(args.checkpoint):
+        if is_pythae_source(args.checkpoint):
             model, config = load_pythae(args.checkpoint, device, args.allow_pickle)
             ckpt = {"config": config, "step": None}
         else:
@@ -277,7 +279,9 @@ def main():
               "rfid": {"value": fid.fid("input", "recon") if fid else None,
                        "images": len(rows), "backbone": fid_label(args)},
               "images_per_sec": len(rows) / seconds}
-    if args.num_samples:
+    if args.num_samples and getattr(model, "cannot_sample", None):
+        report["generation"] = {"not_applicable": {"all": model.cannot_sample}}
+    elif args.num_samples:
         generated, samples = generation_consistency(model, metrics, args.num_samples,
                                                     args.batch_size, device)
         report["generation"] = section(generated, metrics.names, skipped)
@@ -293,7 +297,7 @@ def main():
     print_table(report)
     print(f"{report['images_per_sec']:.1f} images/s on {device}")
     print(f"\nwrote {args.output}/metrics.json, per_image.csv, reconstructions.png"
-          + (", samples.png" if args.num_samples else "")
+          + (", samples.png" if "all" not in report["generation"]["not_applicable"] else "")
           + (", reconstructions/" if args.save_reconstructions else ""))
 
 

@@ -1,51 +1,176 @@
 """Evaluate models saved by the pythae library with this project's metrics.
 
-pythae (optional: `pip install pythae`) saves a model folder with model_config.json and
-model.pt, plus encoder.pkl / decoder.pkl when the model has custom networks. Those .pkl files
-are pickled Python code that runs when loaded, so folders holding them are refused unless
---allow-pickle says they are trusted. pythae models take images in [0, 1]; the adapter
-presents them with the interface evaluate.py uses for this project's models ([-1, 1] images).
+A pythae model is a folder (model_config.json, model.pt, and .pkl files when it has custom
+networks, a discriminator or a metric) or `hf:OWNER/NAME[@REVISION]`, a model on the Hugging
+Face Hub, read from the local Hub cache (HF_HUB_OFFLINE=1 on compute nodes) or downloaded where
+the network allows. Pickled files run code when loaded: a folder holding any is refused, naming
+them, before anything in it is unpickled, unless --allow-pickle says it is trusted.
+
+Each model type is scored under its own model, as pythae defines it (PYTHAE_MODELS): the
+reconstruction decodes the posterior's own mean (the normalised direction for SVAE, the
+flow-transformed mean for VAE_IAF / VAE_LinNF, the quantised code for VQVAE), `kl` is reported
+only where the posterior is a diagonal Gaussian and the prior N(0, I), and samples come from the
+model's prior. A metric that cannot be computed under the model is null, with the reason.
+pythae models take images in [0, 1]; the adapter presents them with the interface evaluate.py
+uses for this project's models ([-1, 1] images).
 """
 import json
 import os
+import re
+import zipfile
 
 import torch
 import torch.nn as nn
 
 from vanilla_vae_model import gaussian_kl
 
+HUB_PREFIX = "hf:"
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".pck", ".dill")
+NOT_GAUSSIAN_KL = "the {what}; a KL against N(0, I) from the encoder's Gaussian would be wrong"
+
+# pythae model name -> (posterior, prior); what evaluate.py reports follows from these.
+#   gaussian: diagonal Gaussian posterior, decoded at its mean
+#   deterministic: the encoder's output is the code
+#   vq: quantised through the codebook
+#   vmf: von Mises-Fisher, decoded at its normalised mean direction
+#   flow: Gaussian then a normalising flow, decoded at the flow applied to the mean
+#   hamiltonian: Gaussian then Hamiltonian steps (no posterior mean in closed form)
+PYTHAE_MODELS = {
+    "VAE": ("gaussian", "normal"), "BetaVAE": ("gaussian", "normal"),
+    "DisentangledBetaVAE": ("gaussian", "normal"), "BetaTCVAE": ("gaussian", "normal"),
+    "FactorVAE": ("gaussian", "normal"), "MSSSIM_VAE": ("gaussian", "normal"),
+    "INFOVAE_MMD": ("gaussian", "normal"), "IWAE": ("gaussian", "normal"),
+    "CIWAE": ("gaussian", "normal"), "MIWAE": ("gaussian", "normal"),
+    "PIWAE": ("gaussian", "normal"), "Adversarial_AE": ("gaussian", "normal"),
+    "VAEGAN": ("gaussian", "normal"),
+    "VAMP": ("gaussian", "vamp"), "PoincareVAE": ("gaussian", "poincare"),
+    "SVAE": ("vmf", "sphere"),
+    "VAE_IAF": ("flow", "normal"), "VAE_LinNF": ("flow", "normal"),
+    "HVAE": ("hamiltonian", "normal"), "RHVAE": ("hamiltonian", "riemannian"),
+    "AE": ("deterministic", None), "RAE_L2": ("deterministic", None),
+    "RAE_GP": ("deterministic", None), "WAE_MMD": ("deterministic", "normal"),
+    "VQVAE": ("vq", "codebook"),
+}
+KL_REASONS = {
+    "vamp": NOT_GAUSSIAN_KL.format(what="prior is a VampPrior (a mixture of posteriors)"),
+    "poincare": NOT_GAUSSIAN_KL.format(what="posterior and prior live on the Poincaré ball"),
+    "sphere": "the posterior is von Mises-Fisher and the prior uniform on the sphere",
+    "flow": "the posterior is a normalising flow; its KL has no closed form (pythae estimates "
+            "it by sampling)",
+    "hamiltonian": "the posterior follows Hamiltonian steps; its KL has no closed form",
+    "deterministic": "{name} has a deterministic encoder, no posterior to compare with a prior",
+    "vq": "{name} has a deterministic encoder, no posterior to compare with a prior",
+}
+SAMPLE_REASONS = {
+    None: "{name} defines no prior to sample (pythae fits a separate sampler on training "
+          "latents)",
+    "riemannian": "RHVAE's prior is a Riemannian distribution sampled by HMC (pythae's "
+                  "RHVAESampler), not reproduced here",
+}
+
 
 class PythaeError(RuntimeError):
-    """A pythae folder cannot be evaluated (one line that says why)."""
+    """A pythae model cannot be evaluated (one line that says why)."""
 
 
-def is_pythae_folder(path):
-    return os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_config.json"))
+def is_pythae_source(path):
+    return path.startswith(HUB_PREFIX) or (
+        os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_config.json")))
 
 
-def load_pythae(path, device, allow_pickle=False):
-    """(adapter in eval mode, a config-like dict for evaluate.py)."""
-    pickles = [f for f in ("encoder.pkl", "decoder.pkl") if os.path.exists(os.path.join(path, f))]
+def hub_folder(spec):
+    """The local folder of hf:OWNER/NAME[@REVISION], from the cache or downloaded."""
+    repo, _, revision = spec[len(HUB_PREFIX):].partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise PythaeError(f"{spec}: expected hf:OWNER/NAME or hf:OWNER/NAME@REVISION")
+    try:
+        from huggingface_hub import constants, snapshot_download
+    except ImportError:
+        raise PythaeError(f"{spec} needs the huggingface_hub package: "
+                          f"pip install huggingface_hub==2.4.0") from None
+    try:
+        return snapshot_download(repo, revision=revision or None)
+    except Exception as e:       # offline and not cached, no network, no such repo / revision
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PythaeError(
+            f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and could not be downloaded ({type(e).__name__}: "
+            f"{reason[:200]}); fetch it where there is internet with `hf download {repo}"
+            f"{' --revision ' + revision if revision else ''}` and copy the cache folder here "
+            f"(or set HF_HUB_CACHE)") from None
+
+
+def pickled_files(folder):
+    """Files of the folder that pickle would run: by suffix, or by a pickle header."""
+    found = []
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path) or name == "model.pt":
+            continue
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if name.lower().endswith(PICKLE_SUFFIXES) or (head[:1] == b"\x80" and head[1:2] in
+                                                      (b"\x02", b"\x03", b"\x04", b"\x05")):
+            found.append(name)
+    return found
+
+
+def check_folder(folder, allow_pickle):
+    """Refuse what cannot be loaded safely or at all, before pythae reads anything."""
+    pickles = pickled_files(folder)
     if pickles and not allow_pickle:
-        raise PythaeError(f"{path} holds {', '.join(pickles)}: pickled code that runs when "
+        raise PythaeError(f"{folder} holds {', '.join(pickles)}: pickled code that runs when "
                           f"loaded; pass --allow-pickle only if you trust its origin")
+    try:
+        with open(os.path.join(folder, "model_config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError) as e:
+        raise PythaeError(f"{folder}/model_config.json is not readable JSON "
+                          f"({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("name"), str):
+        raise PythaeError(f"{folder}/model_config.json has no model name (a pythae config "
+                          f"holds e.g. \"name\": \"VAEConfig\")")
+    weights = os.path.join(folder, "model.pt")
+    if not os.path.isfile(weights):
+        raise PythaeError(f"{folder} has no model.pt")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise PythaeError(f"{weights} is truncated or not a torch file ({type(e).__name__})") \
+            from None
+    except Exception as e:                     # weights_only's refusal: objects, not tensors
+        raise PythaeError(f"{weights} holds objects other than tensors, which could run code "
+                          f"({type(e).__name__}); refused") from None
+    if not isinstance(state, dict) or "model_state_dict" not in state:
+        raise PythaeError(f"{weights} has no model_state_dict: not a pythae model.pt")
+    return config
+
+
+def load_pythae(source, device, allow_pickle=False):
+    """(adapter in eval mode, a config-like dict for evaluate.py)."""
+    folder = hub_folder(source) if source.startswith(HUB_PREFIX) else source
+    check_folder(folder, allow_pickle)
     try:
         from pythae.models import AutoModel
     except ImportError:
-        raise PythaeError("evaluating a pythae model folder needs the pythae package: "
-                          "pip install pythae") from None
-    with open(os.path.join(path, "model_config.json")) as f:
-        name = json.load(f).get("name", "pythae model").replace("Config", "")
+        raise PythaeError("evaluating a pythae model needs the pythae package: "
+                          "pip install pythae==0.1.2") from None
     try:
-        model = AutoModel.load_from_folder(path)
-    except (OSError, ValueError, KeyError, RuntimeError, NameError) as e:
-        raise PythaeError(f"pythae could not load {path}: {type(e).__name__}: {e}") from None
+        model = AutoModel.load_from_folder(folder)
+    except (OSError, ValueError, KeyError, RuntimeError, NameError, AttributeError,
+            TypeError) as e:
+        raise PythaeError(f"pythae could not load {folder}: {type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    name = model.model_name
+    if name not in PYTHAE_MODELS:
+        raise PythaeError(f"pythae model {name} is not supported here (supported: "
+                          f"{', '.join(sorted(PYTHAE_MODELS))})")
+    shape = tuple(model.model_config.input_dim or ())
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise PythaeError(f"{source}: input_dim {list(shape)} is not a square (C, H, W) image")
     adapter = PythaeAdapter(model, name).to(device).eval()
-    channels, height, width = model.model_config.input_dim
-    if height != width:
-        raise PythaeError(f"{path}: input_dim {model.model_config.input_dim} is not square")
-    config = {"model_params": {"name": f"pythae:{name}", "image_size": height,
-                               "in_channels": channels},
+    config = {"model_params": {"name": f"pythae:{name}", "image_size": shape[1],
+                               "in_channels": shape[0]},
               "exp_params": {"kld_weight": 1.0}, "data_params": {}}
     return adapter, config
 
@@ -56,36 +181,151 @@ class PythaeAdapter(nn.Module):
     def __init__(self, model, name):
         super().__init__()
         self.model, self.name = model, name
+        self.posterior, self.prior = PYTHAE_MODELS[name]
         self.latent_dim = model.model_config.latent_dim
-        self.not_applicable = {
-            "elbo": "pythae models define their own likelihoods; not comparable",
-            "vq_loss": "not computed for pythae models"}
+        self.latent_shape = None                   # the encoder's output shape, once seen
+        self.not_applicable = {"elbo": "pythae models define their own likelihoods; not "
+                                       "comparable"}
+        if self.posterior != "vq":
+            self.not_applicable["vq_loss"] = f"{name} has no codebook"
+        reason = KL_REASONS.get(self.posterior) or KL_REASONS.get(self.prior)
+        if reason:
+            self.not_applicable["kl"] = reason.format(name=name)
+        reason = SAMPLE_REASONS.get(self.prior)
+        self.cannot_sample = reason.format(name=name) if reason else None
+        if self.posterior == "vq":
+            self.num_embeddings = model.quantizer.num_embeddings
 
-    def _encode(self, x01):
+    # --- the posterior's own mean ---------------------------------------------------------
+    def _code(self, x01):
+        """(latent to decode, encoder outputs); the latent as pythae's decoder takes it."""
         out = self.model.encoder(x01)
-        return out.embedding, out.get("log_covariance")
+        mu = out.embedding
+        if self.latent_shape is None:
+            self.latent_shape = tuple(mu.shape[1:])
+        if self.posterior == "vmf":
+            return mu / mu.norm(dim=-1, keepdim=True), out
+        if self.posterior == "flow":
+            return self._flow(mu), out
+        if self.posterior == "vq":
+            quantized, _ = self._quantize(mu)
+            return quantized, out
+        return mu, out
+
+    def _flow(self, z):
+        if self.name == "VAE_IAF":
+            return self.model.iaf_flow.inverse(z).out
+        for layer in self.model.net:                    # VAE_LinNF
+            z = layer(z).out
+        return z
+
+    def _quantize(self, embeddings):
+        """pythae's VQVAE.forward around its quantizer: (quantised latent, quantizer output)."""
+        flat = embeddings.dim() == 2
+        e = embeddings.reshape(len(embeddings), 1, 1, -1) if flat else embeddings
+        out = self.model.quantizer(e.permute(0, 2, 3, 1), uses_ddp=False)
+        q = out.quantized_vector
+        return (q.reshape(len(embeddings), -1) if flat else q), out
 
     def _decode(self, z):
         return self.model.decoder(z).reconstruction.float() * 2 - 1
 
     @torch.no_grad()
     def evaluate_batch(self, x, generator=None, kld_weight=1.0):
-        """Reconstruction through the encoder mean; KL when the encoder is Gaussian."""
-        mu, logvar = self._encode((x + 1) / 2)
+        x01 = (x + 1) / 2
+        z, out = self._code(x01)
         metrics, latents = {}, {}
-        if logvar is not None:
-            metrics["kl"] = gaussian_kl(mu.float(), logvar.float())
-            latents = {"mu": mu.float(), "logvar": logvar.float()}
-        else:
-            self.not_applicable["kl"] = f"{self.name} has a deterministic encoder"
-        return self._decode(mu), metrics, latents
+        log_var = out.get("log_covariance")
+        if self.posterior == "gaussian" and log_var is None:
+            self.not_applicable["kl"] = f"{self.name}'s encoder gives no variance"
+        if "kl" not in self.not_applicable:   # the latent diagnostics too assume N(0, I)
+            mu = out.embedding.flatten(1).float()
+            latents = {"mu": mu, "logvar": log_var.flatten(1).float()}
+            metrics["kl"] = gaussian_kl(mu, latents["logvar"])
+        if self.posterior == "vq":
+            _, q = self._quantize(out.embedding)
+            metrics["vq_loss"] = self._per_image_vq_loss(out.embedding, q)
+            latents = {"codes": q.quantized_indices.flatten(1)}
+        recon = self._decode(z)
+        if self.name == "VAEGAN":
+            metrics.update(self._vaegan_losses(x01, out, recon, generator))
+        return recon, metrics, latents
+
+    def _per_image_vq_loss(self, embeddings, q):
+        """pythae's quantizer loss (mean over the latent's values), per image."""
+        quantizer = self.model.quantizer
+        e = embeddings.reshape(len(embeddings), -1).float()
+        d = (q.quantized_vector.reshape(len(embeddings), -1).float() - e).pow(2).mean(1)
+        if hasattr(quantizer, "quantization_loss_factor"):      # the codebook term too
+            return d * (quantizer.commitment_loss_factor + quantizer.quantization_loss_factor)
+        return d * quantizer.commitment_loss_factor                 # EMA codebook
+
+    def _vaegan_losses(self, x01, out, recon, generator):
+        """pythae's VAEGAN.loss_function per image, with posterior and prior noise drawn from
+        the evaluation's generator: encoder, decoder and discriminator losses and the
+        feature-space reconstruction (pythae's `recon_loss`)."""
+        mu, log_var = out.embedding, out.log_covariance
+        eps = torch.randn(mu.shape, device=mu.device, generator=generator, dtype=mu.dtype)
+        z = mu + torch.exp(0.5 * log_var) * eps
+        z_prior = torch.randn(mu.shape, device=mu.device, generator=generator, dtype=mu.dtype)
+        recon_x = self.model.decoder(z).reconstruction
+        rows = []
+        for i in range(len(x01)):
+            values = self.model.loss_function(recon_x[i:i + 1], x01[i:i + 1], z[i:i + 1],
+                                              z_prior[i:i + 1], mu[i:i + 1], log_var[i:i + 1])
+            rows.append(torch.stack([v.float() for v in values[:4]]))
+        feature_recon, encoder, decoder, discriminator = torch.stack(rows).unbind(1)
+        return {"encoder_loss": encoder, "decoder_loss": decoder,
+                "discriminator_loss": discriminator, "feature_recon": feature_recon}
 
     @torch.no_grad()
     def reconstruct(self, x):
-        return self._decode(self._encode((x + 1) / 2)[0])
+        return self._decode(self._code((x + 1) / 2)[0])
 
     @torch.no_grad()
     def sample(self, num_samples, device=None, generator=None):
+        """Decoded draws from the model's prior, in the latent's own shape."""
+        if self.cannot_sample:
+            raise PythaeError(self.cannot_sample)
         device = device or next(self.parameters()).device
-        z = torch.randn(num_samples, self.latent_dim, device=device, generator=generator)
+        if self.latent_shape is None:                   # learn the shape from one image
+            size = self.model.model_config.input_dim
+            self._code(torch.zeros(1, *size, device=device))
+        shape = (num_samples, *self.latent_shape)
+        if self.prior == "codebook":
+            codebook = self.model.quantizer.embeddings     # a buffer when the codebook is EMA
+            codebook = codebook.weight if isinstance(codebook, nn.Embedding) else codebook
+            # pythae quantises a flat latent of size L as a 1 x L grid of scalars
+            grid = (1, shape[1]) if len(shape) == 2 else shape[2:]
+            codes = torch.randint(0, len(codebook), (num_samples, *grid), device=device,
+                                  generator=generator)
+            z = codebook[codes].permute(0, 3, 1, 2)           # (n, D, H, W) as the decoder takes
+            return self._decode(z.reshape(shape))
+        if self.prior == "vamp":
+            return self._decode(self._vamp_prior(num_samples, device, generator))
+        z = torch.randn(shape, device=device, generator=generator)
+        if self.prior == "sphere":
+            z = z / z.norm(dim=-1, keepdim=True)
+        elif self.prior == "poincare":
+            z = self._poincare_prior(num_samples, device, generator)
         return self._decode(z)
+
+    def _vamp_prior(self, n, device, generator):
+        """z ~ q(z | u_k) for pseudo-inputs u_k chosen uniformly (pythae's VampPrior)."""
+        model = self.model
+        k = torch.randint(0, model.number_components, (n,), device=device, generator=generator)
+        pseudo = model.pseudo_inputs(model.idle_input.to(device))[k]
+        out = model.encoder(pseudo.reshape((n,) + tuple(model.model_config.input_dim)))
+        eps = torch.randn(out.embedding.shape, device=device, generator=generator)
+        return out.embedding + torch.exp(0.5 * out.log_covariance) * eps
+
+    def _poincare_prior(self, n, device, generator):
+        """pythae's PoincareVAE prior, sampled under the evaluation's generator (its
+        distributions draw from torch's global generator, seeded from ours and restored)."""
+        model = self.model
+        prior = model.prior(loc=model._pz_mu.to(device), scale=model._pz_logvar.exp().to(device),
+                            manifold=model.latent_manifold)
+        seed = int(torch.randint(0, 2 ** 62, (), device=device, generator=generator))
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return prior.rsample(torch.Size([n])).reshape(n, -1)

@@ -22,14 +22,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from runtime import all_reduce_mean_
-from vanilla_vae_model import VanillaVAE, conv_block, gaussian_kl, output_grid
+from vanilla_vae_model import VanillaVAE, gaussian_kl, output_grid
+
+
+class BatchStatNorm(nn.BatchNorm2d):
+    """BatchNorm that normalises with the batch's own statistics in training and evaluation
+    alike. The discriminator sees real, reconstructed and prior images in separate passes, so
+    running statistics would average three distributions and an eval-mode discriminator would
+    score images on features its training never produced (evaluate.py reported feature_recon
+    17x the value logged in training for the same weights). Checkpoints written before keep
+    running statistics; they are dropped on load."""
+
+    def __init__(self, channels):
+        super().__init__(channels, track_running_stats=False)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            state_dict.pop(prefix + key, None)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class Discriminator(nn.Module):
     def __init__(self, in_channels, hidden_dims, image_size):
         super().__init__()
         widths = [in_channels] + list(hidden_dims)
-        self.blocks = nn.ModuleList(conv_block(a, b) for a, b in zip(widths, widths[1:]))
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Conv2d(a, b, 3, stride=2, padding=1),
+                                                  BatchStatNorm(b), nn.LeakyReLU())
+                                    for a, b in zip(widths, widths[1:]))
         grid = output_grid(image_size, len(hidden_dims))
         self.head = nn.Linear(hidden_dims[-1] * grid * grid, 1)
 

@@ -3,13 +3,17 @@
 The encoder is the Vanilla VAE's stride-2 conv stack (same widths, same input size) ending in a
 1x1 conv to embedding_dim, so a 256 px image becomes an 8 x 8 grid of codes with the default
 widths. Each grid vector is replaced by its nearest codebook entry; gradients pass the
-quantizer straight through. Loss = MSE + VQ loss, with VQ loss = codebook term + beta *
-commitment term (beta = 0.25 on the commitment term only). With ema=True the codebook follows
+quantizer straight through. Loss = reconstruction + VQ loss, with VQ loss = codebook term +
+beta * commitment term (beta = 0.25 on the commitment term only), each a mean over the latent's
+values. The reconstruction term is, by default (recon_reduction: sum), the squared error summed
+over the image's values on the [0, 1] scale and averaged over images: the design's objective,
+and pythae's. recon_reduction: mean takes the mean over values on the model's [-1, 1] scale
+instead, which weighs the VQ term P/4 times more (P = C*H*W values: 3,072x at 64 px). With ema=True the codebook follows
 an exponential moving average of its assigned encoder outputs instead (decay 0.99) and the VQ
 loss is the commitment term alone. Codes unused for dead_code_steps training steps are restarted
 at random encoder outputs of the current batch.
 """
-from typing import List
+from typing import List, Literal
 
 import torch
 import torch.nn as nn
@@ -85,13 +89,14 @@ class VQVAE(nn.Module):
     def __init__(self, in_channels: int = 3, hidden_dims: List[int] = (64, 128, 256, 512, 1024),
                  image_size: int = 256, num_embeddings: int = 512, embedding_dim: int = 64,
                  beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,
-                 dead_code_steps: int = 0):
+                 dead_code_steps: int = 0, recon_reduction: Literal["sum", "mean"] = "sum"):
         super().__init__()
         hidden_dims = list(hidden_dims)
         self.grid = output_grid(image_size, len(hidden_dims))
         if not 0 < ema_decay < 1 or beta < 0 or dead_code_steps < 0 or num_embeddings < 1:
             raise ValueError("need 0 < ema_decay < 1, beta >= 0, dead_code_steps >= 0")
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.recon_reduction = recon_reduction
         widths = [in_channels] + hidden_dims
         self.encoder = nn.Sequential(*[conv_block(a, b) for a, b in zip(widths, widths[1:])],
                                      nn.Conv2d(hidden_dims[-1], embedding_dim, 1))
@@ -122,7 +127,10 @@ class VQVAE(nn.Module):
 
     def loss_function(self, x, out, kld_weight=0.0, step=0):
         recon, codes, vq_loss = out
-        recon_loss = F.mse_loss(recon.float(), x.float())
+        if self.recon_reduction == "sum":      # [-1, 1] -> [0, 1] scales squared errors by 1/4
+            recon_loss = (recon.float() - x.float()).pow(2).flatten(1).sum(1).mean() / 4
+        else:
+            recon_loss = F.mse_loss(recon.float(), x.float())
         vq = vq_loss.mean()
         usage = torch.bincount(codes.flatten(), minlength=self.num_embeddings).float()
         p = usage / usage.sum()

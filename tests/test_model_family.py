@@ -237,3 +237,41 @@ def test_training_step_never_reads_device_values(name, batch, demo_data, tmp_pat
         for _ in range(2):
             trainer.step(batch)
     assert reads.calls == []
+
+
+def test_vae_gan_discriminator_judges_alike_in_training_and_evaluation(demo_data, tmp_path,
+                                                                       batch):
+    """Its features do not depend on train/eval mode (batch statistics in both), so evaluate.py
+    scores feature_recon as training computes it; checkpoints with running statistics load."""
+    trainer = Trainer(config_from_dict(family_config(demo_data, str(tmp_path), "VAEGAN")),
+                      Runtime(), steps_per_epoch=100)
+    for _ in range(3):
+        trainer.step(batch)
+    model = trainer.bare
+    x = batch.float() / 127.5 - 1
+    with torch.no_grad():
+        judged = []
+        for train_mode in (True, False):
+            model.discriminator.train(train_mode)
+            judged.append(model.discriminator(x, model.feature_layer))
+    assert torch.equal(judged[0][0], judged[1][0]) and torch.equal(judged[0][1], judged[1][1])
+    state = model.state_dict()
+    for k in (0, 1):                                    # as written before: running statistics
+        width = FAMILY["VAEGAN"]["hidden_dims"][k]
+        state[f"discriminator.blocks.{k}.1.running_mean"] = torch.zeros(width)
+        state[f"discriminator.blocks.{k}.1.running_var"] = torch.ones(width)
+        state[f"discriminator.blocks.{k}.1.num_batches_tracked"] = torch.tensor(3)
+    build_model({"name": "VAEGAN", **FAMILY["VAEGAN"]}).load_state_dict(state)   # strict
+
+
+def test_vq_vae_reconstruction_term_is_the_designs_sum_by_default():
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    out = (torch.rand(2, 3, 32, 32) * 2 - 1, torch.zeros(2, 2, 2, dtype=torch.long),
+           torch.full((2,), 0.5))
+    summed = VQVAE(**FAMILY["VQVAE"]).loss_function(x, out)
+    mean = VQVAE(**FAMILY["VQVAE"], recon_reduction="mean").loss_function(x, out)
+    x01, recon01 = (x + 1) / 2, (out[0] + 1) / 2                # pythae's scale and reduction
+    design = F.mse_loss(recon01, x01, reduction="none").flatten(1).sum(1).mean()
+    assert summed["recon_loss"].item() == pytest.approx(design.item(), rel=1e-6)
+    assert mean["recon_loss"].item() == pytest.approx(F.mse_loss(out[0], x).item(), rel=1e-6)
+    assert summed["loss"].item() == pytest.approx(design.item() + 0.5, rel=1e-6)
