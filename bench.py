@@ -3,14 +3,20 @@
     python bench.py train --config FILE [--steps N] [--warmup W] [--batch-size B]
                           [--device cpu|cuda] [--rounds 3] [--set SECTION.KEY=VALUE ...]
     python bench.py data  --data-path DIR [--workers N] [--batches N] [--image-size 256]
-                          [--batch-size 32] [--rounds 3]
+                          [--batch-size 32] [--rounds 3] [--resize stretch|crop] [--quality 90]
+                          [--device cpu|cuda] [--target-images-per-sec 18000]
+    python bench.py index [--videos 22000] [--frames 45] [--rounds 3]
     python bench.py laq   --laq-repo DIR [--laq-config YAML] [--batch-size 4] [--batches 3]
                           [--rounds 3] [--device cpu|cuda]
 
 Each prints one JSON line last. `train` times the training step of training.py on synthetic
 batches already on the device (data loading excluded), and in the same run a plain fp32
-eager loop of the same model for reference. `data` times the project's DataLoader over a
-frames folder and, in the same run, a loader that does what LAQ's published one does. `laq`
+eager loop of the same model for reference. `data` times, in one run, a loader that does what
+LAQ's published one does and this project's DataLoader over the frames tree, over shards packed
+from it byte for byte and over training-ready shards (pack_frames.py --image-size), and decoding
+the training-ready JPEGs on --device; it prints frames/s per worker and the workers each path
+needs for --target-images-per-sec. `index` times the frame index on a synthetic tree of empty
+files (build, cache load) and measures what a DataLoader worker copies of it. `laq`
 times LAQ's part of the comparison per pair: one inference pass (compare_with_laq's LaqRunner)
 against the two passes of calling `inference` for the reconstruction and again for the codes.
 Each alternates the two, `--rounds` times, and reports medians.
@@ -18,18 +24,24 @@ Each alternates the two, `--rounds` times, and reports medians.
 import argparse
 import functools
 import json
+import math
 import os
 import resource
+import shutil
 import statistics
+import tempfile
 import time
 
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
+from torchvision.io import decode_jpeg
 
 from config import load_config
-from dataset_sthv2 import DataError, PooledCollate, SthV2Frames, device_batches, load_index
+from dataset_sthv2 import (DataError, PackedFrameIndex, PooledCollate, SthV2Frames,
+                           device_batches, load_index, tree_signature)
+from pack_frames import pack
 from runtime import Runtime, exit_bad_input, pick_device
 from trainer import Trainer
 from models import build_model
@@ -179,31 +191,136 @@ def time_loader(dataset, args, collate_fn=None):
     return args.batch_size * args.batches / (time.perf_counter() - start)
 
 
+def time_decode(encoded, args, device):
+    """Frames/s of decoding the training-ready JPEGs batch by batch in the main process, on
+    `device`: libjpeg-turbo on a CPU, nvJPEG on a GPU (what decoding on the device costs)."""
+    start = time.perf_counter()
+    for b in range(args.batches):
+        batch = encoded[b * args.batch_size:(b + 1) * args.batch_size]
+        images = torch.stack(decode_jpeg(batch, device=device.type))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    assert images.shape[-1] == args.image_size
+    return args.batch_size * args.batches / (time.perf_counter() - start)
+
+
 def bench_data(args):
+    """Frames/s of the ways to feed training from one frames tree, in one run: LAQ's loader,
+    the tree, byte-for-byte shards, training-ready shards (all with the same DataLoader
+    workers), and decoding the training-ready JPEGs on --device in the main process; and how
+    many workers each needs for --target-images-per-sec."""
     index = load_index(args.data_path, args.index_cache_dir)
-    frames = SthV2Frames(index, range(len(index.videos)), args.image_size)
+    if isinstance(index, PackedFrameIndex):
+        raise DataError(f"{args.data_path} is packed; give the frames tree (the benchmark "
+                        f"packs it itself)")
+    frames = SthV2Frames(index, range(len(index.videos)), args.image_size, resize=args.resize)
     needed = (args.batches + max(2, 2 * args.workers) + 4 * max(args.workers, 1)) * args.batch_size
     if len(frames) < needed:
         raise DataError(f"{args.data_path} has {len(frames)} frames; this run needs {needed} "
                         f"(lower --batches or --batch-size)")
-    for i in range(len(frames)):                       # both loaders read from the page cache
-        frames.index.read_bytes(int(frames.video[i]), int(frames.pos[i]))
+    for i in range(len(frames)):
         if not os.path.isfile(frames.path(i)):
             raise DataError(f"the baseline reads the frames tree, and {frames.path(i)} is missing")
-        with open(frames.path(i), "rb") as f:
-            f.read()
-    laq_style = LaqStyleFrames(frames, args.image_size)
-    medians, rounds = alternate({
-        "baseline": functools.partial(time_loader, laq_style, args),
-        "ours": functools.partial(time_loader, frames, args, PooledCollate(PREFETCH + 2))},
-        args.rounds)
-    ours, baseline = round(medians["ours"], 1), round(medians["baseline"], 1)
-    rounds = [{name: round(v, 1) for name, v in r.items()} for r in rounds]
-    return {"frames_per_sec": ours, "baseline_frames_per_sec": baseline,
-            "ratio": round(ours / baseline, 2), "workers": args.workers,
-            "batch_size": args.batch_size, "batches": args.batches,
-            "image_size": args.image_size,
-            "rounds": rounds, "cpus": os.cpu_count()}
+    device = pick_device(args.device, gpus=-1)
+    work = tempfile.mkdtemp(prefix="bench_data_", dir=args.pack_dir or None)
+    try:
+        pack(args.data_path, os.path.join(work, "shards"), 2 ** 31, args.index_cache_dir)
+        pack(args.data_path, os.path.join(work, "ready"), 2 ** 31, args.index_cache_dir,
+             args.image_size, args.resize, args.quality, workers=os.cpu_count())
+        sets = {"tree": frames}
+        for name in ("shards", "ready"):
+            packed = load_index(os.path.join(work, name))
+            sets[name] = SthV2Frames(packed, range(len(packed.videos)), args.image_size,
+                                     resize=args.resize)
+        for dataset in sets.values():                  # every loader reads from the page cache
+            for i in range(len(dataset)):
+                dataset.index.read_bytes(int(dataset.video[i]), int(dataset.pos[i]))
+        ready = sets["ready"].index
+        encoded = [torch.frombuffer(bytearray(ready.read_bytes(int(v), int(p))), dtype=torch.uint8)
+                   for v, p in zip(sets["ready"].video, sets["ready"].pos)]
+        timers = {"laq": functools.partial(time_loader, LaqStyleFrames(frames, args.image_size),
+                                           args)}
+        timers.update({name: functools.partial(time_loader, dataset, args,
+                                               PooledCollate(PREFETCH + 2))
+                       for name, dataset in sets.items()})
+        timers["device_decode"] = functools.partial(time_decode, encoded, args, device)
+        medians, rounds = alternate(timers, args.rounds)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    workers = max(args.workers, 1)
+    paths = {}
+    for name, fps in medians.items():
+        per_worker = fps if name == "device_decode" else fps / workers
+        paths[name] = {"frames_per_sec": round(fps, 1),
+                       "frames_per_sec_per_worker": round(per_worker, 1),
+                       "workers_for_target": math.ceil(args.target_images_per_sec / per_worker)}
+    paths["device_decode"]["ms_per_frame"] = round(1000 / medians["device_decode"], 3)
+    paths["device_decode"]["device"] = str(device)
+    return {"paths": paths, "target_images_per_sec": args.target_images_per_sec,
+            "ready_vs_tree": round(medians["ready"] / medians["tree"], 2),
+            "ready_vs_laq": round(medians["ready"] / medians["laq"], 2),
+            "workers": args.workers, "batch_size": args.batch_size, "batches": args.batches,
+            "image_size": args.image_size, "resize": args.resize, "quality": args.quality,
+            "rounds": [{k: round(v, 1) for k, v in r.items()} for r in rounds],
+            "cpus": os.cpu_count()}
+
+
+def bench_index(args):
+    """The frame index at scale: a synthetic tree of empty frame files, the time to build the
+    index, to load its cache (an unchanged tree), and the memory a DataLoader worker adds."""
+    root = os.path.join(tempfile.mkdtemp(prefix="bench_index_", dir=args.root or None), "frames")
+    cache = os.path.join(os.path.dirname(root), "cache")
+    try:
+        start = time.perf_counter()
+        for v in range(args.videos):
+            folder = os.path.join(root, str(100000 + v))
+            os.makedirs(folder)
+            for f in range(1, args.frames + 1):
+                os.close(os.open(os.path.join(folder, f"img_{f:05d}.jpg"), os.O_CREAT | os.O_WRONLY))
+        made = time.perf_counter() - start
+        start = time.perf_counter()
+        index = load_index(root, cache)                 # no cache yet: scans and writes it
+        build = time.perf_counter() - start
+        loads, scans = [], []
+        for _ in range(args.rounds):
+            start = time.perf_counter()
+            tree_signature(root)
+            scans.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            index = load_index(root, cache)
+            loads.append(time.perf_counter() - start)
+        cache_mb = sum(os.path.getsize(os.path.join(cache, f)) for f in os.listdir(cache)) / 2 ** 20
+        dataset = SthV2Frames(index, range(len(index.videos)), 8)
+        private_kb = {touch: next(iter(DataLoader(WorkerMemory(dataset, touch), batch_size=None,
+                                                  num_workers=1)))
+                      for touch in (False, True)}
+    finally:
+        shutil.rmtree(os.path.dirname(root), ignore_errors=True)
+    return {"videos": args.videos, "frames_per_video": args.frames, "frames": len(index),
+            "make_tree_s": round(made, 1), "build_index_s": round(build, 2),
+            "load_cache_s": round(statistics.median(loads), 3),
+            "of_which_tree_scan_s": round(statistics.median(scans), 3),
+            "cache_mb": round(cache_mb, 1),
+            "worker_private_mb_idle": round(private_kb[False] / 1024, 1),
+            "worker_private_mb_after_every_frame": round(private_kb[True] / 1024, 1),
+            "index_copied_per_worker_mb": round((private_kb[True] - private_kb[False]) / 1024, 1),
+            "rounds": args.rounds}
+
+
+class WorkerMemory(torch.utils.data.IterableDataset):
+    """In a DataLoader worker: with `touch`, look up every frame through the index (as items
+    do over an epoch); then report the worker's private memory (kB), what it copied from the
+    parent or allocated rather than shares. Touched minus untouched: the index's share."""
+
+    def __init__(self, frames, touch):
+        self.frames, self.touch = frames, touch
+
+    def __iter__(self):
+        for i in range(len(self.frames) if self.touch else 0):
+            self.frames.path(i)
+        with open("/proc/self/smaps_rollup") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        yield sum(int(fields[k].split()[0]) for k in ("Private_Clean", "Private_Dirty"))
 
 
 def bench_laq(args):
@@ -261,6 +378,21 @@ def main():
     data.add_argument("--rounds", type=int, default=3,
                       help="alternating timings of each loader; medians are reported")
     data.add_argument("--index-cache-dir", default="")
+    data.add_argument("--resize", choices=["crop", "stretch"], default="stretch")
+    data.add_argument("--quality", type=int, default=90, help="of the training-ready shards")
+    data.add_argument("--device", choices=["cpu", "cuda"],
+                      help="where device_decode decodes (default: cuda when available)")
+    data.add_argument("--target-images-per-sec", type=float, default=18000,
+                      help="images/s to feed (default: one H100 at 35%% of its dense bf16 "
+                           "peak on the 256 px VAE, 19.2 GFLOP per image)")
+    data.add_argument("--pack-dir", default="", help="where the shards are written for the "
+                                                     "run (default: the temp folder)")
+    index = sub.add_parser("index", help="the frame index at SthV2 scale: build, cache load, "
+                                         "worker memory")
+    index.add_argument("--videos", type=int, default=22000)
+    index.add_argument("--frames", type=int, default=45, help="empty frame files per video")
+    index.add_argument("--rounds", type=int, default=3)
+    index.add_argument("--root", default="", help="where the tree is made (default: temp)")
     laq = sub.add_parser("laq", help="LAQ per pair in the comparison: one pass vs two")
     laq.add_argument("--laq-repo", help="folder containing laq_model/ (LAPA's laq/)")
     laq.add_argument("--laq-config", help="YAML of LatentActionQuantization arguments "
@@ -273,7 +405,8 @@ def main():
     from config import ConfigError
     from laq_loader import LaqError
     try:
-        result = {"train": bench_train, "data": bench_data, "laq": bench_laq}[args.command](args)
+        result = {"train": bench_train, "data": bench_data, "laq": bench_laq,
+                  "index": bench_index}[args.command](args)
     except (ConfigError, DataError, LaqError) as e:
         exit_bad_input(e)
     print(json.dumps(result))

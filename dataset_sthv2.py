@@ -103,7 +103,12 @@ def _name_pattern(parsed):
 
 
 class FrameIndex:
-    """Every frame of every video folder, ordered numerically, in flat numpy arrays."""
+    """Every frame of every video folder, ordered numerically, in flat numpy arrays.
+
+    DataLoader workers share the index with the process that forked them, and a Python object
+    a worker touches is copied into it (its reference count is written). frame_path therefore
+    reads numpy arrays only: at SthV2 scale (220k videos) the lists would cost each worker
+    about 100 MB (bench.py index)."""
 
     def __init__(self, root, videos, patterns, numbers, offsets, fallback, empty_videos):
         self.root = root
@@ -113,6 +118,12 @@ class FrameIndex:
         self.offsets = offsets                # int64, len(videos) + 1
         self.fallback = fallback              # video position -> list of file names
         self.empty_videos = empty_videos      # folders without a single frame
+        regular = [p or ("", 0, "") for p in patterns]      # what frame_path reads, as arrays
+        self._names = np.array(videos if videos else [""], dtype=str)
+        self._prefix = np.array([p[0] for p in regular] or [""], dtype=str)
+        self._width = np.array([p[1] for p in regular] or [0], dtype=np.int64)
+        self._ext = np.array([p[2] for p in regular] or [""], dtype=str)
+        self._irregular = np.array([p is None for p in patterns] or [False], dtype=bool)
 
     def __len__(self):
         return int(self.offsets[-1])
@@ -121,12 +132,12 @@ class FrameIndex:
         return int(self.offsets[v + 1] - self.offsets[v])
 
     def frame_path(self, v, pos):
-        video = self.videos[v]
-        if self.patterns[v] is None:
+        video = str(self._names[v])
+        if self._irregular[v]:
             return os.path.join(self.root, video, self.fallback[v][pos])
-        prefix, width, ext = self.patterns[v]
         number = int(self.numbers[self.offsets[v] + pos])
-        return os.path.join(self.root, video, f"{prefix}{number:0{width}d}{ext}")
+        return os.path.join(self.root, video,
+                            f"{self._prefix[v]}{number:0{int(self._width[v])}d}{self._ext[v]}")
 
     def read_bytes(self, v, pos):
         return read_file(self.frame_path(v, pos))
@@ -203,14 +214,17 @@ class PackedFrameIndex(FrameIndex):
 
     Same videos, order and names as the tree it was packed from (frame_path still names the
     original file, for reports); read_bytes reads the JPEG bytes at an offset in a shard, so
-    a job opens tens of files instead of millions.
+    a job opens tens of files instead of millions. Training-ready shards (`prepared`: image
+    size, resize mode and JPEG quality) hold every frame already resized for training; a frame
+    that could not be decoded when packing is stored empty and reported when read.
     """
 
-    def __init__(self, tree, source_root, shard_names, shard, start, length):
+    def __init__(self, tree, source_root, shard_names, shard, start, length, prepared=None):
         super().__init__(tree.root, tree.videos, tree.patterns, tree.numbers, tree.offsets,
                          tree.fallback, [])
         self.source_root, self.shard_names = source_root, shard_names
         self.shard, self.start, self.length = shard, start, length
+        self.prepared = prepared
         self._files = {}                      # per process: opened on first use (fork-safe)
 
     def frame_path(self, v, pos):
@@ -218,6 +232,8 @@ class PackedFrameIndex(FrameIndex):
 
     def read_bytes(self, v, pos):
         i = int(self.offsets[v]) + pos
+        if self.length[i] == 0 and self.prepared:
+            raise ValueError("could not be decoded when the shards were packed")
         key = (os.getpid(), int(self.shard[i]))
         if key not in self._files:
             self._files[key] = open(os.path.join(self.root, self.shard_names[key[1]]), "rb")
@@ -232,7 +248,8 @@ class PackedFrameIndex(FrameIndex):
         try:
             meta, arrays = FrameIndex.read(path)
             return cls(FrameIndex.from_meta(root, meta, arrays), meta["source_root"],
-                       meta["shards"], arrays["shard"], arrays["start"], arrays["length"])
+                       meta["shards"], arrays["shard"], arrays["start"], arrays["length"],
+                       meta.get("prepared"))
         except INDEX_ERRORS as e:
             raise DataError(f"packed index {path} is unreadable ({_first_line(e)}); re-run "
                             f"pack_frames.py") from None
@@ -333,11 +350,15 @@ def is_complete_jpeg(data):
 def decode_rgb(data):
     """uint8 (3, H, W) from encoded bytes. Complete JPEGs go through libjpeg-turbo
     (torchvision); anything else (PNG, a JPEG without its end marker) through PIL, which
-    rejects truncated files. Every image's size is read from its header first: one of more
-    than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS) pixels is refused before it
-    is decoded. 16-bit images are scaled to 8 bits, not clipped."""
+    rejects truncated files. Every image's size is read from its header first (a JPEG's frame
+    header directly, anything else by PIL): one of more than PIL's decompression-bomb limit
+    (Image.MAX_IMAGE_PIXELS) pixels is refused before it is decoded. 16-bit images are scaled to 8 bits, not clipped."""
     if not data:
         raise ValueError("empty file")
+    size = jpeg_size(data) if is_complete_jpeg(data) else None
+    if size:                                  # the common case, without PIL's header parse
+        _check_pixels(*size)
+        return _decode_jpeg(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -347,23 +368,53 @@ def decode_rgb(data):
     except UnidentifiedImageError:
         raise ValueError("not an image format PIL can read") from None
     with image:
-        width, height = image.size
-        limit = Image.MAX_IMAGE_PIXELS
-        if limit and width * height > limit:
-            raise Image.DecompressionBombError(f"{width}x{height} pixels, more than the "
-                                               f"{limit} PIL accepts (decompression bomb?)")
+        _check_pixels(*image.size)
         if is_complete_jpeg(data):
-            try:
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", DeprecationWarning)
-                    return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                                       mode=ImageReadMode.RGB)
-            except RuntimeError as e:
-                raise ValueError(f"JPEG decode failed: {str(e).splitlines()[-1][:200]}") from None
+            return _decode_jpeg(data)
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):     # 16-bit grey: keep the range
             grey = (np.asarray(image, dtype=np.int64) >> 8).clip(0, 255).astype(np.uint8)
             return torch.from_numpy(grey)[None].expand(3, -1, -1).contiguous()
         return torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1).contiguous()
+
+
+SOF_MARKERS = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}   # frame headers (not DHT/JPG/DAC)
+
+
+def jpeg_size(data):
+    """(width, height) from a JPEG's frame header, or None if none is found before the
+    image data (then PIL reads the header)."""
+    i, n = 2, len(data)
+    while i + 9 < n:
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker == 0xFF:                    # fill byte
+            i += 1
+            continue
+        if marker in SOF_MARKERS:
+            return (int.from_bytes(data[i + 7:i + 9], "big"),
+                    int.from_bytes(data[i + 5:i + 7], "big"))
+        if marker == 0xDA:                    # image data before any frame header
+            return None
+        i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
+    return None
+
+
+def _check_pixels(width, height):
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise Image.DecompressionBombError(f"{width}x{height} pixels, more than the "
+                                           f"{limit} PIL accepts (decompression bomb?)")
+
+
+def _decode_jpeg(data):
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
+                               mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ValueError(f"JPEG decode failed: {str(e).splitlines()[-1][:200]}") from None
 
 
 def resize_frame(img, image_size, resize="crop"):
@@ -378,7 +429,7 @@ def resize_frame(img, image_size, resize="crop"):
     if img.shape[-2:] != (image_size, image_size):
         img = F.interpolate(img[None], size=(image_size, image_size), mode="bilinear",
                             antialias=True, align_corners=False)[0]
-    return img.contiguous()
+    return img                  # possibly a view: batching copies it once, into the batch
 
 
 def load_frame(path, image_size, resize="crop"):
@@ -595,6 +646,7 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
         dataset.split, dataset.source = split, f"CelebA {CELEBA_FILES[split]}"
         return dataset
     index = index or load_index(d.data_path, d.index_cache_dir)
+    check_prepared(index, image_size, d.resize)
     train, val, source = split_videos(index, d.labels_path, d.val_fraction)
     videos = {"train": train, "val": val}[split]
     if not videos:
@@ -609,6 +661,23 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
                               d.resize)
     dataset.split, dataset.source = split, source
     return dataset
+
+
+def check_prepared(index, image_size, resize):
+    """Training-ready shards serve one image size and resize mode: refuse any other."""
+    prepared = getattr(index, "prepared", None)
+    if not prepared:
+        return
+    made = f"{prepared['image_size']} px, resize {prepared['resize']}"
+    if image_size is None:
+        raise DataError(f"{index.root} holds frames already resized ({made}); this needs the "
+                        f"original frames: use the frames tree, or shards packed without "
+                        f"--image-size")
+    if (image_size, resize) != (prepared["image_size"], prepared["resize"]):
+        raise DataError(f"{index.root} holds frames prepared at {made}, and this run asks for "
+                        f"{image_size} px, resize {resize}: set data_params.image_size and "
+                        f"data_params.resize to match, or pack again with pack_frames.py "
+                        f"--image-size {image_size} --resize {resize}")
 
 
 def data_signature(dataset):

@@ -7,7 +7,7 @@ action template says which way the main shape moves, so the label follows from t
 (a feature that carries the motion can predict it; one that does not stays at chance). Writes
 `OUT/<video_id>/img_00001.jpg ...` and the two SthV2 label JSON files.
 
-    python make_demo_data.py --out data/demo_sthv2 [--videos 384] [--frames 8] [--seed 0]
+    python make_demo_data.py --out data/demo_sthv2 [--videos 384] [--frames 8] [--seed 0] [--width W]
 """
 import argparse
 import json
@@ -77,9 +77,9 @@ def simulate(rng, width, frames, direction):
     return np.stack(track), radius
 
 
-def plan_video(rng, frames, direction):
+def plan_video(rng, frames, direction, width=None):
     """Everything a video shows: width, background, tracks and radii, shape kinds, colours."""
-    width = int(rng.choice(WIDTHS))
+    width = int(rng.choice(WIDTHS)) if width is None else width
     bg = background(rng, width)
     track, radius = simulate(rng, width, frames, direction)
     kinds = rng.integers(0, 3, size=len(radius))
@@ -110,7 +110,7 @@ def video_rng(seed, k):
     return np.random.default_rng([seed, k])
 
 
-def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25):
+def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25, width=None):
     rng = np.random.default_rng(seed)
     entries = []
     templates = list(ACTIONS)
@@ -118,7 +118,7 @@ def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25):
         video_id = str(1000 + k)
         template = templates[k % len(templates)]             # balanced classes
         render_video(os.path.join(out, video_id),
-                     plan_video(video_rng(seed, k), frames, ACTIONS[template]))
+                     plan_video(video_rng(seed, k), frames, ACTIONS[template], width))
         entries.append({"id": video_id, "label": template.replace("[something]", "a shape"),
                         "template": template,
                         "placeholders": ["a shape"] * template.count("[something]")})
@@ -138,10 +138,12 @@ def main():
     parser.add_argument("--videos", type=int, default=384)
     parser.add_argument("--frames", type=int, default=8, help="frames per video")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--width", type=int, help="every frame this wide (SthV2's most common: "
+                                                   "427); default: 320, 352 or 427 per video")
     args = parser.parse_args()
-    if args.videos < 2 or args.frames < 1:
-        parser.error("need at least 2 videos (one per split) and 1 frame")
-    make_demo_data(args.out, args.videos, args.frames, args.seed)
+    if args.videos < 2 or args.frames < 1 or (args.width is not None and args.width < 120):
+        parser.error("need at least 2 videos (one per split), 1 frame and a width >= 120")
+    make_demo_data(args.out, args.videos, args.frames, args.seed, width=args.width)
     print(f"wrote {args.videos} videos x {args.frames} frames to {args.out}")
 
 

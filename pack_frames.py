@@ -1,36 +1,95 @@
 """Pack a SthV2 frames tree into a few large shard files for parallel filesystems.
 
     python pack_frames.py --data-path data/sthv2/frames --out data/sthv2/packed [--shard-size-gb 2]
+    python pack_frames.py --data-path data/sthv2/frames --out data/sthv2/packed_256 \
+        --image-size 256 [--resize stretch|crop] [--quality 90] [-j 16]
 
 Writes OUT/shard_00000.bin, ... (the frames' JPEG bytes back to back, in index order, so an
 epoch reads each shard sequentially) and OUT/packed_index.npz (videos, frame numbers, shard,
 offset and length of every frame). The SthV2 label JSONs are copied along. Point
 data_params.data_path at OUT: the dataset, splits and frame pairs work the same way, and a job
-opens tens of files instead of millions. Every frame is copied byte for byte.
+opens tens of files instead of millions.
+
+Without --image-size every frame is copied byte for byte. With it the shards are training-ready:
+each frame is decoded, resized as training does (dataset_sthv2.resize_frame) and stored as a
+JPEG of that size, so a loader worker only decodes a small JPEG and never resizes; a config
+whose image_size or resize differs is refused. A frame that cannot be decoded is stored empty
+and reported, by its original name, when training reads it.
 """
 import argparse
+import functools
+import io
 import json
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import atomic_write, copy_atomic
-from dataset_sthv2 import LABEL_FILES, PACKED_INDEX, DataError, load_index
+from dataset_sthv2 import (DECODE_ERRORS, LABEL_FILES, PACKED_INDEX, DataError, decode_rgb,
+                           load_index, resize_frame)
 from runtime import exit_bad_input
 
+CHUNK = 256                                   # frames per task of a packing worker
 
-def pack(data_path, out, shard_size, index_cache_dir=""):
+
+def prepare(data, image_size, resize, quality):
+    """The frame as training reads it, re-encoded as a JPEG; b"" when it cannot be decoded."""
+    try:
+        img = resize_frame(decode_rgb(data), image_size, resize)
+    except DECODE_ERRORS:
+        return b""
+    out = io.BytesIO()                        # 4:4:4: no chroma subsampling at shape edges
+    Image.fromarray(img.permute(1, 2, 0).numpy()).save(out, "JPEG", quality=quality,
+                                                       subsampling=0)
+    return out.getvalue()
+
+
+_INDEX = None
+
+
+def _prepare_chunk(frames, root, cache_dir, image_size, resize, quality):
+    global _INDEX
+    if _INDEX is None or _INDEX.root != root:
+        _INDEX = load_index(root, cache_dir)
+    return [prepare(_INDEX.read_bytes(v, pos), image_size, resize, quality) for v, pos in frames]
+
+
+def frame_bytes(index, index_cache_dir, image_size, resize, quality, workers):
+    """Every frame's bytes in index order: as stored, or prepared by `workers` processes."""
+    frames = [(v, pos) for v in range(len(index.videos)) for pos in range(index.num_frames(v))]
+    if not image_size:
+        for v, pos in frames:
+            yield index.read_bytes(v, pos)
+        return
+    chunks = [frames[i:i + CHUNK] for i in range(0, len(frames), CHUNK)]
+    work = functools.partial(_prepare_chunk, root=index.root, cache_dir=index_cache_dir,
+                             image_size=image_size, resize=resize, quality=quality)
+    if workers <= 1:
+        for chunk in chunks:
+            yield from work(chunk)
+        return
+    with ProcessPoolExecutor(workers) as pool:
+        for prepared in pool.map(work, chunks):
+            yield from prepared
+
+
+def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="crop",
+         quality=90, workers=1):
     index = load_index(data_path, index_cache_dir)
     if os.path.abspath(out) == index.root:
         raise DataError("--out must differ from --data-path")
+    if getattr(index, "prepared", None):
+        raise DataError(f"{data_path} holds frames already resized; pack the frames tree")
     os.makedirs(out, exist_ok=True)
     n = len(index)
     shard = np.zeros(n, dtype=np.int32)
     start = np.zeros(n, dtype=np.int64)
     length = np.zeros(n, dtype=np.int64)
-    frames = ((v, pos) for v in range(len(index.videos)) for pos in range(index.num_frames(v)))
+    frames = frame_bytes(index, index_cache_dir, image_size, resize, quality, workers)
     shards, k = [], 0
     with tqdm(total=n, unit="frame", disable=None) as progress:
         while k < n:                          # each shard appears whole, or not at all
@@ -38,23 +97,28 @@ def pack(data_path, out, shard_size, index_cache_dir=""):
             with atomic_write(os.path.join(out, name)) as handle:
                 written = 0
                 while k < n and written < shard_size:
-                    v, pos = next(frames)
-                    data = index.read_bytes(v, pos)
+                    data = next(frames)
                     shard[k], start[k], length[k] = len(shards), written, len(data)
                     handle.write(data)
                     written += len(data)
                     k += 1
                     progress.update(1)
             shards.append(name)
+    prepared = ({"image_size": image_size, "resize": resize, "quality": quality}
+                if image_size else None)
     # written last: the shards are a packed tree only once their index exists
-    index.save(os.path.join(out, PACKED_INDEX), {"source_root": index.root, "shards": shards},
+    index.save(os.path.join(out, PACKED_INDEX),
+               {"source_root": index.root, "shards": shards, "prepared": prepared},
                shard=shard, start=start, length=length)
     labels_dir = index.root
     for name in LABEL_FILES.values():
         if os.path.isfile(os.path.join(labels_dir, name)):
             copy_atomic(os.path.join(labels_dir, name), os.path.join(out, name))
-    return {"frames": n, "videos": len(index.videos), "shards": len(shards),
-            "bytes": int(length.sum()), "empty_videos_skipped": len(index.empty_videos)}
+    report = {"frames": n, "videos": len(index.videos), "shards": len(shards),
+              "bytes": int(length.sum()), "empty_videos_skipped": len(index.empty_videos)}
+    if prepared:
+        report.update(prepared=prepared, undecodable_frames=int((length == 0).sum()))
+    return report
 
 
 def main():
@@ -63,13 +127,24 @@ def main():
     parser.add_argument("--out", required=True, help="folder for the shards and the index")
     parser.add_argument("--shard-size-gb", type=float, default=2.0)
     parser.add_argument("--index-cache-dir", default="")
+    parser.add_argument("--image-size", type=int, default=0,
+                        help="store frames resized to this size (training-ready shards); "
+                             "0 = copy the original bytes")
+    parser.add_argument("--resize", choices=["crop", "stretch"], default="crop",
+                        help="with --image-size: as data_params.resize")
+    parser.add_argument("--quality", type=int, default=90, help="with --image-size: JPEG quality")
+    parser.add_argument("-j", "--workers", type=int, default=os.cpu_count(),
+                        help="with --image-size: processes that decode, resize and encode")
     args = parser.parse_args()
     if args.shard_size_gb <= 0:
         parser.error("--shard-size-gb must be positive")
+    if args.image_size < 0 or not 1 <= args.quality <= 100 or args.workers < 1:
+        parser.error("--image-size must be >= 0, --quality in 1..100, -j >= 1")
     start = time.perf_counter()
     try:
         report = pack(args.data_path, args.out, int(args.shard_size_gb * 2 ** 30),
-                      args.index_cache_dir)
+                      args.index_cache_dir, args.image_size, args.resize, args.quality,
+                      args.workers)
     except DataError as e:
         exit_bad_input(e)
     report["seconds"] = round(time.perf_counter() - start, 1)

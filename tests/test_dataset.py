@@ -245,7 +245,7 @@ def test_images_over_pils_pixel_limit_are_refused_from_the_header(tmp_path, monk
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 2000)    # 3000 pixels > the limit
     decoded = []
     monkeypatch.setattr(ds, "decode_jpeg", lambda *a, **k: decoded.append(1))
-    with pytest.raises(PILImage.DecompressionBombError, match="limit of 2000"):
+    with pytest.raises(PILImage.DecompressionBombError, match="60x50 pixels, more than the 2000"):
         ds.load_frame(path, 16)
     assert not decoded                                         # refused before decoding
 
@@ -289,3 +289,15 @@ def test_a_damaged_index_cache_is_rebuilt_and_a_damaged_packed_index_named(tmp_p
     with pytest.raises(ds.DataError) as info:
         ds.load_index(str(packed), cache)
     assert str(packed / ds.PACKED_INDEX) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_frame_lookups_read_arrays_not_python_lists(demo_data, tmp_path):
+    """A forked DataLoader worker copies every Python object it reads (its reference count is
+    written); frame paths must come from numpy arrays alone (bench.py index measures it)."""
+    index = ds.load_index(demo_data, str(tmp_path / "cache"))
+    videos = range(len(index.videos))
+    expected = [index.frame_path(v, p) for v in videos for p in range(index.num_frames(v))]
+    assert all(os.path.isfile(path) for path in expected)
+    index.videos, index.patterns = None, None               # what a worker must not touch
+    assert [index.frame_path(v, p) for v in videos
+            for p in range(index.num_frames(v))] == expected

@@ -1,12 +1,18 @@
 """Packed shards round-trip every frame; bench.py runs end to end and prints its JSON line."""
 import json
+import math
 import os
+import shutil
 
+import pytest
 import torch
 
 import dataset_sthv2 as ds
-from conftest import ROOT, run_script
+from config import DataParams, config_from_dict
+from conftest import ROOT, run_script, tiny_config
 from pack_frames import pack
+from runtime import Runtime
+from training import train
 
 
 def test_shards_round_trip_every_byte_and_serve_the_same_dataset(demo_data, tmp_path):
@@ -43,6 +49,50 @@ def test_a_corrupt_frame_inside_a_shard_is_reported_by_its_source_name(demo_data
     assert image is not None and bad and bad[0].startswith(packed.frame_path(0, 0))
 
 
+def test_training_ready_shards_serve_the_frames_the_tree_path_produces(demo_data, tmp_path):
+    """Frames stored at the training size (JPEG quality 90, 4:4:4) equal the tree path's within
+    re-encoding tolerance at 32 px, where textures are all edges: PSNR > 35 dB and mean
+    |difference| < 3 of 255 levels per frame (45 dB at 256 px on SthV2-like frames);
+    a config asking for another size or resize mode is refused; an undecodable frame is
+    reported by its original name; a run trains on them."""
+    cache = str(tmp_path / "cache")
+    broken = str(tmp_path / "broken_tree")
+    shutil.copytree(demo_data, broken)
+    first = sorted(os.listdir(os.path.join(broken, "1000")))[0]
+    with open(os.path.join(broken, "1000", first), "wb") as f:
+        f.write(b"\xff\xd8 not a jpeg")
+    report = pack(broken, str(tmp_path / "ready"), 10 ** 9, cache, image_size=32,
+                  resize="stretch", quality=90, workers=2)
+    assert report["prepared"] == {"image_size": 32, "resize": "stretch", "quality": 90}
+    assert report["undecodable_frames"] == 1
+
+    tree = ds.build_split(DataParams(data_path=demo_data, image_size=32, resize="stretch",
+                                     index_cache_dir=cache), "train", 32)
+    ready = ds.build_split(DataParams(data_path=str(tmp_path / "ready"), image_size=32,
+                                      resize="stretch"), "train", 32)
+    assert len(tree) == len(ready)
+    for i in range(len(tree)):
+        a, (b, bad) = tree[i][0].float(), ready[i]
+        if bad:                                                   # the broken frame, by name
+            assert bad[0].startswith(os.path.join(os.path.abspath(broken), "1000", first))
+            assert "could not be decoded when the shards were packed" in bad[0]
+            continue
+        mse = float((a - b.float()).pow(2).mean())
+        assert mse == 0 or 10 * math.log10(255 ** 2 / mse) > 35, i
+        assert float((a - b.float()).abs().mean()) < 3, i
+    for size, resize in ((64, "stretch"), (32, "crop")):
+        with pytest.raises(ds.DataError, match="pack again with pack_frames.py"):
+            ds.build_split(DataParams(data_path=str(tmp_path / "ready"), image_size=size,
+                                      resize=resize), "train", size)
+    with pytest.raises(ds.DataError, match="needs the original frames"):
+        ds.build_split(DataParams(data_path=str(tmp_path / "ready")), "val", None, pair_offset=2)
+
+    cfg = tiny_config(str(tmp_path / "ready"), str(tmp_path / "logs"), **{
+        "data_params.resize": "stretch", "trainer_params.max_steps": 3})
+    final = train(config_from_dict(cfg), Runtime())
+    assert torch.load(final, weights_only=True)["step"] == 3
+
+
 def test_bench_train_and_data_print_their_json_line(demo_data, tmp_path):
     train = run_script("bench.py", "train", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
                        "--steps", "2", "--warmup", "1", "--batch-size", "4", "--device", "cpu")
@@ -51,14 +101,27 @@ def test_bench_train_and_data_print_their_json_line(demo_data, tmp_path):
     assert {"images_per_sec", "step_ms", "gflop_per_image", "mfu", "peak_mem_mb", "device"} <= set(result)
     assert result["mfu"] is None and result["device"] == "cpu" and result["images_per_sec"] > 0
     assert 0.2 < result["gflop_per_image"] < 0.3                  # the 64 px demo model
-    data = run_script("bench.py", "data", "--data-path", demo_data, "--workers", "1",
+    data = run_script("bench.py", "data", "--data-path", demo_data, "--workers", "2",
                       "--batches", "2", "--batch-size", "4", "--image-size", "32",
-                      "--index-cache-dir", str(tmp_path / "cache"))
+                      "--index-cache-dir", str(tmp_path / "cache"), "--device", "cpu",
+                      "--target-images-per-sec", "1000", "--pack-dir", str(tmp_path))
     assert data.returncode == 0, data.stderr[-3000:]
     result = json.loads(data.stdout.strip().splitlines()[-1])
-    assert {"frames_per_sec", "baseline_frames_per_sec", "ratio", "workers"} <= set(result)
-    assert result["ratio"] == round(result["frames_per_sec"] / result["baseline_frames_per_sec"], 2)
-    assert len(result["rounds"]) == 3
+    paths = result["paths"]
+    assert set(paths) == {"laq", "tree", "shards", "ready", "device_decode"}
+    for name, path in paths.items():
+        per_worker = path["frames_per_sec"] / (1 if name == "device_decode" else 2)
+        assert path["frames_per_sec_per_worker"] == pytest.approx(per_worker, abs=0.1)
+        assert path["workers_for_target"] == math.ceil(1000 / path["frames_per_sec_per_worker"])
+    assert result["ready_vs_tree"] == round(paths["ready"]["frames_per_sec"]
+                                            / paths["tree"]["frames_per_sec"], 2)
+    assert len(result["rounds"]) == 3 and os.listdir(tmp_path) == ["cache"]   # packs removed
+    index = run_script("bench.py", "index", "--videos", "30", "--frames", "5", "--rounds", "2",
+                       "--root", str(tmp_path))
+    assert index.returncode == 0, index.stderr[-3000:]
+    result = json.loads(index.stdout.strip().splitlines()[-1])
+    assert result["frames"] == 150 and result["load_cache_s"] < result["build_index_s"] + 1
+    assert result["worker_private_mb_after_every_frame"] >= 0
 
 
 def test_bench_laq_times_one_pass_against_two(tmp_path):
