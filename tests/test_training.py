@@ -1,6 +1,8 @@
 """Single-process training: contract outputs, TensorBoard tags, exact resume, safe restarts."""
 import glob
+import io
 import os
+import sys
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from checkpoint import REQUIRED_KEYS
 from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
 from runtime import Runtime, TrainingError
-from training import train
+from training import run, train
 from models import build_model
 from vanilla_vae_model import VanillaVAE
 
@@ -205,3 +207,24 @@ def test_a_failed_start_writes_nothing_and_a_finished_run_is_left_alone(demo_dat
     assert again.returncode == 0 and "the run finished at step 4" in again.stdout
     assert "nothing to do" in again.stdout
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_show_on_a_terminal_only(demo_data, tmp_path, monkeypatch, capsys,
+                                               terminal):
+    """tqdm decides (disable=None): bars for training, validation and indexing on a terminal,
+    none in a batch job's log; log lines keep going to stdout either way."""
+    err = _Terminal() if terminal else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    cfg = tiny_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_steps": 4, "data_params.index_cache_dir": str(tmp_path / "new")})
+    run(lambda: config_from_dict(cfg), lambda c: Runtime(), None)
+    bars = err.getvalue()
+    for name in ("indexing", "training", "validation"):
+        assert (f"{name}:" in bars) == terminal, (name, bars[-500:])
+    assert "validating on 20 frames" in capsys.readouterr().out
