@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from config import ConfigError
+from models import completed
 from runtime import TrainingError, all_gather_object, barrier
 
 log = logging.getLogger("vae")
@@ -309,8 +310,8 @@ def resume_point(resume, ckpt_dir, model_params):
     elif step_checkpoints(ckpt_dir) or os.path.exists(os.path.join(ckpt_dir, "last.pt")):
         raise ConfigError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue "
                           f"that run, or choose another logging_params.name")
-    if state is not None and state["config"]["model_params"] != model_params:
-        saved = state["config"]["model_params"]
+    if state is not None and completed(state["config"]["model_params"]) != model_params:
+        saved = completed(state["config"]["model_params"])
         diff = "; ".join(f"{k}: {saved.get(k, '(unset)')} in the checkpoint, "
                          f"{model_params.get(k, '(unset)')} now"
                          for k in sorted(set(saved) | set(model_params))

@@ -16,6 +16,13 @@ from vq_vae_model import VQVAE
 MODELS = {"VanillaVAE": VanillaVAE, "BetaVAE": BetaVAE, "VQVAE": VQVAE, "VAEGAN": VAEGAN}
 
 
+def completed(model_params):
+    """A checkpoint's model_params with the keys its family gained since it was written, at
+    the value it was trained with (the family's LEGACY_DEFAULTS)."""
+    family = MODELS.get(model_params.get("name"))
+    return {**getattr(family, "LEGACY_DEFAULTS", {}), **model_params}
+
+
 @runtime_checkable
 class AutoencoderModel(Protocol):
     """What every model family provides. Images are float tensors in [-1, 1], (B, C, S, S)."""

@@ -109,6 +109,7 @@ class VQVAE(nn.Module):
                                      nn.Conv2d(rev[-1], in_channels, 3, padding=1), nn.Tanh())
 
     noise_dim = 0                                   # deterministic encoder: no sampling noise
+    LEGACY_DEFAULTS = {"recon_reduction": "mean"}   # what checkpoints before the key trained
     not_applicable = {"kl": "VQ-VAE has a deterministic encoder, no posterior to compare "
                             "with a prior", "elbo": "VQ-VAE defines no likelihood bound"}
 

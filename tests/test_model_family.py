@@ -275,3 +275,19 @@ def test_vq_vae_reconstruction_term_is_the_designs_sum_by_default():
     assert summed["recon_loss"].item() == pytest.approx(design.item(), rel=1e-6)
     assert mean["recon_loss"].item() == pytest.approx(F.mse_loss(out[0], x).item(), rel=1e-6)
     assert summed["loss"].item() == pytest.approx(design.item() + 0.5, rel=1e-6)
+
+
+def test_a_vq_vae_checkpoint_from_before_recon_reduction_resumes_with_mean(demo_data, tmp_path):
+    from checkpoint import resume_point
+    from config import ConfigError
+    from training import train
+    cfg = config_from_dict(family_config(demo_data, str(tmp_path), "VQVAE", **{
+        "trainer_params.max_steps": 2}))
+    state = torch.load(train(cfg, Runtime()), weights_only=True)
+    del state["config"]["model_params"]["recon_reduction"]      # as written before the key
+    torch.save(state, tmp_path / "old.pt")
+    params = cfg.model_params
+    with pytest.raises(ConfigError, match="recon_reduction: mean in the checkpoint, sum now"):
+        resume_point(str(tmp_path / "old.pt"), str(tmp_path), params)
+    assert resume_point(str(tmp_path / "old.pt"), str(tmp_path),
+                        {**params, "recon_reduction": "mean"})["step"] == 2
