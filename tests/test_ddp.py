@@ -1,4 +1,5 @@
 """torchrun with two gloo processes on CPU: one writer, and the same result as one process."""
+import importlib.util
 import os
 import re
 
@@ -46,9 +47,13 @@ def test_two_rank_run_logs_and_checkpoints_once_and_matches_one_process(demo_dat
     """With sync_batchnorm, 2 ranks x 8 frames == 1 process x 16 frames, to float tolerance;
     without it each rank normalises its own 8 frames and the runs drift apart."""
     sync = {"trainer_params.sync_batchnorm": True}
-    result = torchrun(config(demo_data, tmp_path, "ddp_sync", **sync))
+    wandb = {"logging_params.wandb": True, "logging_params.wandb_mode": "offline"} \
+        if importlib.util.find_spec("wandb") else {}
+    result = torchrun(config(demo_data, tmp_path, "ddp_sync", **sync, **wandb))
     run_dir = tmp_path / "logs" / "ddp_sync"
     assert len([f for f in os.listdir(run_dir) if f.startswith("events.out")]) == 1
+    if wandb:                                                  # one W&B run: rank 0's
+        assert len([f for f in os.listdir(run_dir / "wandb") if f.startswith("offline-run")]) == 1
     log = (run_dir / "train.log").read_text()
     assert log.count("saved") == 2 and log.count("training 6 steps") == 1   # rank 0 only
     assert "[rank 1]" not in result.stdout + result.stderr
