@@ -14,6 +14,7 @@ import uuid
 import yaml
 
 from checkpoint import atomic_write
+from runtime import TrainingError
 
 STEP_KEY = "trainer/step"
 
@@ -21,10 +22,10 @@ STEP_KEY = "trainer/step"
 class Tracker:
     def __init__(self, cfg, step):
         from torch.utils.tensorboard import SummaryWriter
+        self.wandb = start_wandb(cfg) if cfg.logging_params.wandb else None
         self.writer = SummaryWriter(cfg.run_dir, purge_step=step + 1 if step else None)
         config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
         self.writer.add_text("config", f"```\n{config_text}```", step)
-        self.wandb = start_wandb(cfg) if cfg.logging_params.wandb else None
 
     def scalars(self, values, step):
         """values: {"prefix/name": number}."""
@@ -61,9 +62,16 @@ def start_wandb(cfg):
         run_id = uuid.uuid4().hex[:12]
         with atomic_write(id_file, "w") as f:
             f.write(run_id + "\n")
-    run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity or None,
-                     name=lg.wandb_run_name or lg.name, id=run_id, resume="allow",
-                     dir=cfg.run_dir, config=cfg.to_dict(), mode=lg.wandb_mode or None)
+    try:
+        run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity or None,
+                         name=lg.wandb_run_name or lg.name, id=run_id, resume="allow",
+                         dir=cfg.run_dir, config=cfg.to_dict(), mode=lg.wandb_mode or None)
+    except Exception as e:                    # no login, no network, a refused project ...
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise TrainingError(f"Weights & Biases could not start ({type(e).__name__}: {reason}); "
+                            f"log in with `wandb login`, or set WANDB_MODE=offline (or "
+                            f"logging_params.wandb_mode: offline) where there is no internet") \
+            from None
     run.define_metric(STEP_KEY)
     run.define_metric("*", step_metric=STEP_KEY)
     return run

@@ -8,7 +8,7 @@ import pytest
 
 from config import ConfigError, config_from_dict
 from conftest import tiny_config
-from runtime import Runtime
+from runtime import Runtime, TrainingError
 from training import train
 
 wandb = pytest.importorskip("wandb")
@@ -51,3 +51,15 @@ def test_wandb_on_without_the_package_is_a_config_error(demo_data, tmp_path, mon
         config_from_dict(raw)
     raw["logging_params"]["wandb"] = False
     config_from_dict(raw)                                      # off: no need for the package
+
+
+def test_wandb_that_cannot_start_is_one_line_naming_the_way_out(demo_data, tmp_path,
+                                                                monkeypatch):
+    def no_login(**kwargs):
+        raise wandb.errors.UsageError("api_key not configured (no-tty). call wandb.login(key=...)")
+    monkeypatch.setattr(wandb, "init", no_login)
+    cfg = config_from_dict(tiny_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_steps": 2, "logging_params.wandb": True}))
+    with pytest.raises(TrainingError, match=r"Weights & Biases could not start \(UsageError: "
+                                            r"api_key not configured.*WANDB_MODE=offline"):
+        train(cfg, Runtime())
