@@ -107,8 +107,11 @@ def pickled_files(folder):
         path = os.path.join(folder, name)
         if not os.path.isfile(path) or name == "model.pt":
             continue
-        with open(path, "rb") as f:
-            head = f.read(2)
+        try:
+            with open(path, "rb") as f:
+                head = f.read(2)
+        except OSError:                       # unreadable: pythae could not unpickle it either
+            head = b""
         if name.lower().endswith(PICKLE_SUFFIXES) or (head[:1] == b"\x80" and head[1:2] in
                                                       (b"\x02", b"\x03", b"\x04", b"\x05")):
             found.append(name)
