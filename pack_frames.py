@@ -17,6 +17,7 @@ whose image_size or resize differs is refused. A frame that cannot be decoded is
 and reported, by its original name, when training reads it.
 """
 import argparse
+import collections
 import functools
 import io
 import json
@@ -48,33 +49,49 @@ def prepare(data, image_size, resize, quality):
     return out.getvalue()
 
 
-_INDEX = None
+def prepare_span(index, span, image_size, resize, quality):
+    """Frames start..stop-1 (in index order), prepared."""
+    start, stop = span
+    videos = np.searchsorted(index.offsets, np.arange(start, stop), side="right") - 1
+    return [prepare(index.read_bytes(int(v), i - int(index.offsets[v])), image_size, resize,
+                    quality) for i, v in zip(range(start, stop), videos)]
 
 
-def _prepare_chunk(frames, root, cache_dir, image_size, resize, quality):
+_INDEX = None                                 # a packing worker's copy, loaded once
+
+
+def _prepare_span_in_worker(span, root, cache_dir, **settings):
     global _INDEX
     if _INDEX is None or _INDEX.root != root:
         _INDEX = load_index(root, cache_dir)
-    return [prepare(_INDEX.read_bytes(v, pos), image_size, resize, quality) for v, pos in frames]
+    return prepare_span(_INDEX, span, **settings)
 
 
 def frame_bytes(index, index_cache_dir, image_size, resize, quality, workers):
-    """Every frame's bytes in index order: as stored, or prepared by `workers` processes."""
-    frames = [(v, pos) for v in range(len(index.videos)) for pos in range(index.num_frames(v))]
+    """Every frame's bytes in index order: as stored, or prepared by `workers` processes,
+    at most 4 chunks per worker ahead of the writer (memory stays bounded at any size)."""
     if not image_size:
-        for v, pos in frames:
-            yield index.read_bytes(v, pos)
+        for v in range(len(index.videos)):
+            for pos in range(index.num_frames(v)):
+                yield index.read_bytes(v, pos)
         return
-    chunks = [frames[i:i + CHUNK] for i in range(0, len(frames), CHUNK)]
-    work = functools.partial(_prepare_chunk, root=index.root, cache_dir=index_cache_dir,
-                             image_size=image_size, resize=resize, quality=quality)
+    n = len(index)
+    spans = ((i, min(i + CHUNK, n)) for i in range(0, n, CHUNK))
+    settings = {"image_size": image_size, "resize": resize, "quality": quality}
     if workers <= 1:
-        for chunk in chunks:
-            yield from work(chunk)
+        for span in spans:
+            yield from prepare_span(index, span, **settings)
         return
+    work = functools.partial(_prepare_span_in_worker, root=index.root, cache_dir=index_cache_dir,
+                             **settings)
     with ProcessPoolExecutor(workers) as pool:
-        for prepared in pool.map(work, chunks):
-            yield from prepared
+        pending = collections.deque()
+        for span in spans:
+            pending.append(pool.submit(work, span))
+            if len(pending) >= 4 * workers:
+                yield from pending.popleft().result()
+        while pending:
+            yield from pending.popleft().result()
 
 
 def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="crop",
