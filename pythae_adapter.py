@@ -201,19 +201,20 @@ class PythaeAdapter(nn.Module):
 
     # --- the posterior's own mean ---------------------------------------------------------
     def _code(self, x01):
-        """(latent to decode, encoder outputs); the latent as pythae's decoder takes it."""
+        """(latent to decode, as pythae's decoder takes it; encoder outputs; the quantizer's
+        output for VQVAE, else None)."""
         out = self.model.encoder(x01)
         mu = out.embedding
         if self.latent_shape is None:
             self.latent_shape = tuple(mu.shape[1:])
         if self.posterior == "vmf":
-            return mu / mu.norm(dim=-1, keepdim=True), out
+            return mu / mu.norm(dim=-1, keepdim=True), out, None
         if self.posterior == "flow":
-            return self._flow(mu), out
+            return self._flow(mu), out, None
         if self.posterior == "vq":
-            quantized, _ = self._quantize(mu)
-            return quantized, out
-        return mu, out
+            quantized, q = self._quantize(mu)
+            return quantized, out, q
+        return mu, out, None
 
     def _flow(self, z):
         if self.name == "VAE_IAF":
@@ -236,7 +237,7 @@ class PythaeAdapter(nn.Module):
     @torch.no_grad()
     def evaluate_batch(self, x, generator=None, kld_weight=1.0):
         x01 = (x + 1) / 2
-        z, out = self._code(x01)
+        z, out, q = self._code(x01)
         metrics, latents = {}, {}
         log_var = out.get("log_covariance")
         if self.posterior == "gaussian" and log_var is None:
@@ -245,8 +246,7 @@ class PythaeAdapter(nn.Module):
             mu = out.embedding.flatten(1).float()
             latents = {"mu": mu, "logvar": log_var.flatten(1).float()}
             metrics["kl"] = gaussian_kl(mu, latents["logvar"])
-        if self.posterior == "vq":
-            _, q = self._quantize(out.embedding)
+        if q is not None:
             metrics["vq_loss"] = self._per_image_vq_loss(out.embedding, q)
             latents = {"codes": q.quantized_indices.flatten(1)}
         recon = self._decode(z)
