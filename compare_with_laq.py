@@ -26,7 +26,6 @@ from typing import Callable, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write
 from config import ConfigError, data_params_of
@@ -37,7 +36,7 @@ from laq_loader import LaqError, LaqRunner, load_laq
 from metrics import (CI_METHOD, ImageMetrics, WeightsMissing, add_fid_arguments,
                      add_lpips_arguments, build_fid, codebook_diagnostics, fid_label,
                      latent_summary, lpips_label)
-from runtime import exit_bad_input, pick_device
+from runtime import exit_bad_input, pick_device, progress
 
 FIGURE_ROWS = 8
 OVERLAP_NOTE = ("LAQ's trainer reads every video folder under its data folder: unless LAQ was "
@@ -283,7 +282,7 @@ def probe_features(vae, runner, num_codes, pairs, geometry, batch_size, device, 
     pre-quantisation action vectors. Computed in chunks of batch_size pairs, cached."""
     chunks, labels_kept = [], []
     starts = range(0, len(pairs), batch_size)
-    for k, start in enumerate(tqdm(starts, desc=f"probe features ({split})", disable=None)):
+    for k, start in enumerate(progress(starts, desc=f"probe features ({split})")):
         chunk = cache.get(split, k)
         if chunk is None:
             batch = [(i, geometry.load(pairs[i])) for i in range(start, min(start + batch_size,

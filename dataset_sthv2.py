@@ -31,10 +31,9 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import (DataLoader, Dataset, DistributedSampler, default_collate,
                               get_worker_info)
-from tqdm import tqdm
 
 from checkpoint import atomic_write
-from runtime import ignore_stop_signals
+from runtime import ignore_stop_signals, progress
 
 with warnings.catch_warnings():   # torchvision >= 0.29 marks its decoders as deprecated
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -148,7 +147,7 @@ class FrameIndex:
         with os.scandir(root) as it:
             folders = sorted((e.name for e in it if e.is_dir() and not e.name.startswith(".")),
                              key=_natural_key)
-        for video in tqdm(folders, desc="indexing", unit="video", disable=None, leave=False):
+        for video in progress(folders, desc="indexing", unit="video", leave=False):
             with os.scandir(os.path.join(root, video)) as it:
                 parsed = [m for m in (FRAME_NAME.match(e.name) for e in it if e.is_file()) if m]
             if not parsed:

@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
-from tqdm import tqdm
 
 from checkpoint import CheckpointError, atomic_write, load_checkpoint
 from config import ConfigError, data_params_of
@@ -30,7 +29,7 @@ from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, WeightsMissing, add
                      add_lpips_arguments, build_fid, fid_label, latent_summary, lpips_label,
                      summarize)
 from models import build_model
-from runtime import exit_bad_input, pick_device
+from runtime import exit_bad_input, pick_device, progress
 from pythae_adapter import PythaeError, is_pythae_source, load_pythae
 
 GRID_IMAGES = 8
@@ -124,7 +123,7 @@ def evaluate(model, dataset, positions, metrics, args, device, fid=None):
     recon_dir = os.path.join(args.output, "reconstructions")
     if args.save_reconstructions:
         os.makedirs(recon_dir, exist_ok=True)
-    for index, images, bad in tqdm(loader, desc="reconstruction", unit="batch", disable=None):
+    for index, images, bad in progress(loader, desc="reconstruction", unit="batch"):
         unreadable += bad
         if len(index) == 0:
             continue

@@ -27,12 +27,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from checkpoint import atomic_write, copy_atomic
 from dataset_sthv2 import (DECODE_ERRORS, LABEL_FILES, PACKED_INDEX, DataError, decode_rgb,
                            load_index, resize_frame)
-from runtime import exit_bad_input
+from runtime import exit_bad_input, progress
 
 CHUNK = 256                                   # frames per task of a packing worker
 
@@ -108,7 +107,7 @@ def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="c
     length = np.zeros(n, dtype=np.int64)
     frames = frame_bytes(index, index_cache_dir, image_size, resize, quality, workers)
     shards, k = [], 0
-    with tqdm(total=n, unit="frame", disable=None) as progress:
+    with progress(total=n, unit="frame") as bar:
         while k < n:                          # each shard appears whole, or not at all
             name = f"shard_{len(shards):05d}.bin"
             with atomic_write(os.path.join(out, name)) as handle:
@@ -119,7 +118,7 @@ def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="c
                     handle.write(data)
                     written += len(data)
                     k += 1
-                    progress.update(1)
+                    bar.update(1)
             shards.append(name)
     prepared = ({"image_size": image_size, "resize": resize, "quality": quality}
                 if image_size else None)

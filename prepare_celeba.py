@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from checkpoint import atomic_write
-from runtime import exit_bad_input
+from runtime import exit_bad_input, progress
 
 SPLITS = {"train": {0}, "valid": {1}, "test": {2}, "valid+test": {1, 2}}
 EXPECTED = {0: 162770, 1: 19867, 2: 19962}
@@ -151,7 +151,7 @@ def prepare(args):
         todo = [k for k in range(len(chunks)) if not os.path.exists(chunk_path(k))]
         with ProcessPoolExecutor(args.workers, initializer=_init_worker,
                                  initargs=(args.src,)) as pool, \
-                tqdm(total=len(names), desc=split, unit="image", disable=None) as bar:
+                progress(total=len(names), desc=split, unit="image") as bar:
             bar.update(len(names) - sum(len(chunks[k]) for k in todo))
             jobs = pool.map(_work, [(chunks[k], args.crop, args.image_size) for k in todo])
             for k, (array, kept, problems) in zip(todo, jobs):
@@ -183,7 +183,7 @@ def write_split(chunk_paths, out, split, size, partitions):
     shape = (total, 3, size, size)
     npy = os.path.join(out, f"{split}_data.npy")
     with atomic_write(npy) as f, \
-            tqdm(total=total, desc=f"{split}_data.npy", unit="image", disable=None) as bar:
+            progress(total=total, desc=f"{split}_data.npy", unit="image") as bar:
         array = np.lib.format.open_memmap(f.name, mode="w+", dtype=np.uint8, shape=shape)
         at = 0                                # the memory map writes into the temp file
         for path in chunk_paths:
