@@ -170,20 +170,21 @@ def generation_consistency(model, metrics, num_samples, batch_size, device):
 def print_table(report):
     print(f"\n{report['model']} on {report['dataset']} ({report['num_images']} images)")
     print(f"{'metric':<18} {'mean':>10} {'std':>10}   95% CI")
+    def row(name, s, note=""):
+        print(f"{name:<18} {s['mean']:>10.4f} {s['std']:>10.4f}   "
+              f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]{note}")
+
+    base = report["baseline_mean_colour"]["psnr"]
     for title in ("reconstruction", "generation"):
         print(f"-- {title}")
         for name, s in report[title].items():
             if name != "not_applicable" and s is not None and s["mean"] is not None:
-                print(f"{name:<18} {s['mean']:>10.4f} {s['std']:>10.4f}   "
-                      f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]")
-        base = report["baseline_mean_colour"]["psnr"]
+                row(name, s)
         if title == "reconstruction" and base["mean"] is not None:
-            print(f"{'psnr of mean colour':<18} {base['mean']:>10.4f} {base['std']:>10.4f}   "
-                  f"[{base['ci95'][0]:.4f}, {base['ci95'][1]:.4f}]   (baseline: each image "
-                  f"replaced by its mean colour; a model that learned scores well above it)")
-        for name, reason in report[title].get("not_applicable", {}).items():
-            if title == "generation" and name == "all":
-                print(f"(none: {reason})")
+            row("psnr of mean colour", base, "   (baseline: each image replaced by its mean "
+                "colour; a model that learned scores well above it)")
+        if "all" in report[title]["not_applicable"]:
+            print(f"(none: {report[title]['not_applicable']['all']})")
     if report["rfid"]["value"] is not None:
         print(f"{'rfid':<18} {report['rfid']['value']:>10.4g}   (set-level, "
               f"{report['rfid']['images']} images; {report['rfid']['backbone']})")
