@@ -395,6 +395,9 @@ def jpeg_size(data):
                     int.from_bytes(data[i + 5:i + 7], "big"))
         if marker == 0xDA:                    # image data before any frame header
             return None
+        if marker == 0x01 or 0xD0 <= marker <= 0xD9:     # markers without a length field
+            i += 2
+            continue
         i += 2 + int.from_bytes(data[i + 2:i + 4], "big")
     return None
 
