@@ -6,6 +6,11 @@ import sys
 import pytest
 import yaml
 
+# One thread per process, set before torch is imported here and inherited by every script the
+# tests start: two pytest workers with torch's default threads oversubscribe two cores.
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
