@@ -89,6 +89,8 @@ class TrainerParams:
     channels_last: bool = True          # channels-last memory format (GPU only)
     deterministic: bool = False
     max_nonfinite_steps: int = 20       # stop after this many non-finite steps in a row
+    stop_within_s: float = 20.0         # warn when a stop signal can take longer to act on
+                                        # (2 steps under DDP, 1 alone; torchrun waits 30 s)
 
 
 @dataclass
@@ -273,6 +275,8 @@ def _validate(cfg, world_size, check_paths=True):
     for key in ("max_epochs", "check_val_every_n_epoch", "log_every_n_steps",
                 "max_nonfinite_steps"):
         need(getattr(t, key) > 0, f"trainer_params.{key}", f"must be positive, got {getattr(t, key)}")
+    need(t.stop_within_s > 0, "trainer_params.stop_within_s",
+         f"must be positive seconds, got {t.stop_within_s}")
     for key in ("max_steps", "limit_val_batches"):
         need(getattr(t, key) >= 0, f"trainer_params.{key}", f"must be >= 0, got {getattr(t, key)}")
     for key in ("save_every_n_steps", "log_images_every_n_steps", "num_image_samples"):

@@ -183,11 +183,9 @@ class StopSignal:
     instead of dying: the run finishes its step, saves and exits with PREEMPTED_EXIT_CODE.
     A second SIGINT aborts at once."""
 
-    EVERY = 10                                # steps between checks when distributed
-
     def __init__(self, device):
         self.device, self.received = device, None
-        self._pending = None                  # the previous check's all-reduced flag
+        self._pending = None                  # the previous step's exchange: (flag, wait)
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
@@ -197,30 +195,31 @@ class StopSignal:
         self.received = signal.Signals(signum).name
 
     def agreed(self, step):
-        """True on every rank once any rank got a signal. A single process checks its own
-        flag at every step. Distributed, the ranks exchange flags every EVERY steps (the same
-        steps on every rank), and each exchange answers for the previous one's flag, copied to
-        the host behind it, so the host never waits for the steps queued since: a stop comes
-        one exchange later, at the same step on every rank."""
+        """True on every rank once any rank got a signal, at the same step on every rank.
+
+        A single process reads its own flag after every step. Distributed, after every step
+        each rank starts an all-reduce (max) of its flag without waiting for it and reads the
+        one it started after the step before, which the ranks have long finished: a stop takes
+        effect at most two steps after the signal, and the host never waits for the steps it
+        has queued since (on a GPU the flag comes back through a pinned copy and an event)."""
         if not distributed():
             return self.received is not None        # no device round trip
-        if step % self.EVERY:
-            return False
-        flag = all_reduce(torch.tensor([1.0 if self.received else 0.0], device=self.device),
-                          op="max")
+        flag = torch.tensor([1.0 if self.received else 0.0], device=self.device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
         if self.device.type == "cuda":
+            work.wait()                       # the stream waits for it, not the host
             host = torch.empty(1, pin_memory=True).copy_(flag, non_blocking=True)
             copied = torch.cuda.Event()
             copied.record()
+            pending = (host, copied.synchronize)
         else:
-            host, copied = flag, None
-        previous, self._pending = self._pending, (host, copied)
+            pending = (flag, work.wait)
+        previous, self._pending = self._pending, pending
         if previous is None:
             return False
-        host, copied = previous
-        if copied is not None:
-            copied.synchronize()              # long done: it was queued an exchange ago
-        return bool(host.item())
+        value, wait = previous
+        wait()
+        return bool(value.item())
 
 
 def parse_args(description):

@@ -154,7 +154,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     stats = StepStats(rt.device, d.train_batch_size, step, not trainer.scaler.is_enabled())
     bar = progress(total=max_steps, initial=step, main=rt.is_main, desc="training",
                    unit="step")
-    seen_bad = set()
+    seen_bad, stop_warned = set(), False
     while step < max_steps:
         train_loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch)
                                        * train_loader.batch_size)
@@ -168,6 +168,8 @@ def train(cfg, rt, resume=None, allow_data_change=False):
 
             if step % t.log_every_n_steps == 0 or step == max_steps:
                 window, worst = stats.flush(step)
+                stop_warned = stop_warned or warn_stop_latency(
+                    window, d.train_batch_size, rt.world_size, t.stop_within_s)
                 log_scalars(tracker, "train", {**window, "lr": trainer.lr}, step,
                             f"step {step} (epoch {epoch + 1})")
                 bar.set_postfix(loss=f"{window.get('loss', float('nan')):.4g}")
@@ -205,6 +207,19 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     if lock:
         lock.release()
     return final
+
+
+def warn_stop_latency(window, global_batch, world_size, bound):
+    """A stop signal acts after the current step alone, after at most two under DDP
+    (StopSignal.agreed): say so when that exceeds trainer_params.stop_within_s; True if said."""
+    steps = 2 if world_size > 1 else 1
+    worst = steps * global_batch / window["images_per_sec"]
+    if worst > bound:
+        log.warning("a stop signal is acted on within %d step%s, %.1f s at this step time, more "
+                    "than trainer_params.stop_within_s = %g s: send the signal earlier (SLURM "
+                    "--signal=B:USR1@SECONDS), give the ranks longer to stop (KillWait; "
+                    "torchrun waits 30 s), or make steps shorter", steps, "s" * (steps > 1),
+                    worst, bound)
 
 
 def save_checkpoint(trainer, cfg, rt, step, epoch, data, also=None):

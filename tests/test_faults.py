@@ -64,7 +64,7 @@ def config_dict(demo_data, save_dir, name, **overrides):
         "trainer_params.max_epochs": 100, **overrides})
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_saves_exits_75_and_resumes_exactly(sig, reference, demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run"))
     proc = start(cli("--config", path))
@@ -387,3 +387,62 @@ def test_a_worker_that_hangs_is_reported_not_waited_for(demo_data, tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "gave no batch for 3 s" in result.stderr and "worker_timeout" in result.stderr
     assert time.monotonic() - started < 120
+
+
+SLOW_STEPS = '''
+"""Test-only: every training step sleeps SLOW_STEP_S seconds more (a slow model or node)."""
+import importlib.machinery, os, sys, time
+
+
+class SlowTrainer(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "trainer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            step = module.Trainer.step
+
+            def slow_step(self, images):
+                time.sleep(float(os.environ["SLOW_STEP_S"]))
+                return step(self, images)
+            module.Trainer.step = slow_step
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, SlowTrainer)
+'''
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
+        demo_data, tmp_path, sig):
+    """2 ranks x 2 workers, 1.5 s steps, the signal to run_train.sh's process group as SLURM
+    sends it: saved and exit 75 within trainer_params.stop_within_s (ranks used to exchange
+    the flag every 10 steps: 15-30 s here)."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
+    env = {"RUN_TRAIN_NPROC": "2", "OMP_NUM_THREADS": "1", "SLOW_STEP_S": "1.5",
+           "PYTHONPATH": str(hook)}
+    path = write_config(tmp_path / "run.yaml", config_dict(
+        demo_data, str(tmp_path), "run", **{
+            **DDP, "data_params.num_workers": 2, "trainer_params.stop_within_s": 8.0,
+            "trainer_params.max_steps": 200, "trainer_params.max_epochs": 100}))
+    proc = start(["bash", "run_train.sh", "--config", path, "--device", "cpu"], env=env)
+    wait_for_line(proc, "step 4 ")
+    os.killpg(proc.pid, sig)
+    signalled = time.monotonic()
+    seen = wait_for_line(proc, "stopping on SIGTERM", timeout=60)
+    latency = time.monotonic() - signalled
+    print(f"{sig.name}: signal to saved checkpoint {latency:.1f} s")
+    out = seen + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 75, out[-4000:]
+    assert latency < 8.0, (latency, out[-3000:])
+    stopped = int(out.split("stopping on SIGTERM at step ")[1].split(";")[0])
+    assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == stopped
+    assert "is acted on within 2 steps" not in out                   # 2 x 1.5 s < 8 s bound
