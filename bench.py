@@ -44,7 +44,7 @@ from dataset_sthv2 import (DataError, PackedFrameIndex, PooledCollate, SthV2Fram
 from pack_frames import pack
 from runtime import Runtime, exit_bad_input, pick_device
 from trainer import Trainer
-from models import build_model
+from models import build_model, item_shape
 
 # Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, tf32 tensor cores). First match wins.
 PEAK_TFLOPS = [("H200", 989.4, 494.7), ("GH200", 989.4, 494.7), ("H100 PCIe", 756.5, 378.0),
@@ -64,10 +64,10 @@ def peak_flops(device, precision):
 
 
 def flops_per_image(cfg, batch, device):
-    """Forward + backward FLOPs of one training step per image, by torch's flop counter."""
+    """Forward + backward FLOPs of one training step per item (image or frame pair), by
+    torch's flop counter."""
     model = build_model(cfg.model_params).to(device)
-    size = cfg.model_params["image_size"]
-    x = torch.rand(batch, cfg.model_params["in_channels"], size, size, device=device) * 2 - 1
+    x = torch.rand(batch, *item_shape(cfg.model_params), device=device) * 2 - 1
     with FlopCounterMode(display=False) as counter:
         model.loss_function(x, model(x), 1e-4)["loss"].backward()
     return counter.get_total_flops() / batch
@@ -99,9 +99,10 @@ def bench_train(args):
         overrides.append(f"data_params.train_batch_size={args.batch_size}")
     cfg = load_config(args.config, overrides, check_paths=False)
     device = pick_device(args.device, cfg.trainer_params.gpus)
-    batch, size = cfg.data_params.train_batch_size, cfg.model_params["image_size"]
+    batch = cfg.data_params.train_batch_size
     trainer = Trainer(cfg, Runtime(device=device), steps_per_epoch=10 ** 9)
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
+    images = torch.randint(0, 256, (batch, *item_shape(cfg.model_params)), dtype=torch.uint8,
+                           device=device)
 
     def step():
         trainer.step(images)
@@ -142,6 +143,7 @@ def bench_train(args):
             "mfu": round(images_per_sec * flops / peak, 4) if peak else None,
             "peak_mem_mb": round(peak_mb, 1),
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "item": "frame pair" if len(item_shape(cfg.model_params)) == 4 else "image",
             "batch_size": batch, "steps": args.steps,
             "precision": cfg.trainer_params.precision if device.type == "cuda" else "fp32",
             "compile": trainer.compiled,

@@ -56,6 +56,8 @@ class DataParams:
     labels_path: str = ""               # folder with the SthV2 label JSONs; "" = data_path
     val_fraction: float = 0.05          # used only when no label JSONs are found
     frame_stride: int = 1
+    frame_offset: int = 0               # > 0: (frame t, frame min(t + offset, last)) pairs, as
+                                        # LAQ trains (latent action models); 0: single frames
     index_cache_dir: str = ""           # "" = $XDG_CACHE_HOME/sthv2_frame_index
     prefetch_factor: int = 4
     worker_timeout: int = 600           # seconds a worker may take for a batch; 0 = no limit
@@ -175,6 +177,11 @@ def _check_type(value, annotation, key):
     return value
 
 
+def _model_class(name):
+    from models import MODELS
+    return MODELS.get(name)
+
+
 def _model_schema(name):
     from models import MODELS
     if name not in MODELS:
@@ -213,7 +220,22 @@ def _build_model_params(raw):
             if default is inspect.Parameter.empty:
                 raise ConfigError(f"model_params.{key}: missing (required by {name})")
             params[key] = list(default) if isinstance(default, tuple) else default
+    _try_build(params)
     return params
+
+
+def _try_build(params):
+    """Build the model on the meta device (no memory, no time), as the run will build it, so
+    that a value only the model's constructor checks is a ConfigError before anything is
+    written."""
+    import torch
+    from models import MODELS
+    kwargs = {k: v for k, v in params.items() if k != "name"}
+    try:
+        with torch.device("meta"):
+            MODELS[params["name"]](**kwargs)
+    except (ValueError, TypeError, ZeroDivisionError) as e:
+        raise ConfigError(f"model_params: {str(e).splitlines()[0]} ({params['name']})") from None
 
 
 def _validate(cfg, world_size, check_paths=True):
@@ -242,6 +264,14 @@ def _validate(cfg, world_size, check_paths=True):
     if "hidden_dims" in m:
         need(len(m["hidden_dims"]) > 0 and all(h > 0 for h in m["hidden_dims"]),
              "model_params.hidden_dims", "must be a non-empty list of positive ints")
+    pairs = getattr(_model_class(m.get("name")), "takes_pairs", False)
+    need(d.frame_offset >= 0, "data_params.frame_offset", f"must be >= 0, got {d.frame_offset}")
+    need(d.frame_offset > 0 or not pairs, "data_params.frame_offset",
+         f"{m.get('name')} trains on frame pairs: set the offset between them (LAPA: 30)")
+    need(d.frame_offset == 0 or pairs, "data_params.frame_offset",
+         f"{m.get('name')} trains on single frames: leave it at 0")
+    need(not (pairs and d.dataset == "celeba"), "data_params.dataset",
+         f"{m.get('name')} trains on frame pairs of videos; CelebA holds single images")
     for key in ("image_size", "train_batch_size", "val_batch_size", "frame_stride",
                 "prefetch_factor"):
         need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")

@@ -484,18 +484,29 @@ class SthV2Frames(Dataset):
 
 
 class SthV2FramePairs(SthV2Frames):
-    """(frame t, frame t + offset) pairs of the given videos, for the LAQ comparison."""
+    """(frame t, frame t + offset) pairs of the given videos, every frame_stride-th t.
+
+    exact (the comparison's pairs): only t with t + offset inside the video. clamp (training
+    latent action models, as LAQ's loader does): every t, the second frame at
+    min(t + offset, last frame), so pairs near a video's end have shorter offsets.
+    """
 
     def __init__(self, index, video_positions, image_size, offset=30, frame_stride=1,
-                 resize="crop"):
+                 resize="crop", clamp=False):
         super().__init__(index, video_positions, image_size, frame_stride, resize=resize)
-        keep = self.pos + offset < np.diff(index.offsets)[self.video]
-        self.video, self.pos, self.offset = self.video[keep], self.pos[keep], offset
+        self.offset, self.clamp = offset, clamp
+        if not clamp:
+            keep = self.pos + offset < np.diff(index.offsets)[self.video]
+            self.video, self.pos = self.video[keep], self.pos[keep]
+
+    def second(self, v, pos):
+        return min(pos + self.offset, self.index.num_frames(v) - 1) if self.clamp else \
+            pos + self.offset
 
     def __getitem__(self, i):
         v, pos = int(self.video[i]), int(self.pos[i])
         first, bad = self.load(v, pos)
-        second, bad2 = self.load(v, pos + self.offset)
+        second, bad2 = self.load(v, self.second(v, pos))
         return (None if first is None or second is None else torch.stack([first, second]),
                 bad + bad2)
 
@@ -630,13 +641,14 @@ class CelebAArrays(Dataset):
 
 
 def build_split(data_params, split, image_size, index=None, pair_offset=None,
-                neighbour_tries=NEIGHBOUR_TRIES):
+                neighbour_tries=NEIGHBOUR_TRIES, clamp_pairs=False):
     """The `split` ("train" or "val") of the data a data_params section describes: the one
     definition of a split that training, evaluate.py and compare_with_laq.py share.
 
     SthV2: the split's videos (official label files, else the hash split; split_videos), every
-    frame_stride-th frame resized as data_params.resize says, or with pair_offset the (frame t, frame t + offset) pairs of those
-    videos. CelebA: prepare_celeba.py's array for the split. `index`: the frame index of
+    frame_stride-th frame resized as data_params.resize says, or with pair_offset the
+    (frame t, frame t + offset) pairs of those videos (clamp_pairs: LAQ's clamped pairs,
+    SthV2FramePairs). CelebA: prepare_celeba.py's array for the split. `index`: the frame index of
     data_params.data_path when the caller already loaded it. The result carries `split` and
     `source` (where the split came from).
     """
@@ -657,7 +669,7 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
         raise DataError(f"the {name} split of {index.root} has no videos ({source}){hint}")
     if pair_offset:
         dataset = SthV2FramePairs(index, videos, image_size, pair_offset, d.frame_stride,
-                                  d.resize)
+                                  d.resize, clamp_pairs)
     else:
         dataset = SthV2Frames(index, videos, image_size, d.frame_stride, neighbour_tries,
                               d.resize)
@@ -699,9 +711,11 @@ def describe(train_set, val_set):
     if isinstance(train_set, CelebAArrays):
         return (f"CelebA arrays in {os.path.dirname(train_set.file)}: train {len(train_set)} / "
                 f"val {len(val_set)} images")
+    unit = f"pairs (offset {train_set.offset})" if isinstance(train_set, SthV2FramePairs) \
+        else "frames"
     return (f"{len(train_set.index.videos)} videos ({train_set.source}): train "
-            f"{len(train_set.videos)} videos / {len(train_set)} frames, val "
-            f"{len(val_set.videos)} videos / {len(val_set)} frames")
+            f"{len(train_set.videos)} videos / {len(train_set)} {unit}, val "
+            f"{len(val_set.videos)} videos / {len(val_set)} {unit}")
 
 
 # --- loaders: what the training loop iterates -----------------------------------------------
@@ -747,6 +761,7 @@ class BlockBatchSampler:
     so the per-image noise, and so the metric, do not depend on the number of ranks."""
 
     def __init__(self, indices, global_batch, rank, world_size):
+        self.items = len(indices)                 # over all ranks
         self.blocks = [indices[s:s + global_batch][rank::world_size]
                        for s in range(0, len(indices), global_batch)]
         self.blocks = [b for b in self.blocks if len(b)]

@@ -238,6 +238,11 @@ def main():
             ckpt = {"config": config, "step": None}
         else:
             model, ckpt = load_model(args.checkpoint, device)
+            if getattr(model, "takes_pairs", False):
+                raise CheckpointError(
+                    f"{args.checkpoint} is a {ckpt['config']['model_params']['name']}: it "
+                    f"predicts a future frame from a frame pair, not an image from itself; "
+                    f"score it with compare_with_laq.py --model {args.checkpoint}")
         image_size = ckpt["config"]["model_params"]["image_size"]
         args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
         dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)

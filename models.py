@@ -9,11 +9,13 @@ from typing import Dict, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
+from latent_action_model import LatentActionModel
 from vae_gan_model import VAEGAN
 from vanilla_vae_model import BetaVAE, VanillaVAE
 from vq_vae_model import VQVAE
 
-MODELS = {"VanillaVAE": VanillaVAE, "BetaVAE": BetaVAE, "VQVAE": VQVAE, "VAEGAN": VAEGAN}
+MODELS = {"VanillaVAE": VanillaVAE, "BetaVAE": BetaVAE, "VQVAE": VQVAE, "VAEGAN": VAEGAN,
+          "LatentActionModel": LatentActionModel}
 
 
 def completed(model_params):
@@ -25,7 +27,9 @@ def completed(model_params):
 
 @runtime_checkable
 class AutoencoderModel(Protocol):
-    """What every model family provides. Images are float tensors in [-1, 1], (B, C, S, S)."""
+    """What every model family provides. Images are float tensors in [-1, 1], (B, C, S, S);
+    a family with `takes_pairs = True` (latent action models) takes frame pairs
+    (B, 2, C, S, S) and reconstructs the second frame from the first and its action latent."""
 
     noise_dim: int
     """Width of the N(0, I) noise one training step draws per image (0: none). The loop draws
@@ -58,10 +62,25 @@ class AutoencoderModel(Protocol):
 
     # Optional (looked up with hasattr by trainer.py):
     #   optimizer_groups() -> {name: [parameters]}: one optimizer per group (VAE-GAN).
+    #   takes_pairs = True: items are (current, future) frame pairs (data_params.frame_offset).
+    #   before_step(step): called before optimizer step `step` (0-based), on every rank alike.
     #   train_step(x, noise, kld_weight, max_grad_norm) -> (losses, grad_norm, finite,
     #       {group: bool tensor, apply its update}): the family computes, averages over ranks
     #       (runtime.all_reduce_mean_) and clips its own gradients; the trainer applies the
     #       updates. Such a family is not wrapped in DDP or torch.compile.
+
+
+def reconstruction_target(x):
+    """What model.reconstruct(x) is scored against: the image, or a pair's second frame."""
+    return x[:, -1] if x.dim() == 5 else x
+
+
+def item_shape(model_params):
+    """One training item: an image (C, S, S), or a frame pair (2, C, S, S) for the families
+    that take pairs (latent action models)."""
+    size = model_params["image_size"]
+    image = (model_params.get("in_channels", model_params.get("channels", 3)), size, size)
+    return (2, *image) if getattr(MODELS[model_params["name"]], "takes_pairs", False) else image
 
 
 def build_model(model_params):

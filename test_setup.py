@@ -107,7 +107,8 @@ def check_data(report, cfg):
     d, size = cfg.data_params, cfg.model_params["image_size"]
     try:
         index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
-        train_set, val_set = (build_split(d, split, size, index) for split in ("train", "val"))
+        train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
+                                          clamp_pairs=True) for split in ("train", "val"))
     except DataError as e:
         report.add("✗", "data layout", str(e),
                    "point data_params.data_path at <video_id>/img_00001.jpg folders")
@@ -129,11 +130,10 @@ def check_data(report, cfg):
 def check_model(report, cfg, device):
     import torch
 
-    from models import build_model, count_parameters
+    from models import build_model, count_parameters, item_shape
     try:
         model = build_model(cfg.model_params).to(device)
-        size = cfg.model_params["image_size"]
-        x = torch.rand(2, cfg.model_params.get("in_channels", 3), size, size, device=device) * 2 - 1
+        x = torch.rand(2, *item_shape(cfg.model_params), device=device) * 2 - 1
         model.loss_function(x, model(x), cfg.exp_params.kld_weight)["loss"].backward()
         report.add("✓", "model forward/backward",
                    f"{cfg.model_params['name']} {count_parameters(model):,} parameters on {device}")

@@ -22,13 +22,14 @@ log = logging.getLogger("vae")
 
 
 def to_model_input(images, device, flip=None, channels_last=False):
-    """uint8 NCHW on any device -> float in [-1, 1] on `device`, optionally h-flipped."""
+    """uint8 NCHW (or N x frames x CHW) on any device -> float in [-1, 1] on `device`,
+    optionally h-flipped (every frame of an item alike)."""
     x = images.to(device, non_blocking=True)
-    if channels_last:
+    if channels_last and x.dim() == 4:
         x = x.contiguous(memory_format=torch.channels_last)
     x = x.float().div_(127.5).sub_(1.0)
     if flip is not None:
-        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+        x = torch.where(flip.view(-1, *[1] * (x.dim() - 1)), x.flip(-1), x)
     return x
 
 
@@ -101,6 +102,9 @@ class Trainer:
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) \
             if cuda else None
         self.own_step = hasattr(model, "train_step")    # the model runs its own update rules
+        # what a model does between steps on its own schedule (latent action models refill
+        # unused codes); called with the index of the step about to be taken
+        self.before_step = getattr(model, "before_step", None)
         # config.py refuses fp16 for own_step models: their updates are not the scaler's to skip
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.bare = self.model = model
@@ -184,6 +188,8 @@ class Trainer:
         flip = (torch.rand(global_batch, generator=self.noise_gen, device=self.rt.device)
                 [self.rt.rank::self.rt.world_size] < 0.5) if self.hflip else None
         x = to_model_input(images, self.rt.device, flip, self.channels_last)
+        if self.before_step:
+            self.before_step(self.steps_done)
         before = [t.detach().clone() for t in self.forward_state]
         if self.own_step:
             with torch.autocast(self.rt.device.type, dtype=self.amp_dtype or torch.float32,

@@ -23,6 +23,7 @@ from config import ConfigError
 from dataset_sthv2 import (DataError, build_split, collate_frames, data_signature, describe,
                            device_batches, load_index, make_loaders)
 from metrics import ImageMetrics
+from models import reconstruction_target
 from runtime import (FAILED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError,
                      all_gather_object, all_reduce, all_reduce_mean, exit_bad_input, log_to_file,
                      logged_progress, progress, setup_logging)
@@ -103,7 +104,8 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     state = ck.resume_point(resume, ckpt_dir, cfg.model_params)
     with rt.local_main_first():          # one process per node indexes, the others read it
         index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
-        train_set, val_set = (build_split(d, split, size, index) for split in ("train", "val"))
+        train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
+                                          clamp_pairs=True) for split in ("train", "val"))
     log.info("data: %s (frame_stride %d)", describe(train_set, val_set), d.frame_stride)
     steps_per_epoch = len(train_set) // d.train_batch_size
     if steps_per_epoch == 0:
@@ -198,7 +200,8 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         if (epoch_done and epoch % t.check_val_every_n_epoch == 0) or step >= max_steps:
             val, val_bad = validate(trainer.bare, val_loader, rt, cfg)
             epoch_bad += val_bad
-            log_scalars(tracker, "val", val, step, f"validation after epoch {epoch} (step {step})")
+            log_scalars(tracker, "val", val, step, f"validation at step {step} ("
+                        + (f"end of epoch {epoch})" if epoch_done else f"in epoch {epoch + 1})"))
         report_bad_frames(epoch_bad, seen_bad, tracker, step)
     bar.close()
     save(step, epoch, also="vae_final.pt")
@@ -244,7 +247,8 @@ def validate(model, loader, rt, cfg):
     model.eval()
     gen = torch.Generator(device=rt.device).manual_seed(cfg.exp_params.seed + 1)
     keys, sums, unreadable = None, None, []
-    log.info("validating on %d frames", len(loader.dataset))
+    log.info("validating on %d %s", loader.batch_sampler.items,
+             "pairs" if getattr(loader.dataset, "offset", None) else "frames")
     bar = progress(total=len(loader), main=rt.is_main, desc="validation", unit="batch",
                    leave=False)
     for images, bad in device_batches(loader, rt.device):
@@ -254,8 +258,8 @@ def validate(model, loader, rt, cfg):
         x = to_model_input(images, rt.device)
         out = model(x, None if noise is None else noise[:len(x)])
         losses = model.loss_function(x, out, cfg.exp_params.kld_weight)
-        scores = image_metrics((x + 1) / 2, (model.reconstruct(x).float() + 1) / 2,
-                               VAL_IMAGE_METRICS)
+        scores = image_metrics((reconstruction_target(x) + 1) / 2,
+                               (model.reconstruct(x).float() + 1) / 2, VAL_IMAGE_METRICS)
         values = {**{k: v.double() * len(x) for k, v in losses.items()},
                   **{k: scores[k].sum().to(rt.device) for k in VAL_IMAGE_METRICS}}
         if keys is None:
@@ -271,15 +275,22 @@ def validate(model, loader, rt, cfg):
 
 @torch.no_grad()
 def log_images(model, images, tracker, run_dir, step, seed):
-    """Fixed validation frames above their reconstructions; samples from fixed noise."""
+    """Fixed validation frames above their reconstructions; samples from fixed noise. Frame
+    pairs (latent action models): current, future and predicted frames, and below them the
+    current frames decoded with the action of the next pair."""
     model.eval()
     device = next(model.parameters()).device
     x = to_model_input(images, device)
     recon = model.reconstruct(x)
-    generated = model.sample(len(x), device, torch.Generator(device=device).manual_seed(seed))
+    if x.dim() == 5:
+        rows = [x[:, 0], x[:, 1], recon]
+        generated = torch.cat([x[:, 0], model.reconstruct(x, action_from=x.roll(1, 0))])
+    else:
+        rows = [x, recon]
+        generated = model.sample(len(x), device, torch.Generator(device=device).manual_seed(seed))
     model.train()
-    pairs = make_grid(torch.cat([x, recon]).float().add(1).div(2).clamp(0, 1), nrow=len(x))
-    samples = make_grid(generated.float().add(1).div(2).clamp(0, 1), nrow=len(x))
+    grid = lambda t: make_grid(t.float().add(1).div(2).clamp(0, 1), nrow=len(x))  # noqa: E731
+    pairs, samples = grid(torch.cat(rows)), grid(generated)
     tracker.images({"images/reconstructions": pairs, "images/samples": samples}, step)
     os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
     save_image(pairs, os.path.join(run_dir, "images", f"reconstructions_{step:07d}.png"))

@@ -1,0 +1,241 @@
+"""Latent action models in LAQ's shape: the architecture's size, the two bottlenecks, LAQ's code
+refill, and training with the one loop (1 process == 2 processes, exact resume)."""
+import math
+import os
+import re
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from config import ConfigError, config_from_dict
+from conftest import run_script, tiny_config, write_config
+from latent_action_model import CODE_GRIDS, LatentActionModel, refill_steps
+from runtime import Runtime
+from training import train
+
+TINY = {"name": "LatentActionModel", "dim": 32, "quant_dim": 4, "codebook_size": 8,
+        "image_size": 32, "patch_size": 8, "spatial_depth": 1, "temporal_depth": 1,
+        "dim_head": 16, "heads": 2, "code_seq_len": 4}
+LAPA = {"dim": 1024, "quant_dim": 32, "codebook_size": 8, "image_size": 256, "patch_size": 32,
+        "spatial_depth": 8, "temporal_depth": 8, "dim_head": 64, "heads": 16, "code_seq_len": 4}
+
+
+def lam_config(demo_data, save_dir, bottleneck="nsvq", **overrides):
+    """A raw config for a ~40k-parameter latent action model on (t, t + 3) pairs at 32 px."""
+    cfg = tiny_config(demo_data, save_dir, **{"data_params.frame_offset": 3, **overrides})
+    cfg["model_params"] = {**TINY, "bottleneck": bottleneck}
+    return cfg
+
+
+def small(**kw):
+    torch.manual_seed(0)
+    return LatentActionModel(**{k: v for k, v in TINY.items() if k != "name"}, **kw)
+
+
+def test_parameter_count_at_lapas_settings_matches_laqs():
+    """LAQ at LAPA's settings has 343.8M parameters (the published code's count)."""
+    with torch.device("meta"):
+        for bottleneck in ("nsvq", "gaussian"):
+            model = LatentActionModel(**LAPA, bottleneck=bottleneck)
+            count = sum(p.numel() for p in model.parameters())
+            assert abs(count / 343.8e6 - 1) < 0.05, (bottleneck, count)
+
+
+@pytest.mark.parametrize("code_seq_len", sorted(CODE_GRIDS))
+def test_actions_have_one_vector_per_code_position(code_seq_len):
+    grid = {1: 8, 2: 8, 4: 8, 16: 16, 64: 16, 256: 32}[code_seq_len]   # LAQ's grids
+    model = LatentActionModel(dim=16, quant_dim=4, image_size=grid * 2, patch_size=2,
+                              spatial_depth=1, temporal_depth=1, dim_head=8, heads=2,
+                              code_seq_len=code_seq_len)
+    tokens = torch.randn(3, 2, grid, grid, 16)
+    assert model.action_vectors(tokens).shape == (3, code_seq_len, 4)
+    frames = torch.rand(3, 2, 3, grid * 2, grid * 2)
+    assert torch.equal(model.unpatch(model.patches(frames)[:, 1]), frames[:, 1])
+    for other in (6, 12):                      # grids LAQ has no stack for: the general rule
+        model = LatentActionModel(dim=16, quant_dim=4, image_size=other * 2, patch_size=2,
+                                  spatial_depth=1, temporal_depth=1, dim_head=8, heads=2,
+                                  code_seq_len=4)
+        assert model.action_vectors(torch.randn(2, 2, other, other, 16)).shape == (2, 4, 4)
+
+
+def test_nsvq_substitutes_the_residual_by_noise_of_its_norm_and_trains_the_codebook():
+    model = small().train()
+    actions = torch.randn(5, 4, 4, requires_grad=True)
+    noise = torch.randn(5, 16)
+    z, info = model.bottleneck_latent(actions, noise)
+    hard = model.codebook[info["codes"]]
+    nearest = torch.cdist(actions.detach().reshape(-1, 4), model.codebook.detach()).argmin(1)
+    assert torch.equal(info["codes"].reshape(-1), nearest)
+    gap, residual = (z - actions).norm(dim=-1), (actions - hard).norm(dim=-1)
+    assert torch.allclose(gap, residual, rtol=1e-5)          # same norm as the residual...
+    direction = noise.view(5, 4, 4) / noise.view(5, 4, 4).norm(dim=-1, keepdim=True)
+    assert torch.allclose((z - actions) / gap[..., None], direction, atol=1e-5)  # ...noise's way
+    z.sum().backward()
+    assert model.codebook.grad is not None and model.codebook.grad.abs().sum() > 0
+    z_eval, _ = model.bottleneck_latent(actions)             # no noise: the code itself
+    assert torch.equal(z_eval, hard)
+
+
+def test_refill_schedule_is_laqs():
+    expected = set(range(10, 100, 10)) | set(range(100, 1000, 100)) | set(range(500, 5000, 500))
+    assert {s for s in range(7000) if refill_steps(s)} == expected
+
+
+@pytest.mark.parametrize("refill", ["lapa", "separated"])
+def test_refilled_codes_copy_used_ones_and_separated_noise_sets_them_apart(refill):
+    model = small(code_refill=refill)
+    model.code_counts.copy_(torch.tensor([0, 0, 0, 0, 0, 3, 50, 70]))   # 6 and 7 used (>= 9)
+    before = model.codebook.detach().clone()
+    model.refill_unused_codes(step=10)
+    after = model.codebook.detach()
+    assert torch.equal(after[6:], before[6:]) and model.code_counts.sum() == 0
+    assert int(model.codes_refilled) == 6
+    to_used = torch.cdist(after[:6], after[6:]).min(dim=1).values
+    among = torch.cdist(after[:6], after[:6]) + torch.eye(6) * 1e9
+    if refill == "lapa":                          # LAPA's copies stay duplicates of used codes
+        assert to_used.max() < 1e-6
+    else:
+        assert to_used.min() > 1e-3 and among.min() > 1e-3
+        assert to_used.max() < before[6:].std(0).norm() * 2   # still near the code they copy
+
+
+def test_gaussian_rate_is_the_kl_in_bits_held_by_the_capacity_term():
+    model = small(bottleneck="gaussian", target_rate_bits=12.0, rate_weight=0.5).train()
+    pair = torch.rand(6, 2, 3, 32, 32) * 2 - 1
+    out = model(pair, torch.randn(6, model.noise_dim))
+    losses = model.loss_function(pair, out)
+    mu, logvar = out[2]["mu"], out[2]["logvar"]
+    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    kl_bits = torch.distributions.kl_divergence(q, p).flatten(1).sum(1) / math.log(2)
+    assert losses["rate_bits"].item() == pytest.approx(kl_bits.mean().item(), rel=1e-5)
+    assert (losses["loss"] - losses["recon_loss"]).item() == pytest.approx(
+        0.5 * abs(kl_bits.mean().item() - 12.0), rel=1e-4)
+    assert losses["recon_loss"].item() == pytest.approx(
+        ((out[0] - (pair[:, 1] + 1) / 2) ** 2).mean().item(), rel=1e-6)   # LAQ's [0, 1] MSE
+
+
+def test_lagrange_multiplier_rises_while_the_rate_is_above_target():
+    model = small(bottleneck="gaussian", rate_control="lagrange", target_rate_bits=0.5,
+                  rate_weight=0.1).train()
+    pair = torch.rand(4, 2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        model.to_logvar.bias.fill_(-4.0)           # a narrow posterior: many bits
+    rates = []
+    for _ in range(3):
+        rates.append(model.loss_function(pair, model(pair, torch.randn(4, 16)))["rate_bits"])
+    assert model.rate_multiplier.item() == pytest.approx(
+        0.1 * sum(r.item() - 0.5 for r in rates), rel=1e-5)
+    assert model.rate_multiplier.item() > 0
+
+
+def test_config_needs_pairs_for_latent_action_models_and_checks_values(demo_data, tmp_path):
+    with pytest.raises(ConfigError, match="data_params.frame_offset: LatentActionModel trains on "
+                                          "frame pairs"):
+        config_from_dict(lam_config(demo_data, str(tmp_path), **{"data_params.frame_offset": 0}))
+    with pytest.raises(ConfigError, match="frame_offset: VanillaVAE trains on single frames"):
+        config_from_dict(tiny_config(demo_data, str(tmp_path), **{"data_params.frame_offset": 3}))
+    bad = lam_config(demo_data, str(tmp_path))
+    bad["model_params"]["patch_size"] = 5
+    with pytest.raises(ConfigError, match="image_size 32 is not a multiple of patch_size 5"):
+        config_from_dict(bad)
+
+
+def test_a_bad_model_value_is_one_line_exit_2_and_nothing_written(demo_data, tmp_path):
+    """Values only a model's constructor checks (here BetaVAE's beta) fail before the run
+    directory exists, as every other config error does."""
+    cfg = tiny_config(demo_data, str(tmp_path / "logs"))
+    cfg["model_params"].update(name="BetaVAE", beta=-1.0)
+    result = run_script("train_single_gpu.py", "--config", write_config(tmp_path / "c.yaml", cfg),
+                        "--device", "cpu")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'c.yaml'}: model_params: beta, gamma and max_capacity must be >= 0, "
+        f"capacity_steps >= 1 (BetaVAE)"]
+    assert not (tmp_path / "logs").exists()
+
+
+# Biases whose true gradient is (near) zero, so that Adam scales float noise up to +-LR steps:
+# the position bias's last one adds a constant to every logit of a softmax row; the action
+# pooling's biases cancel in future - current (exactly for the last conv, where the ReLU agrees
+# for the first). Every other tensor must agree to float tolerance.
+NEAR_GRADIENT_FREE = re.compile(r"^position_bias\.mlp\.4\.bias$|^pool\.\d+\.bias$")
+
+
+def final(tmp_path, name):
+    return torch.load(tmp_path / "logs" / name / "checkpoints" / "vae_final.pt",
+                      weights_only=True)
+
+
+@pytest.mark.parametrize("bottleneck", ["nsvq", "gaussian"])
+def test_two_processes_train_exactly_like_one(demo_data, tmp_path, bottleneck):
+    """12 steps over a code refill (step 10): 2 ranks x 8 pairs == 1 process x 16 pairs."""
+    def config(name):
+        return write_config(tmp_path / f"{name}.yaml", lam_config(
+            demo_data, str(tmp_path / "logs"), bottleneck, **{
+                "logging_params.name": name, "data_params.train_batch_size": 16,
+                "data_params.val_batch_size": 6, "trainer_params.max_steps": 12,
+                "trainer_params.check_val_every_n_epoch": 3, "exp_params.hflip": True,
+                "logging_params.save_every_n_steps": 6, "trainer_params.max_epochs": 10}))
+
+    ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                     "train_ddp.py", "--config", config("ddp"), "--device", "cpu",
+                     env={"OMP_NUM_THREADS": "1"})
+    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    train(config_from_dict(lam_config(demo_data, str(tmp_path / "logs"), bottleneck, **{
+        "logging_params.name": "single", "data_params.train_batch_size": 16,
+        "data_params.val_batch_size": 6, "trainer_params.max_steps": 12,
+        "trainer_params.check_val_every_n_epoch": 3, "exp_params.hflip": True,
+        "logging_params.save_every_n_steps": 6, "trainer_params.max_epochs": 10})), Runtime())
+    one, two = final(tmp_path, "single"), final(tmp_path, "ddp")
+    assert one["step"] == two["step"] == 12
+    assert two["world_size"] == 2 and one["model"].keys() == two["model"].keys()
+    for key, value in one["model"].items():
+        if NEAR_GRADIENT_FREE.search(key):
+            continue
+        if value.is_floating_point():
+            assert torch.allclose(value, two["model"][key], atol=1e-5, rtol=1e-4), key
+        else:
+            assert torch.equal(value, two["model"][key]), key
+    if bottleneck == "nsvq":
+        assert int(one["model"]["codes_refilled"]) > 0         # a refill happened, in both alike
+    events = EventAccumulator(str(tmp_path / "logs" / "single"),
+                              size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    extra = {"train/perplexity"} if bottleneck == "nsvq" else {"train/rate_bits", "train/kld"}
+    assert {"train/loss", "train/recon_loss", "val/loss", "val/psnr"} | extra <= \
+        set(events.Tags()["scalars"])
+    assert {"images/reconstructions", "images/samples"} <= set(events.Tags()["images"])
+
+
+@pytest.mark.parametrize("bottleneck", ["nsvq", "gaussian"])
+def test_resume_is_exact(demo_data, tmp_path, bottleneck):
+    def cfg(name, steps):
+        return config_from_dict(lam_config(demo_data, str(tmp_path / "logs"), bottleneck, **{
+            "logging_params.name": name, "trainer_params.max_steps": steps,
+            "trainer_params.max_epochs": 10, "exp_params.hflip": True,
+            "exp_params.warmup_steps": 3}))
+
+    train(cfg("straight", 12), Runtime())                 # 5 batches of 8 pairs per epoch
+    train(cfg("resumed", 7), Runtime())                   # stops mid-epoch, after a refill
+    train(cfg("resumed", 12), Runtime(), resume="auto")
+    a, b = final(tmp_path, "straight"), final(tmp_path, "resumed")
+    assert a["step"] == b["step"] == 12
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    for k, state in a["optimizer"]["state"].items():
+        for name, value in state.items():
+            assert torch.equal(value, b["optimizer"]["state"][k][name]), (k, name)
+    assert len(os.listdir(tmp_path / "logs" / "resumed" / "images")) > 0
+
+
+def test_evaluate_points_latent_action_models_to_the_comparison(demo_data, tmp_path):
+    path = train(config_from_dict(lam_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_steps": 2})), Runtime())
+    result = run_script("evaluate.py", "--checkpoint", path, "--output", str(tmp_path / "ev"),
+                        "--data-path", demo_data, "--lpips-net", "none", "--fid", "none",
+                        "--device", "cpu")
+    assert result.returncode == 2
+    assert f"compare_with_laq.py --model {path}" in result.stderr
+    assert not (tmp_path / "ev").exists()
