@@ -4,6 +4,7 @@
         (--image IMG | --frames FIRST SECOND | --data-path DIR [--num-pairs N] [--offset K])
         --output DIR [--split val|train] [--device cpu|cuda] [--lpips-net alex|vgg|none]
         [--fid inception|none] [--probe [--probe-pairs N]] [--tensorboard DIR]
+        [--model CKPT ...]
 
 LAQ predicts the future frame from the current frame plus a few discrete action codes; the
 VAE reconstructs that future frame from its own latent. The comparison is fair by
@@ -13,6 +14,8 @@ trained (the VAE checkpoint's data_params.resize; LAQ: stretch, as LAPA trains i
 are scored on one target (when the two preparations differ: the centre square of the future
 frame, with the stretch model's output mapped back onto it). Beside distortion it reports
 rate (bits per pair), rFID, and with --probe how well each model's latent predicts the action.
+Latent action models trained here (latent_action_model.py, --model, repeatable) are scored as
+extra rows on the same pairs and target: LAQ's shape with a discrete or a continuous action.
 README.md ("Comparing with LAQ") says how to read every output.
 """
 import argparse
@@ -160,29 +163,31 @@ def at_size(x, size):
 
 
 class Geometry:
-    """Sizes and resize modes: the VAE's and LAQ's inputs (as each was trained, unless
-    overridden) and the scoring target (the smaller size; the shared mode, or the centre square
-    when the modes differ)."""
+    """Sizes and resize modes: each model's input (as it was trained, unless overridden) and
+    the scoring target (the smallest size; the shared mode, or the centre square when the
+    modes differ). `inputs`: {model: (image size, resize)}, "vae" and "laq" first."""
 
-    def __init__(self, vae_size, vae_resize, laq_size, laq_resize):
-        self.inputs = {"vae": (vae_size, vae_resize), "laq": (laq_size, laq_resize)}
-        self.size = min(vae_size, laq_size)
-        self.target = vae_resize if vae_resize == laq_resize else "crop"
+    def __init__(self, inputs):
+        self.inputs = dict(inputs)
+        self.size = min(size for size, _ in self.inputs.values())
+        modes = {resize for _, resize in self.inputs.values()}
+        self.target = modes.pop() if len(modes) == 1 else "crop"
 
     def views(self):
         return set(self.inputs.values()) | {(self.size, self.target)}
 
     def describe(self):
-        (vs, vr), (ls, lr) = self.inputs["vae"], self.inputs["laq"]
-        same = vr == lr
-        return {"resize": {"vae": vr, "laq": lr}, "image_sizes": {"vae": vs, "laq": ls},
+        resize = {m: r for m, (_, r) in self.inputs.items()}
+        same = len(set(resize.values())) == 1
+        fed = ", ".join(f"{m} {r}" for m, r in resize.items())
+        return {"resize": resize, "image_sizes": {m: s for m, (s, _) in self.inputs.items()},
                 "scoring_size": self.size, "scoring_target": self.target,
-                "scoring_note": (f"both models see {vr} frames; both are scored on the {vr} "
-                                 f"future frame at {self.size} px") if same else
-                (f"the models see differently prepared frames (VAE {vr}, LAQ {lr}); both are "
-                 f"scored on the centre square of the future frame at {self.size} px, the "
-                 f"stretch model's output mapped back onto it (its band showing the centre "
-                 f"square, resampled to a square)")}
+                "scoring_note": (f"every model sees {self.target} frames; all are scored on the "
+                                 f"{self.target} future frame at {self.size} px") if same else
+                (f"the models see differently prepared frames ({fed}); all are scored on the "
+                 f"centre square of the future frame at {self.size} px, each stretch model's "
+                 f"output mapped back onto it (its band showing the centre square, resampled "
+                 f"to a square)")}
 
     def load(self, pair):
         """({(size, resize): uint8 (2, 3, S, S)}, (h, w) of the target frame), or None."""
@@ -205,10 +210,12 @@ class Geometry:
 # --- the comparison -------------------------------------------------------------------------
 
 @torch.no_grad()
-def compare(vae, runner, pairs, metrics, fid, geometry, batch_size, device, picks=()):
-    """Score both models on every readable pair; returns rows, VAE latents, LAQ codes, and
-    the picked pairs' pictures."""
-    rows, vae_latents, codes, examples = [], [], [], []
+def compare(vae, runner, extras, pairs, metrics, fid, geometry, batch_size, device, picks=()):
+    """Score every model on every readable pair; returns rows, per-model latents ({model: [batch
+    dicts]}: the VAE's and each extra model's) and LAQ codes, and the picked pairs' pictures.
+    `extras`: {name: latent action model trained here}, fed the pair as it was trained."""
+    rows, examples, codes = [], [], []
+    latents = {m: [] for m in ["vae", *extras]}
     generator = torch.Generator(device=device).manual_seed(0)
     vae_view, laq_view = geometry.inputs["vae"], geometry.inputs["laq"]
     for start in range(0, len(pairs), batch_size):
@@ -221,45 +228,79 @@ def compare(vae, runner, pairs, metrics, fid, geometry, batch_size, device, pick
                  / 255 for view in geometry.views()}                        # (B, 2, 3, S, S)
         sizes = [views[1] for _, _, views in loaded]
         target = stack[(geometry.size, geometry.target)][:, 1]
-        vae_recon, vae_metrics, latents = vae.evaluate_batch(stack[vae_view][:, 1] * 2 - 1,
-                                                             generator)
-        vae_recon = geometry.to_target((vae_recon.float() + 1) / 2, "vae", sizes)
+        recon, per_pair = {}, {}
+        vae_recon, vae_metrics, batch_latents = vae.evaluate_batch(stack[vae_view][:, 1] * 2 - 1,
+                                                                   generator)
+        recon["vae"] = geometry.to_target((vae_recon.float() + 1) / 2, "vae", sizes)
+        latents["vae"].append({k: v.cpu() for k, v in batch_latents.items()})
+        if "kl" in vae_metrics:
+            per_pair["vae_kl_bits"] = vae_metrics["kl"].double().cpu() / math.log(2)
         laq_recon, laq_codes, _ = runner(stack[laq_view].permute(0, 2, 1, 3, 4))  # (B,3,2,S,S)
-        laq_recon = geometry.to_target(laq_recon, "laq", sizes)
-        scores = {"vae": metrics(target, vae_recon), "laq": metrics(target, laq_recon)}
+        recon["laq"] = geometry.to_target(laq_recon, "laq", sizes)
+        codes.append(laq_codes.cpu())
+        for name, model in extras.items():
+            out, model_metrics, batch_latents = model.evaluate_batch(
+                stack[geometry.inputs[name]] * 2 - 1, generator)
+            recon[name] = geometry.to_target((out.float() + 1) / 2, name, sizes)
+            latents[name].append({k: v.cpu() for k, v in batch_latents.items()})
+            if "kl" in model_metrics:
+                per_pair[f"{name}_kl_bits"] = model_metrics["kl"].double().cpu() / math.log(2)
+        scores = {m: metrics(target, images) for m, images in recon.items()}
         if fid:
-            for name, images in (("target", target), ("vae", vae_recon), ("laq", laq_recon)):
-                fid.add(name, images)
-        kl_bits = (vae_metrics["kl"].double().cpu() / math.log(2) if "kl" in vae_metrics
-                   else None)
+            fid.add("target", target)
+            for m, images in recon.items():
+                fid.add(m, images)
         for b, (k, pair, _) in enumerate(loaded):
-            rows.append({"current": pair.current, "target": pair.target, "video": pair.video,
-                         "current_frame": pair.current_frame, "target_frame": pair.target_frame,
-                         "laq_codes": " ".join(str(int(c)) for c in laq_codes[b]),
-                         **{f"{m}_{name}": float(v[b]) for m, s in scores.items()
-                            for name, v in s.items()},
-                         **({"vae_kl_bits": float(kl_bits[b])} if kl_bits is not None else {})})
+            row = {"current": pair.current, "target": pair.target, "video": pair.video,
+                   "current_frame": pair.current_frame, "target_frame": pair.target_frame,
+                   "laq_codes": " ".join(str(int(c)) for c in laq_codes[b])}
+            for name in extras:
+                if "codes" in latents[name][-1]:
+                    row[f"{name}_codes"] = " ".join(str(int(c))
+                                                    for c in latents[name][-1]["codes"][b])
+            row.update({f"{m}_{metric}": float(v[b]) for m, s in scores.items()
+                        for metric, v in s.items()})
+            row.update({key: float(v[b]) for key, v in per_pair.items()})
+            rows.append(row)
             if k in picks:
                 examples.append({"current": stack[(geometry.size, geometry.target)][b, 0].cpu(),
-                                 "target": target[b].cpu(), "vae": vae_recon[b].cpu(),
-                                 "laq": laq_recon[b].cpu(), "row": rows[-1]})
-        vae_latents.append({k: v.cpu() for k, v in latents.items()})
-        codes.append(laq_codes.cpu())
-    return rows, vae_latents, codes, examples
+                                 "target": target[b].cpu(), "row": row,
+                                 "models": {m: images[b].cpu() for m, images in recon.items()}})
+    return rows, latents, codes, examples
+
+
+def code_rate(codes, codebook_size):
+    """Bits per pair of a code sequence: the bound code_seq_len x log2(codebook_size); the
+    plug-in entropy of whole code sequences (joint); the sum of each position's entropy (an
+    upper bound on the joint one)."""
+    per_position = [codebook_diagnostics(codes[:, j], codebook_size) for j in range(codes.shape[1])]
+    _, counts = torch.unique(codes, dim=0, return_counts=True)
+    p = counts.double() / counts.sum()
+    return {"bound_bits": codes.shape[1] * math.log2(codebook_size),
+            "code_entropy_bits": sum(math.log2(q["perplexity"]) for q in per_position),
+            "code_entropy_joint_bits": float(-(p * torch.log2(p)).sum()),
+            "code_seq_len": int(codes.shape[1]), "distinct_code_sequences": len(counts)}
+
+
+def model_rate_latent(model, batches):
+    """(rate, latent diagnostics) of a latent action model trained here from its latents."""
+    if model.bottleneck == "nsvq":
+        codes = torch.cat([b["codes"] for b in batches])
+        return ({**code_rate(codes, model.codebook_size),
+                 "note": "discrete: code entropy; bound code_seq_len x log2(codebook_size)"},
+                codebook_diagnostics(codes, model.codebook_size))
+    latent = latent_summary(batches)
+    return ({"kl_bits_mean": latent["kl_total"] / math.log(2),
+             "target_rate_bits": model.target_rate_bits,
+             "note": "continuous: KL(q(z|pair) || N(0, I)) in bits"}, latent)
 
 
 def rate_report(vae_latent, codes, laq_config, num_pairs):
     """Bits per pair each model spends on the target frame (LAQ also gets the current frame
     uncompressed). VAE: KL(q(z|x) || p(z)) / ln 2 (the bits-back rate); a VQ-VAE: its code grid.
-    LAQ: the bound code_seq_len x log2(codebook_size), and the empirical entropy of its codes
-    (the sum of each position's plug-in entropy: an upper bound on the joint entropy)."""
-    codes = torch.cat(codes)
-    per_position = [codebook_diagnostics(codes[:, j], laq_config["codebook_size"])
-                    for j in range(codes.shape[1])]
-    entropy = sum(math.log2(p["perplexity"]) for p in per_position)
-    laq = {"bound_bits": codes.shape[1] * math.log2(laq_config["codebook_size"]),
-           "code_entropy_bits": entropy, "code_seq_len": int(codes.shape[1]),
-           "distinct_code_sequences": len({tuple(c) for c in codes.tolist()})}
+    LAQ: the bound code_seq_len x log2(codebook_size) and the entropies of its codes
+    (code_rate)."""
+    laq = code_rate(torch.cat(codes), laq_config["codebook_size"])
     if vae_latent and "kl_total" in vae_latent:
         out = {"kl_bits_mean": vae_latent["kl_total"] / math.log(2),
                "active_units": vae_latent["active_units"], "latent_dim": vae_latent["latent_dim"]}
@@ -276,10 +317,13 @@ def rate_report(vae_latent, codes, laq_config, num_pairs):
 # --- the action probe -----------------------------------------------------------------------
 
 @torch.no_grad()
-def probe_features(vae, runner, num_codes, pairs, geometry, batch_size, device, cache, split):
+def probe_features(vae, runner, num_codes, extras, pairs, geometry, batch_size, device, cache,
+                   split):
     """Frozen features of each pair: the VAE's posterior means of the current and future
-    frame (both, and their difference) and LAQ's action codes (one-hot) and continuous
-    pre-quantisation action vectors. Computed in chunks of batch_size pairs, cached."""
+    frame (both, and their difference), LAQ's action codes (one-hot) and continuous
+    pre-quantisation action vectors, and for each latent action model trained here its action
+    latent (Gaussian: the mean; NSVQ: codes one-hot and pre-quantisation vectors). Computed in
+    chunks of batch_size pairs, cached."""
     chunks, labels_kept = [], []
     starts = range(0, len(pairs), batch_size)
     for k, start in enumerate(progress(starts, desc=f"probe features ({split})")):
@@ -302,6 +346,15 @@ def probe_features(vae, runner, num_codes, pairs, geometry, batch_size, device, 
                      "laq_codes_onehot": onehot.float().numpy()}
             if action is not None:
                 chunk["laq_action_continuous"] = action.cpu().numpy()
+            for name, model in extras.items():
+                pair_in = torch.stack([v[0][geometry.inputs[name]] for _, v in batch]).to(device)
+                _, _, latents = model.evaluate_batch(pair_in.float() / 127.5 - 1)
+                if "mu" in latents:
+                    chunk[f"{name}_action_mu"] = latents["mu"].cpu().numpy()
+                else:
+                    chunk[f"{name}_codes_onehot"] = F.one_hot(
+                        latents["codes"].cpu(), model.codebook_size).flatten(1).float().numpy()
+                    chunk[f"{name}_action_continuous"] = latents["action"].cpu().numpy()
             cache.put(split, k, chunk)
         chunks.append(chunk)
         labels_kept += chunk["kept"].tolist()
@@ -309,7 +362,7 @@ def probe_features(vae, runner, num_codes, pairs, geometry, batch_size, device, 
     return {n: np.concatenate([c[n] for c in chunks]) for n in names}, labels_kept
 
 
-def probe(args, vae, runner, num_codes, vae_config, geometry, device, templates):
+def probe(args, vae, runner, num_codes, extras, vae_config, geometry, device, templates):
     """Train-split pairs -> val-split pairs linear probe of the action template (probe.py);
     `templates`: {video id: template} as labels_of read them ({} when the files are missing)."""
     from probe import FeatureCache, read_templates, run_probe
@@ -327,8 +380,9 @@ def probe(args, vae, runner, num_codes, vae_config, geometry, device, templates)
             "vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
             "vae_mtime": os.path.getmtime(args.vae), "laq_mtime": os.path.getmtime(args.laq),
             "pairs": [(p.current, p.target) for p in pairs], "geometry": geometry.describe(),
-            "laq_weights": args.laq_weights})
-        features, kept = probe_features(vae, runner, num_codes, pairs, geometry,
+            "laq_weights": args.laq_weights,
+            "models": [(os.path.abspath(p), os.path.getmtime(p)) for p in args.model]})
+        features, kept = probe_features(vae, runner, num_codes, extras, pairs, geometry,
                                         args.batch_size, device, cache, split)
         labels = np.array([classes.get(templates.get(pairs[i].video), -1) for i in kept])
         known = labels >= 0
@@ -341,39 +395,47 @@ def probe(args, vae, runner, num_codes, vae_config, geometry, device, templates)
 # --- outputs --------------------------------------------------------------------------------
 
 def print_table(report, names):
-    inputs = report["inputs"]
+    inputs, models = report["inputs"], report["models"]
     print(f"\n{report['pairs']} frame pairs ({inputs['source']}"
           + (f", {inputs['split']} split, offset {inputs['offset']}" if "split" in inputs else "")
           + ")" + ("  [identity clip]" if inputs["identity_clip"] else ""))
-    print(f"inputs: VAE {report['resize']['vae']} {report['image_sizes']['vae']} px, LAQ "
-          f"{report['resize']['laq']} {report['image_sizes']['laq']} px; scored on the "
-          f"{report['scoring_target']} target at {report['scoring_size']} px")
-    if report["resize"]["vae"] != report["resize"]["laq"]:
+    print("inputs: " + ", ".join(f"{models[m]} {report['resize'][m]} {report['image_sizes'][m]} px"
+                                 for m in models)
+          + f"; scored on the {report['scoring_target']} target at {report['scoring_size']} px")
+    if len(set(report["resize"].values())) > 1:
         print(f"note: {report['scoring_note']}")
     overlap = inputs.get("laq_training_overlap")
     if overlap:
         print(f"note: {overlap['note']}")
-    print(f"{'metric':<7} {'VAE mean':>10} {'95% CI':>22}   {'LAQ mean':>10} {'95% CI':>22}")
-    ci = lambda s: f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"  # noqa: E731
+    width = max(24, *(len(label) for label in models.values()))
+    print(f"{'metric':<7} " + " ".join(f"{label:>{width}}" for label in models.values()))
+    cell = lambda s: f"{s['mean']:.4f} [{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]"  # noqa: E731
     for name in names:
-        v, q = report["vae"][name], report["laq"][name]
-        print(f"{name:<7} {v['mean']:>10.4f} {ci(v):>22}   {q['mean']:>10.4f} {ci(q):>22}")
+        print(f"{name:<7} " + " ".join(f"{cell(report[m][name]):>{width}}" for m in models))
     rfid = report["rfid"]
     if rfid.get("vae") is not None:
-        print(f"{'rFID':<7} {rfid['vae']:>10.4g} {'':>22}   {rfid['laq']:>10.4g}   "
-              f"({rfid['images']} images{', random backbone' if 'random' in rfid['backbone'] else ''})")
-    rate = report["rate"]
-    vae_bits = rate["vae"]["kl_bits_mean"]
-    print(f"{'bits':<7} {vae_bits if vae_bits is None else round(vae_bits, 2):>10} "
-          f"{'(VAE KL)':>22}   {rate['laq']['code_entropy_bits']:>10.2f} "
-          f"(code entropy; bound {rate['laq']['bound_bits']:g})")
-    laq = report["latent"]["laq"]
-    print(f"LAQ codes: {laq['unique_codes']}/{laq['codebook_size']} used, "
-          f"perplexity {laq['perplexity']:.2f}")
-    vae = report["latent"]["vae"]
-    if vae and "active_units" in vae:
-        print(f"VAE latent: {vae['active_units']}/{vae['latent_dim']} active units, "
-              f"KL {vae['kl_total']:.2f} nats")
+        print(f"{'rFID':<7} " + " ".join(f"{rfid[m]:>{width}.4g}" for m in models)
+              + f"   ({rfid['images']} images"
+              + f"{', random backbone' if 'random' in rfid['backbone'] else ''})")
+    bits = []
+    for m in models:
+        rate = report["rate"][m]
+        if rate.get("kl_bits_mean") is not None:
+            bits.append(f"{rate['kl_bits_mean']:.2f} (KL)")
+        elif "code_entropy_joint_bits" in rate:
+            bits.append(f"{rate['code_entropy_joint_bits']:.2f} (codes; bound "
+                        f"{rate['bound_bits']:g})")
+        else:
+            bits.append("n/a")
+    print(f"{'bits':<7} " + " ".join(f"{b:>{width}}" for b in bits))
+    for m, label in models.items():
+        latent = report["latent"][m]
+        if latent and "unique_codes" in latent:
+            print(f"{label} codes: {latent['unique_codes']}/{latent['codebook_size']} used, "
+                  f"perplexity {latent['perplexity']:.2f}")
+        elif latent and "active_units" in latent:
+            print(f"{label} latent: {latent['active_units']}/{latent['latent_dim']} active units, "
+                  f"KL {latent['kl_total']:.2f} nats")
     print(f"{report['pairs_per_sec']:.2f} pairs/s on {report['device']} "
           f"(LAQ: {report['laq_passes']} pass{'es' if report['laq_passes'] > 1 else ''} per batch)")
 
@@ -382,14 +444,16 @@ def summary_lines(report):
     """The comparison's settings in a few lines, for the pictures."""
     inputs, ck = report["inputs"], report["checkpoints"]
     lines = [f"VAE {os.path.basename(ck['vae'])}  |  LAQ {os.path.basename(ck['laq'])} "
-             f"({ck['laq_keys']['layout']})",
+             f"({ck['laq_keys']['layout']})"
+             + "".join(f"  |  {name} {os.path.basename(path)}"
+                       for name, path in ck.get("models", {}).items()),
              f"{report['pairs']} pairs from {inputs['source']}"
              + (f", {inputs['split']} split ({inputs['split_source']}), offset {inputs['offset']}"
                 if "split" in inputs else "")
              + ("  [IDENTITY CLIP: current = target]" if inputs["identity_clip"] else ""),
-             f"VAE fed {report['resize']['vae']} {report['image_sizes']['vae']} px, LAQ fed "
-             f"{report['resize']['laq']} {report['image_sizes']['laq']} px; scored on the "
-             f"{report['scoring_target']} target at {report['scoring_size']} px"]
+             "fed: " + ", ".join(f"{label} {report['resize'][m]} {report['image_sizes'][m]} px"
+                                 for m, label in report["models"].items())
+             + f"; scored on the {report['scoring_target']} target at {report['scoring_size']} px"]
     overlap = inputs.get("laq_training_overlap")
     if overlap:
         lines.append(("LAQ's training videos excluded" if overlap["excluded"] else
@@ -398,19 +462,19 @@ def summary_lines(report):
 
 
 def write_outputs(args, report, rows, examples, kl_per_dim):
-    from plots import comparison_figure, summary_figure
     os.makedirs(args.output, exist_ok=True)
-    write_report(args.output, report, rows, "per_pair.csv")
+    write_report(args.output, report, rows, "per_pair.csv")        # the numbers first
+    from plots import comparison_figure, summary_figure
     shown = ("psnr", "ssim", "lpips")
     for e in examples:
         row = e["row"]
         e["title"] = (f"video {row['video']}\nframes {row['current_frame']} -> "
                       f"{row['target_frame']}" if row["video"] else os.path.basename(row["target"]))
-        for m in ("vae", "laq"):
-            e[f"{m}_scores"] = "  ".join(f"{n.upper()} {row[f'{m}_{n}']:.3f}" for n in shown
-                                         if f"{m}_{n}" in row)
-    figures = {"comparison": comparison_figure(examples, report["summary_lines"], os.path.join(
-        args.output, "comparison.png")),
+        e["scores"] = {m: "  ".join(f"{n.upper()} {row[f'{m}_{n}']:.3f}" for n in shown
+                                    if f"{m}_{n}" in row) for m in report["models"]}
+    figures = {"comparison": comparison_figure(examples, report["models"],
+                                               report["summary_lines"],
+                                               os.path.join(args.output, "comparison.png")),
         "summary": summary_figure(report, rows, kl_per_dim, os.path.join(args.output,
                                                                           "plots.png"))}
     if report.get("probe"):
@@ -421,7 +485,7 @@ def write_outputs(args, report, rows, examples, kl_per_dim):
         with SummaryWriter(args.tensorboard) as tb:
             for name, fig in figures.items():
                 tb.add_figure(f"compare/{name}", fig, close=False)
-            for m in ("vae", "laq"):
+            for m in report["models"]:
                 for name, s in report[m].items():
                     if isinstance(s, dict) and s.get("mean") is not None:
                         tb.add_scalar(f"compare/{m}_{name}", s["mean"])
@@ -437,6 +501,9 @@ def parse_args():
                         help="which weights of an ema-pytorch file (vae.{step}.ema.pt) to load")
     parser.add_argument("--laq-allow-unused-keys", action="store_true",
                         help="load a LAQ checkpoint that has keys the model does not use")
+    parser.add_argument("--model", action="append", default=[], metavar="CKPT",
+                        help="a latent action model trained here (LatentActionModel): an extra "
+                             "row on the same pairs; repeatable")
     parser.add_argument("--laq-train-videos", metavar="FILE",
                         help="video ids LAQ trained on (one per line, or a SthV2 label JSON): "
                              "their pairs are left out")
@@ -473,6 +540,30 @@ def parse_args():
     return args
 
 
+RESERVED_NAMES = {"vae", "laq", "pairs", "inputs", "rate", "latent", "rfid", "models", "probe",
+                  "checkpoints", "laq_config", "device", "resize", "image_sizes"}
+
+
+def load_extra_models(paths, device):
+    """{name: model} for --model checkpoints, each a latent action model trained here, named by
+    its run (logging_params.name), made unique; {name: path}; {name: (image size, resize)} as
+    each was trained."""
+    extras, files, views = {}, {}, {}
+    for path in paths:
+        model, ckpt = load_model(path, device)
+        if not getattr(model, "takes_pairs", False):
+            raise CheckpointError(f"--model {path}: a {ckpt['config']['model_params']['name']} "
+                                  f"checkpoint; --model takes latent action models trained here "
+                                  f"(LatentActionModel); a VAE goes to --vae")
+        base = str(ckpt["config"].get("logging_params", {}).get("name") or "model")
+        name, k = base, 2
+        while name in extras or name in RESERVED_NAMES:
+            name, k = f"{base}_{k}", k + 1
+        extras[name], files[name] = model, os.path.abspath(path)
+        views[name] = (model.image_size, data_params_of(ckpt["config"]).resize)
+    return extras, files, views
+
+
 def main():
     args = parse_args()
     try:
@@ -480,18 +571,20 @@ def main():
         metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fail fast
         fid = build_fid(args, device)
         vae, vae_ckpt = load_model(args.vae, device)
+        extras, extra_files, extra_views = load_extra_models(args.model, device)
         laq, config, key_report = load_laq(args, device)
         pairs, inputs = frame_pairs(args, vae_ckpt["config"])
     except (ConfigError, LaqError, WeightsMissing, CheckpointError, DataError) as e:
         exit_bad_input(e)
     vae_config = vae_ckpt["config"]
-    geometry = Geometry(vae_config["model_params"]["image_size"],
-                        args.vae_resize or data_params_of(vae_config).resize,
-                        config["image_size"], args.laq_resize)
+    geometry = Geometry({
+        "vae": (vae_config["model_params"]["image_size"],
+                args.vae_resize or data_params_of(vae_config).resize),
+        "laq": (config["image_size"], args.laq_resize), **extra_views})
     runner = LaqRunner(laq)
     start = time.perf_counter()
-    rows, vae_latents, codes, examples = compare(vae, runner, pairs, metrics, fid, geometry,
-                                                 args.batch_size, device, figure_picks(pairs))
+    rows, latents, codes, examples = compare(vae, runner, extras, pairs, metrics, fid, geometry,
+                                             args.batch_size, device, figure_picks(pairs))
     seconds = time.perf_counter() - start
     if not rows:
         exit_bad_input("none of the frame pairs could be read")
@@ -499,27 +592,31 @@ def main():
     skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}
     model_section = lambda m: section({n: [r[f"{m}_{n}"] for r in rows] for n in names},  # noqa: E731
                                       names, skipped)
-    vae_latent = latent_summary(vae_latents, getattr(vae, "num_embeddings", None))
+    vae_latent = latent_summary(latents["vae"], getattr(vae, "num_embeddings", None))
     templates = labels_of(vae_config, args) if args.data_path else {}
     for row in rows:
         row["label"] = templates.get(row["video"], "")
-    report = {"pairs": len(rows), "inputs": inputs, **geometry.describe(),
+    labels = {"vae": "VAE", "laq": "LAQ", **{name: name for name in extras}}
+    report = {"pairs": len(rows), "inputs": inputs, "models": labels, **geometry.describe(),
               "ci_method": CI_METHOD, "lpips_net": lpips_label(args),
-              "vae": model_section("vae"), "laq": model_section("laq"),
-              "rfid": {"vae": fid.fid("target", "vae"), "laq": fid.fid("target", "laq"),
+              **{m: model_section(m) for m in labels},
+              "rfid": {**{m: fid.fid("target", m) for m in labels},
                        "images": len(rows), "backbone": fid_label(args)} if fid else
               {"backbone": fid_label(args)},
               "rate": rate_report(vae_latent, codes, config, len(rows)),
               "latent": {"vae": vae_latent,
                          "laq": codebook_diagnostics(torch.cat(codes), config["codebook_size"])},
               "checkpoints": {"vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
-                              "laq_keys": key_report, "laq_weights": args.laq_weights},
+                              "laq_keys": key_report, "laq_weights": args.laq_weights,
+                              "models": extra_files},
               "laq_config": config, "device": str(device), "laq_passes": runner.passes,
               "pairs_per_sec": len(rows) / seconds}
+    for name, model in extras.items():
+        report["rate"][name], report["latent"][name] = model_rate_latent(model, latents[name])
     if args.probe:
         try:
-            report["probe"] = probe(args, vae, runner, config["codebook_size"], vae_config,
-                                    geometry, device, templates)
+            report["probe"] = probe(args, vae, runner, config["codebook_size"], extras,
+                                    vae_config, geometry, device, templates)
         except DataError as e:
             exit_bad_input(e)
     report["summary_lines"] = summary_lines(report)

@@ -1,7 +1,8 @@
 """The comparison's pictures, drawn with matplotlib (compare_with_laq.py).
 
 comparison_figure: example pairs, one per row, from distinct videos: current frame, target,
-VAE and LAQ reconstructions, and both models' error maps on one colour scale with a colour bar.
+each model's reconstruction (VAE, LAQ, latent action models trained here), and their error
+maps on one colour scale with a colour bar.
 summary_figure: per-pair PSNR of the VAE against LAQ, LAQ's code usage, the VAE's KL per
 latent dimension, rate against distortion, and probe accuracy with 95% intervals.
 Both return the figure (for TensorBoard) after saving it.
@@ -23,32 +24,35 @@ def _image(x):
     return x.clamp(0, 1).permute(1, 2, 0).numpy()
 
 
-def comparison_figure(examples, header, path):
-    """examples: dicts with current, target, vae, laq ((3, S, S) tensors in [0, 1]) and
-    title (a line of text); header: lines above the grid."""
-    errors = [((e["vae"] - e["target"]).abs().mean(0), (e["laq"] - e["target"]).abs().mean(0))
-              for e in examples]
-    vmax = max(float(err.max()) for pair in errors for err in pair) or 1.0
-    titles = ["current frame", "target frame", "VAE", "LAQ", "|VAE - target|", "|LAQ - target|"]
-    rows, head = len(examples), 0.2 + 0.17 * len(header)         # inches of header text
+def comparison_figure(examples, models, header, path):
+    """examples: dicts with current, target ((3, S, S) tensors in [0, 1]), models ({model:
+    its prediction}), scores ({model: a line of text}) and title; models: {model: label}, in
+    column order; header: lines above the grid."""
+    names = list(models)
+    errors = [[(e["models"][m] - e["target"]).abs().mean(0) for m in names] for e in examples]
+    vmax = max(float(err.max()) for row in errors for err in row) or 1.0
+    titles = ["current frame", "target frame", *(models[m] for m in names),
+              *(f"|{models[m]} - target|" for m in names)]
+    columns, rows, head = len(titles), len(examples), 0.2 + 0.17 * len(header)
     height = 2.25 * rows + head
-    fig, axes = plt.subplots(rows, 6, figsize=(13, height), squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.15 * columns + 0.1, height), squeeze=False)
     fig.subplots_adjust(left=0.09, right=0.92, bottom=0.02, top=1 - head / height,
                         wspace=0.05, hspace=0.3)
-    for r, (example, (err_vae, err_laq)) in enumerate(zip(examples, errors)):
-        for c, key in enumerate(("current", "target", "vae", "laq")):
-            axes[r, c].imshow(_image(example[key]), interpolation="nearest")
-        for c, err in ((4, err_vae), (5, err_laq)):
+    for r, (example, row_errors) in enumerate(zip(examples, errors)):
+        images = [example["current"], example["target"], *(example["models"][m] for m in names)]
+        for c, image in enumerate(images):
+            axes[r, c].imshow(_image(image), interpolation="nearest")
+        for c, err in enumerate(row_errors, start=len(images)):
             shown = axes[r, c].imshow(err.numpy(), cmap=ERROR_CMAP, vmin=0, vmax=vmax,
                                       interpolation="nearest")
         axes[r, 0].set_ylabel(example["title"], fontsize=7, rotation=0, ha="right", va="center")
-        for c in range(6):
+        for c in range(columns):
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
                 axes[r, c].set_title(titles[c], fontsize=9)
-        axes[r, 2].set_xlabel(example["vae_scores"], fontsize=7)
-        axes[r, 3].set_xlabel(example["laq_scores"], fontsize=7)
+        for c, m in enumerate(names, start=2):
+            axes[r, c].set_xlabel(example["scores"][m], fontsize=6)
     fig.text(0.01, 1 - 0.1 / height, "\n".join(header), fontsize=8, va="top")
     bar = fig.add_axes((0.935, 0.05, 0.012, 0.9 - head / height))
     fig.colorbar(shown, cax=bar).set_label("mean |error| over RGB, [0, 1] pixels", fontsize=8)
@@ -98,6 +102,12 @@ def summary_figure(report, rows, kl_per_dim, path):
             label="LAQ: empirical code entropy (bits)")
     _ci_bar(ax, rate["laq"]["bound_bits"], psnr["laq"], fmt="^", mfc="none",
             label="LAQ: bound, code_seq_len x log2(codebook)")
+    for k, (m, label) in enumerate((m, label) for m, label in report["models"].items()
+                                   if m not in ("vae", "laq")):
+        bits = rate[m].get("kl_bits_mean", rate[m].get("code_entropy_joint_bits"))
+        kind = "KL" if "kl_bits_mean" in rate[m] else "joint code entropy"
+        _ci_bar(ax, bits, report[m]["psnr"], fmt="D", color=f"C{k + 3}",
+                label=f"{label}: {kind} (bits)")
     ax.set_xscale("symlog", linthresh=1)
     ax.set(xlabel="bits per pair spent on the target frame (log scale)",
            ylabel="PSNR (dB), mean with 95% CI",

@@ -115,10 +115,11 @@ def print_probe(report):
         return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
     print(f"\nlinear probe of the action template: {report['train_pairs']} train pairs -> "
           f"{report['test_pairs']} val pairs, {report['num_classes']} templates")
-    print(f"{'features':<26} {'top-1 [95% CI]':>24} {'top-5 [95% CI]':>24}")
+    w = max(26, *(len(name) for name in report["feature_sets"]))
+    print(f"{'features':<{w}} {'top-1 [95% CI]':>24} {'top-5 [95% CI]':>24}")
     for name, r in report["feature_sets"].items():
-        print(f"{name:<26} {cell(r['top1']):>24} {cell(r['top5']):>24}")
+        print(f"{name:<{w}} {cell(r['top1']):>24} {cell(r['top5']):>24}")
     majority = report["majority"]
-    print(f"{'majority class':<26} {cell(majority['top1']):>24} {cell(majority['top5']):>24}")
+    print(f"{'majority class':<{w}} {cell(majority['top1']):>24} {cell(majority['top5']):>24}")
     chance = report["chance"]
-    print(f"{'chance':<26} {chance['top1']:>24.3f} {chance['top5']:>24.3f}")
+    print(f"{'chance':<{w}} {chance['top1']:>24.3f} {chance['top5']:>24.3f}")

@@ -323,3 +323,73 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
         "laq_training_overlap"]
     assert not overlap["excluded"] and "were in its training data" in overlap["note"]
     assert "were in its training data" in again.stdout
+
+
+@pytest.fixture(scope="module")
+def action_models(demo_data, tmp_path_factory):
+    """{bottleneck: vae_final.pt} of two tiny latent action models trained here (stretch,
+    32 px, offset 3), named lam_<bottleneck>."""
+    from config import config_from_dict
+    from conftest import tiny_config
+    from runtime import Runtime
+    from training import train
+    save_dir = str(tmp_path_factory.mktemp("lam"))
+    paths = {}
+    for bottleneck in ("nsvq", "gaussian"):
+        cfg = tiny_config(demo_data, save_dir, **{
+            "data_params.frame_offset": 3, "data_params.resize": "stretch",
+            "trainer_params.max_steps": 4, "logging_params.name": f"lam_{bottleneck}"})
+        cfg["model_params"] = {**SMALL_LAQ, "name": "LatentActionModel", "bottleneck": bottleneck}
+        paths[bottleneck] = train(config_from_dict(cfg), Runtime())
+    return paths
+
+
+def test_latent_action_models_are_extra_rows_of_the_same_comparison(
+        trained_checkpoint, laq_checkpoint, action_models, demo_data, tmp_path):
+    out = tmp_path / "cmp"
+    result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
+                         "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                         "--model", action_models["nsvq"], "--model", action_models["gaussian"],
+                         "--data-path", demo_data, "--num-pairs", "8", "--offset", "3",
+                         "--vae-resize", "stretch", "--probe", "--probe-pairs", "20",
+                         "--output", str(out), "--lpips-net", "none",
+                         "--fid-random-backbone")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["models"] == {"vae": "VAE", "laq": "LAQ", "lam_nsvq": "lam_nsvq",
+                                "lam_gaussian": "lam_gaussian"}
+    assert report["resize"] == dict.fromkeys(report["models"], "stretch")
+    for name in ("lam_nsvq", "lam_gaussian"):
+        assert {"mean", "std", "ci95"} <= set(report[name]["psnr"]), name
+        assert report["rfid"][name] is not None and name in result.stdout
+    nsvq_rate, gaussian_rate = report["rate"]["lam_nsvq"], report["rate"]["lam_gaussian"]
+    assert nsvq_rate["bound_bits"] == 12 and \
+        0 <= nsvq_rate["code_entropy_joint_bits"] <= nsvq_rate["code_entropy_bits"] + 1e-9 <= 12
+    assert sum(report["latent"]["lam_nsvq"]["histogram"]) == 8 * SMALL_LAQ["code_seq_len"]
+    rows = list(csv.DictReader(open(out / "per_pair.csv")))
+    kl_bits = [float(r["lam_gaussian_kl_bits"]) for r in rows]
+    assert gaussian_rate["kl_bits_mean"] == pytest.approx(np.mean(kl_bits), rel=1e-5)
+    assert all(len(r["lam_nsvq_codes"].split()) == 4 for r in rows)
+
+    # one pair recomputed with the model itself, fed the stretched frames it was trained on
+    from evaluate import load_model
+    model, _ = load_model(action_models["nsvq"], "cpu")
+    row = rows[0]
+    frames = [load_frame(row[k], 32, "stretch").float() / 127.5 - 1 for k in ("current", "target")]
+    predicted = (model.reconstruct(torch.stack(frames)[None]) + 1).div(2).clamp(0, 1)[0]
+    mse = float(((predicted - (frames[1] + 1) / 2) ** 2).mean())
+    assert mse == pytest.approx(float(row["lam_nsvq_mse"]), rel=1e-4)
+    assert row["lam_nsvq_codes"] == " ".join(
+        str(int(c)) for c in model.evaluate_batch(torch.stack(frames)[None])[2]["codes"][0])
+
+    probe = json.loads((out / "probe.json").read_text())
+    assert {"lam_nsvq_codes_onehot", "lam_nsvq_action_continuous", "lam_gaussian_action_mu"} <= \
+        set(probe["feature_sets"])
+    assert (out / "comparison.png").stat().st_size > 10_000
+
+    wrong = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
+                        "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                        "--model", trained_checkpoint, "--image", rows[0]["current"],
+                        "--output", str(tmp_path / "wrong"), "--lpips-net", "none", "--fid", "none")
+    assert wrong.returncode == 2 and "a VAE goes to --vae" in wrong.stderr
+    assert not (tmp_path / "wrong").exists()
