@@ -220,7 +220,6 @@ def _build_model_params(raw):
             if default is inspect.Parameter.empty:
                 raise ConfigError(f"model_params.{key}: missing (required by {name})")
             params[key] = list(default) if isinstance(default, tuple) else default
-    _try_build(params)
     return params
 
 
@@ -346,6 +345,7 @@ def config_from_dict(raw, world_size=1, check_paths=True):
     cfg = Config(model_params=_build_model_params(raw["model_params"]),
                  **{s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()})
     _validate(cfg, world_size, check_paths)
+    _try_build(cfg.model_params)                 # what only the model's constructor checks
     return cfg
 
 

@@ -176,7 +176,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_pat
     stopped = [line for line in out.splitlines() if "stopping on a peer's signal" in line]
     assert len(stopped) == 1, out[-4000:]                     # rank 0 logs, rank 1 got it
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
-    assert 12 < step < 400 and step % 10 == 0
+    assert 12 < step < 30               # within a few steps of the signal, on every rank
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == step and len(ckpt["rng"]) == 2     # both ranks reached the save
 

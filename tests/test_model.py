@@ -92,9 +92,11 @@ def test_registry_names_classes():
 def test_every_registered_family_implements_the_model_interface():
     from models import AutoencoderModel
     small = {"in_channels": 3, "hidden_dims": [8, 16], "image_size": 32}
+    pairs = {"dim": 16, "quant_dim": 4, "image_size": 32, "patch_size": 8, "spatial_depth": 1,
+             "temporal_depth": 1, "dim_head": 8, "heads": 2}
     for name, cls in MODELS.items():
         extra = ({"num_embeddings": 4, "embedding_dim": 4} if name == "VQVAE" else
                  {"latent_dim": 4, **({"feature_layer": 0} if name == "VAEGAN" else {})})
-        model = cls(**small, **extra)
+        model = cls(**pairs) if getattr(cls, "takes_pairs", False) else cls(**small, **extra)
         assert isinstance(model, AutoencoderModel), name
         assert isinstance(model.noise_dim, int) and isinstance(model.not_applicable, dict), name

@@ -160,7 +160,7 @@ def test_vq_vae_config_rejects_gaussian_keys(demo_data, tmp_path):
     raw["model_params"]["latent_dim"] = 8
     with pytest.raises(Exception, match="model_params.latent_dim: unknown key for VQVAE"):
         config_from_dict(raw)
-    assert set(MODELS) == {"VanillaVAE", "BetaVAE", "VQVAE", "VAEGAN"}
+    assert set(MODELS) == {"VanillaVAE", "BetaVAE", "VQVAE", "VAEGAN", "LatentActionModel"}
     assert isinstance(build_model({"name": "VQVAE", **FAMILY["VQVAE"]}), VQVAE)
 
 
