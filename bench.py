@@ -39,8 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.io import decode_jpeg
 
 from config import load_config
-from dataset_sthv2 import (DataError, PackedFrameIndex, PooledCollate, SthV2Frames,
-                           device_batches, load_index, tree_signature)
+from dataset_sthv2 import (JPEG_DECODER, DataError, PackedFrameIndex, PooledCollate,
+                           SthV2Frames, device_batches, load_index, tree_signature)
 from pack_frames import pack
 from runtime import Runtime, exit_bad_input, pick_device
 from trainer import Trainer
@@ -262,6 +262,7 @@ def bench_data(args):
             "ready_vs_tree": round(medians["ready"] / medians["tree"], 2),
             "ready_vs_laq": round(medians["ready"] / medians["laq"], 2),
             "workers": args.workers, "batch_size": args.batch_size, "batches": args.batches,
+            "jpeg_decoder": JPEG_DECODER,
             "image_size": args.image_size, "resize": args.resize, "quality": args.quality,
             "rounds": [{k: round(v, 1) for k, v in r.items()} for r in rounds],
             "cpus": os.cpu_count()}

@@ -35,12 +35,40 @@ from torch.utils.data import (DataLoader, Dataset, DistributedSampler, default_c
 from checkpoint import atomic_write
 from runtime import ignore_stop_signals, progress
 
-with warnings.catch_warnings():   # torchvision >= 0.29 marks its decoders as deprecated
-    warnings.simplefilter("ignore", DeprecationWarning)
+
+
+def _pick_jpeg_decoder():
+    """(name, bytes tensor -> uint8 RGB CHW) of the JPEG decoder frames go through.
+
+    torchvision's and torchcodec's decode_jpeg give the same pixels at the same speed
+    (libjpeg-turbo; BENCHMARKS.md), PIL's takes twice as long. torchvision's is a dependency
+    already and comes first; torchvision 0.29 deprecates it in favour of torchcodec's, which
+    takes over when a torchvision without it is installed; PIL is the announced last resort
+    (describe_jpeg_decoder)."""
+    with warnings.catch_warnings():     # torchvision >= 0.29 marks its decoders as deprecated
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+            return "torchvision", lambda t: decode_jpeg(t, mode=ImageReadMode.RGB)
+        except ImportError:
+            pass
     try:
-        from torchvision.io import ImageReadMode, decode_jpeg
-    except ImportError:           # removed in a later torchvision: PIL decodes everything
-        decode_jpeg = None
+        from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
+        return "torchcodec", torchcodec_decode_jpeg
+    except ImportError:
+        return "pil", None
+
+
+JPEG_DECODER, _jpeg_decode = _pick_jpeg_decoder()
+
+
+def describe_jpeg_decoder():
+    """One line for the logs: which decoder reads the frames, and what to do about PIL."""
+    if JPEG_DECODER == "pil":
+        return ("JPEG frames are decoded by PIL, about half the speed of libjpeg-turbo: this "
+                "torchvision has no decode_jpeg; pip install torchcodec for the fast decoder")
+    return f"JPEG frames are decoded by {JPEG_DECODER}'s decode_jpeg (libjpeg-turbo)"
+
 
 log = logging.getLogger("vae")
 
@@ -343,12 +371,12 @@ def split_videos(index, labels_path="", val_fraction=0.05, seed=0):
 
 def is_complete_jpeg(data):
     """Start and end markers in place, and a JPEG decoder to hand."""
-    return decode_jpeg is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
+    return _jpeg_decode is not None and data[:2] == b"\xff\xd8" and data[-2:] == b"\xff\xd9"
 
 
 def decode_rgb(data):
     """uint8 (3, H, W) from encoded bytes. Complete JPEGs go through libjpeg-turbo
-    (torchvision); anything else (PNG, a JPEG without its end marker) through PIL, which
+    (JPEG_DECODER); anything else (PNG, a JPEG without its end marker) through PIL, which
     rejects truncated files. Every image's size is read from its header first (a JPEG's frame
     header directly, anything else by PIL): one of more than PIL's decompression-bomb limit
     (Image.MAX_IMAGE_PIXELS) pixels is refused before it is decoded. 16-bit images are scaled to 8 bits, not clipped."""
@@ -413,8 +441,7 @@ def _decode_jpeg(data):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8),
-                               mode=ImageReadMode.RGB)
+            return _jpeg_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8))
     except RuntimeError as e:
         raise ValueError(f"JPEG decode failed: {str(e).splitlines()[-1][:200]}") from None
 

@@ -20,8 +20,9 @@ from torchvision.utils import make_grid, save_image
 
 import checkpoint as ck
 from config import ConfigError
-from dataset_sthv2 import (DataError, build_split, collate_frames, data_signature, describe,
-                           device_batches, load_index, make_loaders)
+from dataset_sthv2 import (JPEG_DECODER, DataError, build_split, collate_frames, data_signature,
+                           describe, describe_jpeg_decoder, device_batches, load_index,
+                           make_loaders)
 from metrics import ImageMetrics
 from models import reconstruction_target
 from runtime import (FAILED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError,
@@ -107,6 +108,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
                                           clamp_pairs=True) for split in ("train", "val"))
     log.info("data: %s (frame_stride %d)", describe(train_set, val_set), d.frame_stride)
+    (log.warning if JPEG_DECODER == "pil" else log.info)(describe_jpeg_decoder())
     steps_per_epoch = len(train_set) // d.train_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"the train split has {len(train_set)} frames, fewer than one "

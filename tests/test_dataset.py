@@ -1,6 +1,7 @@
 """Frame indexing, ordering, splits, stride, caching and bad-file handling on generated frames."""
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -301,3 +302,29 @@ def test_frame_lookups_read_arrays_not_python_lists(demo_data, tmp_path):
     index.videos, index.patterns = None, None               # what a worker must not touch
     assert [index.frame_path(v, p) for v in videos
             for p in range(index.num_frames(v))] == expected
+
+
+def test_the_jpeg_decoder_is_chosen_in_order_and_a_pil_fallback_is_announced(
+        demo_data, tmp_path, monkeypatch, capsys):
+    import dataset_sthv2 as ds
+    assert ds.JPEG_DECODER == "torchvision"          # what requirements.txt installs
+    monkeypatch.setitem(sys.modules, "torchvision.io", None)     # a torchvision without it
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    assert ds._pick_jpeg_decoder() == ("pil", None)
+    frame = os.path.join(demo_data, sorted(os.listdir(demo_data))[0], "img_00001.jpg")
+    data = open(frame, "rb").read()
+    fast = ds.decode_rgb(data)
+    monkeypatch.setattr(ds, "JPEG_DECODER", "pil")
+    monkeypatch.setattr(ds, "_jpeg_decode", None)
+    slow = ds.decode_rgb(data)                        # PIL decodes the same JPEG
+    assert slow.shape == fast.shape and (slow.int() - fast.int()).abs().float().mean() < 1.0
+    import training
+    monkeypatch.setattr(training, "JPEG_DECODER", "pil")
+    monkeypatch.setattr(training, "describe_jpeg_decoder", ds.describe_jpeg_decoder)
+    from config import config_from_dict
+    from conftest import tiny_config
+    from runtime import Runtime
+    training.train(config_from_dict(tiny_config(demo_data, str(tmp_path), **{
+        "trainer_params.max_steps": 1})), Runtime())
+    captured = capsys.readouterr()
+    assert "JPEG frames are decoded by PIL, about half the speed" in captured.out + captured.err
