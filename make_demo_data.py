@@ -5,9 +5,11 @@ like SthV2: one main shape (the largest) crosses the frame at a steady speed in 
 directions, and two or three smaller ones bounce off the walls and each other. The video's
 action template says which way the main shape moves, so the label follows from the motion
 (a feature that carries the motion can predict it; one that does not stays at chance). Writes
-`OUT/<video_id>/img_00001.jpg ...` and the two SthV2 label JSON files.
+`OUT/<video_id>/img_00001.jpg ...` and the two SthV2 label JSON files, or with --format webm
+the clips as SthV2's download holds them (VP9 .webm at 12 fps) for prepare_sthv2.py.
 
     python make_demo_data.py --out data/demo_sthv2 [--videos 384] [--frames 8] [--seed 0] [--width W]
+    python make_demo_data.py --out data/demo_webm --format webm [--videos 384] [--frames 45]
 """
 import argparse
 import json
@@ -19,6 +21,7 @@ from PIL import Image, ImageDraw
 from checkpoint import atomic_write
 
 HEIGHT = 240
+WEBM_VIDEOS = "20bn-something-something-v2"          # the folder SthV2's download unpacks to
 WIDTHS = (320, 352, 427)
 COLOURS = [(230, 60, 50), (50, 160, 230), (250, 200, 40), (60, 190, 90), (180, 80, 200),
            (240, 130, 40), (245, 245, 245), (30, 30, 30)]
@@ -88,8 +91,8 @@ def plan_video(rng, frames, direction, width=None):
             "colours": colours}
 
 
-def render_video(out_dir, plan):
-    os.makedirs(out_dir, exist_ok=True)
+def render_frames(plan):
+    """The video's frames as PIL images."""
     track, radius, kinds, colours = plan["track"], plan["radius"], plan["kinds"], plan["colours"]
     for t in range(len(track)):
         img = Image.fromarray(plan["background"])
@@ -103,22 +106,54 @@ def render_video(out_dir, plan):
                 draw.rectangle(box, fill=colours[i], outline=(0, 0, 0), width=2)
             else:
                 draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=colours[i])
+        yield img
+
+
+def render_video(out_dir, plan):
+    os.makedirs(out_dir, exist_ok=True)
+    for t, img in enumerate(render_frames(plan)):
         img.save(os.path.join(out_dir, f"img_{t + 1:05d}.jpg"), quality=90)
+
+
+def render_webm(path, plan, fps=12):
+    """The video as SthV2 distributes it: VP9 in WebM at 12 fps (PyAV's bundled libvpx)."""
+    try:
+        import av
+    except ImportError:
+        raise SystemExit("error: --format webm needs PyAV: pip install av==18.1.0") from None
+    with av.open(path, "w", format="webm") as container:
+        stream = container.add_stream("libvpx-vp9", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = plan["width"], HEIGHT, "yuv420p"
+        stream.options = {"crf": "20", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}
+        for img in render_frames(plan):
+            container.mux(stream.encode(av.VideoFrame.from_image(img)))
+        container.mux(stream.encode())
 
 
 def video_rng(seed, k):
     return np.random.default_rng([seed, k])
 
 
-def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25, width=None):
+def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25, width=None,
+                   video_format="frames"):
+    """Frames: OUT/<id>/img_00001.jpg ... with the label files beside them. webm: as SthV2's
+    download unpacks, OUT/20bn-something-something-v2/<id>.webm and OUT/labels/*.json."""
     rng = np.random.default_rng(seed)
+    videos_dir, labels_dir = out, out
+    if video_format == "webm":
+        videos_dir, labels_dir = os.path.join(out, WEBM_VIDEOS), os.path.join(out, "labels")
+        os.makedirs(videos_dir, exist_ok=True)
+        os.makedirs(labels_dir, exist_ok=True)
     entries = []
     templates = list(ACTIONS)
     for k in range(videos):
         video_id = str(1000 + k)
         template = templates[k % len(templates)]             # balanced classes
-        render_video(os.path.join(out, video_id),
-                     plan_video(video_rng(seed, k), frames, ACTIONS[template], width))
+        plan = plan_video(video_rng(seed, k), frames, ACTIONS[template], width)
+        if video_format == "webm":
+            render_webm(os.path.join(videos_dir, f"{video_id}.webm"), plan)
+        else:
+            render_video(os.path.join(videos_dir, video_id), plan)
         entries.append({"id": video_id, "label": template.replace("[something]", "a shape"),
                         "template": template,
                         "placeholders": ["a shape"] * template.count("[something]")})
@@ -127,7 +162,8 @@ def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25, width=N
     val_ids = {entries[i]["id"] for i in order[:n_val]}
     for split, keep in (("train", lambda e: e["id"] not in val_ids),
                         ("validation", lambda e: e["id"] in val_ids)):
-        with atomic_write(os.path.join(out, f"something-something-v2-{split}.json"), "w") as f:
+        with atomic_write(os.path.join(labels_dir, f"something-something-v2-{split}.json"),
+                          "w") as f:
             json.dump([e for e in entries if keep(e)], f, indent=1)
     return out
 
@@ -138,13 +174,22 @@ def main():
     parser.add_argument("--videos", type=int, default=384)
     parser.add_argument("--frames", type=int, default=8, help="frames per video")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--format", choices=["frames", "webm"], default="frames",
+                        help="frames: the extracted-frames layout; webm: VP9 clips at 12 fps "
+                             "and label JSONs, as SthV2's download looks")
     parser.add_argument("--width", type=int, help="every frame this wide (SthV2's most common: "
                                                    "427); default: 320, 352 or 427 per video")
     args = parser.parse_args()
     if args.videos < 2 or args.frames < 1 or (args.width is not None and args.width < 120):
         parser.error("need at least 2 videos (one per split), 1 frame and a width >= 120")
-    make_demo_data(args.out, args.videos, args.frames, args.seed, width=args.width)
-    print(f"wrote {args.videos} videos x {args.frames} frames to {args.out}")
+    make_demo_data(args.out, args.videos, args.frames, args.seed, width=args.width,
+                   video_format=args.format)
+    if args.format == "webm":
+        print(f"wrote {args.videos} .webm videos x {args.frames} frames to "
+              f"{os.path.join(args.out, WEBM_VIDEOS)} and the label files to "
+              f"{os.path.join(args.out, 'labels')}")
+    else:
+        print(f"wrote {args.videos} videos x {args.frames} frames to {args.out}")
 
 
 if __name__ == "__main__":

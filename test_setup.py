@@ -16,6 +16,10 @@ import tempfile
 PACKAGES = [("torch", "torch"), ("torchvision", "torchvision"), ("yaml", "pyyaml"),
             ("tensorboard", "tensorboard"), ("PIL", "pillow"), ("numpy", "numpy"),
             ("tqdm", "tqdm"), ("lpips", "lpips"), ("piq", "piq")]
+# needed by one script each: a warning when missing, not a failure of the training set-up
+OPTIONAL = [("matplotlib", "matplotlib==3.11.2", "compare_with_laq.py's figures"),
+            ("sklearn", "scikit-learn==1.9.1", "compare_with_laq.py --probe"),
+            ("av", "av==18.1.0", "prepare_sthv2.py (.webm videos)")]
 
 
 class Report:
@@ -44,6 +48,18 @@ def check_packages(report):
             ok = False
             report.add("✗", f"package {package}", f"cannot import ({e})",
                        "pip install -r requirements.txt")
+    for module, package, used_by in OPTIONAL:
+        try:
+            mod = importlib.import_module(module)
+            report.add("✓", f"package {package.split('==')[0]}",
+                       getattr(mod, "__version__", "installed"))
+        except ImportError:
+            report.add("!", f"package {package.split('==')[0]}", f"missing: needed by {used_by}",
+                       f"pip install {package}")
+    if ok:
+        from dataset_sthv2 import JPEG_DECODER, describe_jpeg_decoder
+        report.add("!" if JPEG_DECODER == "pil" else "✓", "JPEG decoder", JPEG_DECODER,
+                   describe_jpeg_decoder() if JPEG_DECODER == "pil" else "")
     return ok
 
 

@@ -1,0 +1,205 @@
+"""prepare_sthv2.py: SthV2's download (.webm clips) to a frames tree or shards, decoded as
+FFmpeg decodes them, resumable after kill -9 with identical output, unreadable videos named."""
+import filecmp
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import ROOT, run_script, tiny_config
+
+av = pytest.importorskip("av", reason="PyAV (requirements.txt) decodes the .webm videos")
+
+import prepare_sthv2 as prep  # noqa: E402
+from dataset_sthv2 import PACKED_INDEX, FrameIndex, load_index  # noqa: E402
+from make_demo_data import WEBM_VIDEOS, make_demo_data  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def download(tmp_path_factory):
+    """24 demo videos of 24 frames as SthV2's download holds them, plus three broken ones."""
+    root = str(tmp_path_factory.mktemp("download"))
+    make_demo_data(root, videos=24, frames=24, seed=5, video_format="webm")
+    videos = os.path.join(root, WEBM_VIDEOS)
+    good = open(os.path.join(videos, "1003.webm"), "rb").read()
+    with open(os.path.join(videos, "9001.webm"), "wb") as f:        # cut off half way
+        f.write(good[:len(good) // 2])
+    with open(os.path.join(videos, "9002.webm"), "w") as f:         # not a video at all
+        f.write("<html>404 not found</html>")
+    with open(os.path.join(videos, "9003.webm"), "wb") as f:        # headers, no frames:
+        f.write(good[:good.index(b"\x1f\x43\xb6\x75")])           # cut at the first Cluster
+    return {"videos": videos, "labels": os.path.join(root, "labels")}
+
+
+def encode_clip(path, frames, fps=12):
+    with av.open(path, "w", format="webm") as c:
+        stream = c.add_stream("libvpx-vp9", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        stream.options = {"crf": "4", "b:v": "0", "deadline": "good"}
+        for f in frames:
+            c.mux(stream.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+        c.mux(stream.encode())
+
+
+def smooth_frames(n, h=96, w=128):
+    """Moving colour waves: smooth enough that VP9 at crf 4 keeps them above 30 dB."""
+    y, x = np.mgrid[0:h, 0:w] / 16.0
+    return [np.stack([128 + 90 * np.sin(x + 0.3 * t), 128 + 90 * np.cos(y - 0.2 * t),
+                      128 + 90 * np.sin(x + y + 0.1 * t)], -1).astype(np.uint8)
+            for t in range(n)]
+
+
+def read_rgb(path):
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255 ** 2 / mse)
+
+
+def test_decoding_gives_every_frame_the_encoder_wrote(tmp_path):
+    source = smooth_frames(17)
+    encode_clip(str(tmp_path / "clip.webm"), source)
+    frames = prep.decode_video(str(tmp_path / "clip.webm"))
+    assert len(frames) == 17 and frames[0].shape == (96, 128, 3)
+    assert min(psnr(a, b) for a, b in zip(frames, source)) > 30          # VP9 at crf 4
+    assert len(prep.decode_video(str(tmp_path / "clip.webm"), fps=6)) == 8   # every other one
+    assert prep.pick_frames(24, 12.0, 6.0) == list(range(0, 24, 2))
+    assert prep.pick_frames(24, 12.0, 12.0) == list(range(24))
+
+
+@pytest.mark.skipif(shutil.which("ffmpeg") is None,
+                    reason="no ffmpeg binary on this machine to compare with")
+def test_frames_match_ffmpegs_own_extraction(tmp_path):
+    encode_clip(str(tmp_path / "clip.webm"), smooth_frames(15))
+    subprocess.run(["ffmpeg", "-loglevel", "error", "-i", str(tmp_path / "clip.webm"),
+                    "-q:v", "2", str(tmp_path / "img_%05d.jpg")], check=True)
+    ours = prep.decode_video(str(tmp_path / "clip.webm"))
+    theirs = sorted(p for p in os.listdir(tmp_path) if p.endswith(".jpg"))
+    assert len(theirs) == len(ours)
+    for frame, name in zip(ours, theirs):
+        assert psnr(frame, read_rgb(tmp_path / name)) > 30              # JPEG tolerance
+
+
+def run_prepare(download, out, *args):
+    return run_script("prepare_sthv2.py", "--videos", download["videos"], "--labels",
+                      download["labels"], "--out", str(out), *args)
+
+
+def test_frames_tree_names_unreadable_videos_and_trains_like_extracted_frames(download, tmp_path):
+    result = run_prepare(download, tmp_path / "tree", "--frames", "-j", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["videos"] == 27 and summary["unreadable"] == 3
+    assert summary["frames_written"] == 24 * 24 and summary["frames_per_sec"] > 0
+    assert "3 videos could not be decoded" in result.stderr
+    lines = (tmp_path / "tree" / "unreadable_videos.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == ["9001", "9002", "9003"]
+    assert lines[2].endswith("no frames")
+    index = load_index(str(tmp_path / "tree"), str(tmp_path / "cache"))
+    assert len(index.videos) == 24 and len(index) == 24 * 24
+    assert sorted(os.listdir(tmp_path / "tree" / "1000"))[:2] == ["img_00001.jpg", "img_00002.jpg"]
+    decoded = prep.decode_video(os.path.join(download["videos"], "1000.webm"))
+    stored = read_rgb(tmp_path / "tree" / "1000" / "img_00005.jpg")
+    assert psnr(stored, decoded[4]) > 38                                 # JPEG q95
+    for name in ("something-something-v2-train.json", "something-something-v2-validation.json"):
+        assert filecmp.cmp(tmp_path / "tree" / name, os.path.join(download["labels"], name))
+
+    # the same frames, packed: --shards without --image-size == --frames + pack_frames.py
+    shards = run_prepare(download, tmp_path / "shards", "--shards", "-j", "2")
+    assert shards.returncode == 0, shards.stderr[-3000:]
+    packed = run_script("pack_frames.py", "--data-path", str(tmp_path / "tree"), "--out",
+                        str(tmp_path / "packed"), "--index-cache-dir", str(tmp_path / "cache"))
+    assert packed.returncode == 0, packed.stderr[-3000:]
+    assert filecmp.cmp(tmp_path / "shards" / "shard_00000.bin",
+                       tmp_path / "packed" / "shard_00000.bin", shallow=False)
+    _, a = FrameIndex.read(str(tmp_path / "shards" / PACKED_INDEX))
+    _, b = FrameIndex.read(str(tmp_path / "packed" / PACKED_INDEX))
+    assert all(np.array_equal(a[k], b[k]) for k in ("numbers", "offsets", "start", "length"))
+
+
+def test_webm_to_training_ready_shards_to_training(download, tmp_path):
+    from config import config_from_dict
+    from runtime import Runtime
+    from training import train
+    summary = prep.prepare(download["videos"], download["labels"], str(tmp_path / "ready"),
+                           "shards", workers=1, image_size=32, resize="stretch")
+    assert summary["unreadable"] == 3 and summary["frames"] == 24 * 24
+    cfg = tiny_config(str(tmp_path / "ready"), str(tmp_path / "logs"), **{
+        "data_params.resize": "stretch", "trainer_params.max_steps": 3})
+    final = torch.load(train(config_from_dict(cfg), Runtime()), weights_only=True)
+    assert final["step"] == 3 and final["data"]["videos"] == 18       # the train label file's
+
+
+@pytest.mark.parametrize("mode", ["--frames", "--shards"])
+def test_a_killed_run_resumes_to_the_output_of_an_uninterrupted_one(download, tmp_path, mode):
+    extra = ["--shard-size-gb", "0.0002"] if mode == "--shards" else []   # ~210 KB shards
+    straight = run_prepare(download, tmp_path / "straight", mode, "-j", "1", *extra)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "prepare_sthv2.py", "--videos", download["videos"],
+                             "--labels", download["labels"], "--out", str(out), mode, "-j", "1",
+                             *extra], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    state = out / prep.STATE
+
+    def progress_made():
+        if mode == "--frames":
+            return out.is_dir() and len([n for n in os.listdir(out) if n.isdigit()]) >= 3
+        return state.is_dir() and len([n for n in os.listdir(state) if n.endswith(".json")
+                                       and n.startswith("shard_")]) >= 2
+    deadline = time.monotonic() + 120
+    while not progress_made() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "finished before it could be killed"
+    assert not (out / PACKED_INDEX).exists() and state.is_dir()
+
+    resumed = run_prepare(download, out, mode, "-j", "2", *extra)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads(resumed.stdout.strip().splitlines()[-1])["videos_done_before"] >= 2
+    assert not state.exists()
+    compare = filecmp.dircmp(tmp_path / "straight", out)
+    names = sorted(os.listdir(tmp_path / "straight"))
+    assert names == sorted(os.listdir(out))
+    for name in names:
+        a, b = tmp_path / "straight" / name, out / name
+        if a.is_dir():
+            assert sorted(os.listdir(a)) == sorted(os.listdir(b))
+            assert all(filecmp.cmp(a / f, b / f, shallow=False) for f in os.listdir(a)), name
+        elif name == PACKED_INDEX:
+            meta_a, arrays_a = FrameIndex.read(str(a))
+            meta_b, arrays_b = FrameIndex.read(str(b))
+            assert meta_a["videos"] == meta_b["videos"] and meta_a["shards"] == meta_b["shards"]
+            assert all(np.array_equal(arrays_a[k], arrays_b[k]) for k in arrays_a)
+        else:
+            assert filecmp.cmp(a, b, shallow=False), name
+    assert compare.left_only == compare.right_only == []
+    if mode == "--shards":
+        assert len([n for n in names if n.startswith("shard_")]) >= 3
+
+
+def test_bad_arguments_are_one_line_errors(download, tmp_path):
+    result = run_prepare(download, tmp_path / "x", "--frames", "--image-size", "64")
+    assert result.returncode == 2 and "--image-size applies to --shards" in result.stderr
+    empty = tmp_path / "no_labels"
+    empty.mkdir()
+    result = run_script("prepare_sthv2.py", "--videos", download["videos"], "--labels",
+                        str(empty), "--out", str(tmp_path / "y"), "--frames", "-j", "1")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --labels")
+    result = run_script("prepare_sthv2.py", "--videos", str(empty), "--labels",
+                        download["labels"], "--out", str(tmp_path / "z"), "--frames")
+    assert result.returncode == 2 and "no .webm videos in" in result.stderr
