@@ -338,10 +338,15 @@ class LatentActionModel(nn.Module):
 
     def forward(self, x, noise=None):
         """Pairs (B, 2, C, S, S) in [-1, 1] -> (prediction, target) in [0, 1] and the
-        bottleneck's per-pair tensors."""
+        bottleneck's per-pair tensors. In training, `noise` (B, noise_dim) ~ N(0, I) drives
+        NSVQ's substitution or the Gaussian's sample (drawn here when not given); in eval
+        mode the code itself or the mean is decoded."""
         pair01 = (x + 1) / 2
         emb, tokens = self.encode(pair01)
-        z, info = self.bottleneck_latent(self.action_vectors(tokens), noise)
+        actions = self.action_vectors(tokens)
+        if noise is None and self.training:            # as VanillaVAE draws its own
+            noise = torch.randn(len(x), self.noise_dim, device=x.device)
+        z, info = self.bottleneck_latent(actions, noise)
         if self.bottleneck == "nsvq" and self.training and self._counting:
             self._count(info["codes"])
         return self.decode(emb[:, 0].detach(), z), pair01[:, 1], info

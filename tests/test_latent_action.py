@@ -77,6 +77,17 @@ def test_nsvq_substitutes_the_residual_by_noise_of_its_norm_and_trains_the_codeb
     assert torch.equal(z_eval, hard)
 
 
+@pytest.mark.parametrize("bottleneck", ["nsvq", "gaussian"])
+def test_the_encoder_learns_through_the_bottleneck_without_noise_given(bottleneck):
+    """model(x) in training mode draws its own noise, as VanillaVAE does: the gradient reaches
+    the encoder (decoding the hard code would cut it off for NSVQ)."""
+    model = small(bottleneck=bottleneck).train()
+    pair = torch.rand(3, 2, 3, 32, 32) * 2 - 1
+    model.loss_function(pair, model(pair))["loss"].backward()
+    assert model.enc_spatial.layers[0]["attn"].to_q.weight.grad.abs().sum() > 0
+    assert model.project_in.weight.grad.abs().sum() > 0
+
+
 def test_refill_schedule_is_laqs():
     expected = set(range(10, 100, 10)) | set(range(100, 1000, 100)) | set(range(500, 5000, 500))
     assert {s for s in range(7000) if refill_steps(s)} == expected
