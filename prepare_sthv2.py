@@ -11,8 +11,9 @@ files, the packed shards pack_frames.py writes (OUT/shard_*.bin + OUT/packed_ind
 frames as --frames would store them, or with --image-size training-ready (resized as training
 does). Either way the label JSONs are copied into OUT, so data_params.data_path: OUT trains.
 
-Videos are decoded with PyAV (FFmpeg's own decoders, bundled in its wheel), one video per
-worker task, at most a few videos per worker in memory. A killed run (kill -9 included)
+Videos are decoded by FFmpeg's own decoders through torchcodec where it loads (it needs FFmpeg
+installed; about twice as fast) or PyAV (pinned; FFmpeg bundled in its wheel), which give the
+same pixels, one video per worker task, at most a few videos per worker in memory. A killed run (kill -9 included)
 resumes where it stopped when run again with the same arguments and ends with the same output
 as an uninterrupted run: a video folder appears whole (renamed from a temporary folder), a shard
 whole (with a record of its videos). A video that cannot be decoded (truncated, not a video, no
@@ -24,6 +25,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import sys
 import time
@@ -54,6 +56,30 @@ def require_av():
     return av
 
 
+def torchcodec_decoder():
+    """torchcodec's VideoDecoder where it loads (it needs FFmpeg's shared libraries on the
+    machine), else None."""
+    try:
+        from torchcodec.decoders import VideoDecoder
+        return VideoDecoder
+    except (ImportError, RuntimeError, OSError):
+        return None
+
+
+def pick_decoder(name="auto"):
+    """"torchcodec" or "pyav": both run FFmpeg's decoders and give the same pixels (tested);
+    torchcodec converts to RGB about twice as fast (BENCHMARKS.md) but needs FFmpeg installed,
+    PyAV bundles it. auto: torchcodec where it loads."""
+    if name in ("auto", "torchcodec") and torchcodec_decoder() is not None:
+        return "torchcodec"
+    if name == "torchcodec":
+        raise DataError("--decoder torchcodec: torchcodec is not installed or cannot load "
+                        "FFmpeg's libraries (pip install torchcodec, and FFmpeg 4-7 on the "
+                        "machine); --decoder pyav needs neither")
+    require_av()
+    return "pyav"
+
+
 def list_videos(folder):
     """{video id: path} of the .webm (and .mp4) files in `folder`, in natural id order."""
     if not os.path.isdir(folder):
@@ -76,9 +102,16 @@ def pick_frames(count, native_fps, fps):
     return [min(count - 1, int(round(k * native_fps / fps))) for k in range(n_out)]
 
 
-def decode_video(path, fps=None):
-    """The video's frames as uint8 RGB arrays (H, W, 3), resampled to `fps` if given.
-    Raises VideoError."""
+def decode_video(path, fps=None, decoder="pyav"):
+    """The video's frames as uint8 RGB arrays (H, W, 3), resampled to `fps` if given, decoded
+    by `decoder` (pick_decoder). Raises VideoError."""
+    frames, rate = (_torchcodec_frames if decoder == "torchcodec" else _pyav_frames)(path)
+    if not len(frames):
+        raise VideoError("no frames")
+    return [frames[i] for i in pick_frames(len(frames), rate, fps)]
+
+
+def _pyav_frames(path):
     av = require_av()
     frames = []
     try:
@@ -100,9 +133,21 @@ def decode_video(path, fps=None):
         if isinstance(e, av.error.EOFError):
             raise VideoError("no frames") from None
         raise VideoError(reason) from None
-    if not frames:
-        raise VideoError("no frames")
-    return [frames[i] for i in pick_frames(len(frames), float(rate) if rate else None, fps)]
+    return frames, float(rate) if rate else None
+
+
+def _torchcodec_frames(path):
+    try:
+        decoder = torchcodec_decoder()(path, num_ffmpeg_threads=1, dimension_order="NHWC")
+        count = len(decoder)
+        frames = decoder.get_frames_in_range(0, count).data.numpy() if count else []
+    except (RuntimeError, ValueError, OSError) as e:   # its messages lead with source lines
+        message = re.sub(r"^\w+, \S+, ", "", (str(e).strip().splitlines() or [""])[-1])
+        message = message.replace(f" {path}", "").replace(path, "")
+        if message.strip().endswith("End of file"):
+            raise VideoError("no frames") from None
+        raise VideoError(f"{type(e).__name__}: {message.strip()[:300]}") from None
+    return frames, decoder.metadata.average_fps
 
 
 def encode_jpeg(rgb, quality, image_size=0, resize="crop"):
@@ -119,19 +164,19 @@ def encode_jpeg(rgb, quality, image_size=0, resize="crop"):
     return out.getvalue()
 
 
-def video_jpegs(vid, path, fps, quality, image_size, resize):
+def video_jpegs(vid, path, fps, quality, image_size, resize, decoder):
     """(vid, [JPEG bytes per frame] or None, reason or None), for a worker."""
     try:
-        frames = decode_video(path, fps)
+        frames = decode_video(path, fps, decoder)
     except VideoError as e:
         return vid, None, str(e)
     return vid, [encode_jpeg(f, quality, image_size, resize) for f in frames], None
 
 
-def write_frames(vid, path, out, fps, quality):
+def write_frames(vid, path, out, fps, quality, decoder):
     """Decode one video into OUT/<vid>/img_00001.jpg ...: written into a temporary folder and
     renamed, so the folder appears whole. Returns (vid, frames written, reason or None)."""
-    vid, jpegs, reason = video_jpegs(vid, path, fps, quality, 0, "crop")
+    vid, jpegs, reason = video_jpegs(vid, path, fps, quality, 0, "crop", decoder)
     if jpegs is None:
         return vid, 0, reason
     tmp = os.path.join(out, f".tmp-{vid}-{os.getpid()}")
@@ -181,7 +226,7 @@ class Progress:
         self.bar.close()
 
 
-def prepare_frames(videos, out, fps, quality, workers):
+def prepare_frames(videos, out, fps, quality, workers, decoder):
     done = {vid for vid in videos if os.path.isdir(os.path.join(out, vid))}
     for name in os.listdir(out):                      # a killed run's half-written videos
         if name.startswith(".tmp-"):
@@ -190,7 +235,7 @@ def prepare_frames(videos, out, fps, quality, workers):
     unreadable, bar = {}, Progress(len(videos), len(done))
     with pool_of(workers) as pool:
         for vid, frames, reason in in_order(pool, write_frames, todo, workers, out=out, fps=fps,
-                                            quality=quality):
+                                            quality=quality, decoder=decoder):
             if reason:
                 unreadable[vid] = reason
             bar.update(frames)
@@ -199,7 +244,8 @@ def prepare_frames(videos, out, fps, quality, workers):
             "frames_written": bar.frames}, unreadable, bar
 
 
-def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, resize):
+def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, resize,
+                   decoder):
     """Shards of whole videos in id order; each finished shard is recorded in OUT/STATE, so a
     rerun continues after the last recorded video. The index is written last."""
     state = os.path.join(out, STATE)
@@ -219,7 +265,7 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
     bar = Progress(len(videos), len(done))
     with pool_of(workers) as pool:
         results = in_order(pool, video_jpegs, todo, workers, fps=fps, quality=quality,
-                           image_size=image_size, resize=resize)
+                           image_size=image_size, resize=resize, decoder=decoder)
         pending = next(results, None)
         while pending is not None:                    # one shard of whole videos per round
             record = {"name": f"shard_{len(shards):05d}.bin", "frames": {}, "unreadable": {}}
@@ -330,10 +376,10 @@ def copy_labels(labels, out):
 
 
 def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, image_size=0,
-            resize="crop", shard_size=2 ** 31):
+            resize="crop", shard_size=2 ** 31, decoder="auto"):
     """Decode every video of videos_dir into OUT (mode "frames" or "shards"); returns the
     summary. Resumes a killed run into the same OUT."""
-    require_av()
+    decoder = pick_decoder(decoder)
     videos = list_videos(videos_dir)
     check_labels(labels)
     quality = quality or (90 if image_size else 95)
@@ -346,10 +392,10 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
                          "quality": quality, "image_size": image_size, "resize": resize,
                          "shard_size": shard_size})
     if mode == "frames":
-        summary, unreadable, bar = prepare_frames(videos, out, fps, quality, workers)
+        summary, unreadable, bar = prepare_frames(videos, out, fps, quality, workers, decoder)
     else:
         summary, unreadable, bar = prepare_shards(videos, out, fps, quality, workers,
-                                                  shard_size, image_size, resize)
+                                                  shard_size, image_size, resize, decoder)
     copy_labels(labels, out)
     with atomic_write(os.path.join(out, UNREADABLE), "w") as f:
         f.writelines(f"{vid}\t{unreadable[vid]}\n" for vid in sorted(unreadable, key=_natural_key))
@@ -360,6 +406,7 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
             "unreadable_file": os.path.join(out, UNREADABLE), **summary,
             "seconds": round(seconds, 1), "videos_per_sec": round(bar.videos / seconds, 2),
             "frames_per_sec": round(bar.frames / seconds, 1), "workers": workers,
+            "decoder": decoder,
             "fps": fps, "quality": quality,
             **({"image_size": image_size, "resize": resize} if image_size else {})}
 
@@ -384,6 +431,9 @@ def main():
     parser.add_argument("--quality", type=int,
                         help="JPEG quality (default 95; 90 for training-ready shards)")
     parser.add_argument("--shard-size-gb", type=float, default=2.0)
+    parser.add_argument("--decoder", choices=["auto", "pyav", "torchcodec"], default="auto",
+                        help="auto: torchcodec where it loads (needs FFmpeg installed; about "
+                             "twice as fast), else PyAV; both give the same frames")
     parser.add_argument("-j", "--workers", type=int, default=os.cpu_count(),
                         help="decoding processes")
     args = parser.parse_args()
@@ -397,7 +447,7 @@ def main():
     try:
         summary = prepare(args.videos, args.labels, args.out, args.mode, args.fps, args.quality,
                           args.workers, args.image_size, args.resize,
-                          int(args.shard_size_gb * 2 ** 30))
+                          int(args.shard_size_gb * 2 ** 30), args.decoder)
     except DataError as e:
         exit_bad_input(e)
     if summary["unreadable"]:

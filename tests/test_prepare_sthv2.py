@@ -67,15 +67,32 @@ def psnr(a, b):
     return 10 * np.log10(255 ** 2 / mse)
 
 
-def test_decoding_gives_every_frame_the_encoder_wrote(tmp_path):
+DECODERS = ["pyav", pytest.param("torchcodec", marks=pytest.mark.skipif(
+    prep.torchcodec_decoder() is None, reason="torchcodec or FFmpeg's libraries not installed"))]
+
+
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_decoding_gives_every_frame_the_encoder_wrote(tmp_path, decoder):
     source = smooth_frames(17)
     encode_clip(str(tmp_path / "clip.webm"), source)
-    frames = prep.decode_video(str(tmp_path / "clip.webm"))
+    frames = prep.decode_video(str(tmp_path / "clip.webm"), decoder=decoder)
     assert len(frames) == 17 and frames[0].shape == (96, 128, 3)
     assert min(psnr(a, b) for a, b in zip(frames, source)) > 30          # VP9 at crf 4
-    assert len(prep.decode_video(str(tmp_path / "clip.webm"), fps=6)) == 8   # every other one
-    assert prep.pick_frames(24, 12.0, 6.0) == list(range(0, 24, 2))
+    halved = prep.decode_video(str(tmp_path / "clip.webm"), fps=6, decoder=decoder)
+    assert len(halved) == 8 and all(np.array_equal(a, b) for a, b in zip(halved, frames[::2]))
     assert prep.pick_frames(24, 12.0, 12.0) == list(range(24))
+    with pytest.raises(prep.VideoError):
+        (tmp_path / "bad.webm").write_text("not a video")
+        prep.decode_video(str(tmp_path / "bad.webm"), decoder=decoder)
+
+
+@pytest.mark.skipif(prep.torchcodec_decoder() is None,
+                    reason="torchcodec or FFmpeg's libraries not installed")
+def test_both_decoders_give_the_same_pixels(download):
+    for vid in ("1000", "1007"):
+        path = os.path.join(download["videos"], f"{vid}.webm")
+        a, b = prep.decode_video(path, decoder="pyav"), prep.decode_video(path, decoder="torchcodec")
+        assert len(a) == len(b) == 24 and all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 @pytest.mark.skipif(shutil.which("ffmpeg") is None,
