@@ -78,6 +78,35 @@ def atomic_write(path, mode="wb", **open_args):
         raise
 
 
+@contextlib.contextmanager
+def atomic_dir(path):
+    """A temporary folder beside `path` to fill; on leaving the block it is renamed to `path`,
+    so a killed process leaves either no `path` or a complete one (the hidden temp folder is
+    removed on an error here, or by remove_stale_temps after a kill)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temps(folder):
+    """Remove what atomic_write and atomic_dir leave in `folder` when a process is killed
+    mid-write. Only for a folder this process holds (a lock): a live writer's temp goes too."""
+    for name in os.listdir(folder):
+        if re.search(r"\.tmp\.\d+$", name):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+
 def save_atomic(obj, path):
     with atomic_write(path) as f:
         torch.save(obj, f)

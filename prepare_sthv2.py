@@ -34,7 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from PIL import Image
 
-from checkpoint import atomic_write, copy_atomic
+from checkpoint import atomic_dir, atomic_write, copy_atomic, remove_stale_temps
 from dataset_sthv2 import LABEL_FILES, PACKED_INDEX, DataError, FrameIndex, _natural_key
 from runtime import exit_bad_input, progress
 
@@ -179,14 +179,11 @@ def write_frames(vid, path, out, fps, quality, decoder):
     vid, jpegs, reason = video_jpegs(vid, path, fps, quality, 0, "crop", decoder)
     if jpegs is None:
         return vid, 0, reason
-    tmp = os.path.join(out, f".tmp-{vid}-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
     prefix, width, ext = FRAME_PATTERN
-    for k, data in enumerate(jpegs, start=1):
-        with open(os.path.join(tmp, f"{prefix}{k:0{width}d}{ext}"), "wb") as f:
-            f.write(data)
-    os.rename(tmp, os.path.join(out, vid))
+    with atomic_dir(os.path.join(out, vid)) as folder:
+        for k, data in enumerate(jpegs, start=1):
+            with open(os.path.join(folder, f"{prefix}{k:0{width}d}{ext}"), "wb") as f:
+                f.write(data)
     return vid, len(jpegs), None
 
 
@@ -228,9 +225,6 @@ class Progress:
 
 def prepare_frames(videos, out, fps, quality, workers, decoder):
     done = {vid for vid in videos if os.path.isdir(os.path.join(out, vid))}
-    for name in os.listdir(out):                      # a killed run's half-written videos
-        if name.startswith(".tmp-"):
-            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
     todo = [(vid, path) for vid, path in videos.items() if vid not in done]
     unreadable, bar = {}, Progress(len(videos), len(done))
     with pool_of(workers) as pool:
@@ -258,9 +252,6 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
                 sum(lengths) for lengths in s["frames"].values()):
             raise DataError(f"{path} does not match its record in {state}; remove {out} and "
                             f"start again")
-    for name in os.listdir(out):                      # a killed run's half-written shard
-        if name.startswith("shard_") and ".bin.tmp." in name:
-            os.remove(os.path.join(out, name))
     todo = [(vid, path) for vid, path in videos.items() if vid not in done]
     bar = Progress(len(videos), len(done))
     with pool_of(workers) as pool:
@@ -388,6 +379,7 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
         raise DataError(f"{out} already holds a finished packed index; use another --out")
     os.makedirs(os.path.join(out, STATE), exist_ok=True)
     held = lock(out)
+    remove_stale_temps(out)                           # a killed run's half-written output
     check_settings(out, {"mode": mode, "videos": os.path.abspath(videos_dir), "fps": fps,
                          "quality": quality, "image_size": image_size, "resize": resize,
                          "shard_size": shard_size})

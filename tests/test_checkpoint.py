@@ -56,3 +56,20 @@ def test_every_file_writer_goes_through_atomic_write():
         if name.endswith(".py") and name != "checkpoint.py":
             source = open(os.path.join(root, name)).read()
             assert "os.replace(" not in source and ".tmp" not in source, name
+
+
+def test_a_folder_appears_whole_and_a_killed_writers_temps_are_removed(tmp_path):
+    from checkpoint import atomic_dir, remove_stale_temps
+    with atomic_dir(str(tmp_path / "video")) as folder:
+        open(os.path.join(folder, "img_00001.jpg"), "wb").write(b"x")
+        assert not (tmp_path / "video").exists()               # not there until complete
+    assert os.listdir(tmp_path / "video") == ["img_00001.jpg"]
+    with pytest.raises(RuntimeError):
+        with atomic_dir(str(tmp_path / "broken")):
+            raise RuntimeError("decoding failed")
+    assert sorted(os.listdir(tmp_path)) == ["video"]           # no folder, no temp left
+    (tmp_path / "shard_00001.bin.tmp.4242").write_bytes(b"half")   # what kill -9 leaves
+    (tmp_path / ".other.tmp.4242").mkdir()
+    (tmp_path / "keep.tmp").write_bytes(b"a user's file")
+    remove_stale_temps(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["keep.tmp", "video"]

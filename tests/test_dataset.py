@@ -245,7 +245,7 @@ def test_images_over_pils_pixel_limit_are_refused_from_the_header(tmp_path, monk
     assert ds.load_frame(path, 16).shape == (3, 16, 16)
     monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 2000)    # 3000 pixels > the limit
     decoded = []
-    monkeypatch.setattr(ds, "decode_jpeg", lambda *a, **k: decoded.append(1))
+    monkeypatch.setattr(ds, "_jpeg_decode", lambda *a, **k: decoded.append(1))
     with pytest.raises(PILImage.DecompressionBombError, match="60x50 pixels, more than the 2000"):
         ds.load_frame(path, 16)
     assert not decoded                                         # refused before decoding
