@@ -156,6 +156,20 @@ def test_rfid_is_the_frechet_distance_of_scipy():
     assert scorer.fid("a", "a") == pytest.approx(0, abs=1e-6)
 
 
+def test_rfid_of_sets_smaller_than_the_feature_width_equals_piqs():
+    """Fewer images than features (every comparison below thousands of pairs): the low-rank
+    path, against piq's FID (Newton-Schulz square root)."""
+    import piq
+
+    from metrics import frechet_distance
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(12, 256, generator=gen, dtype=torch.float64)
+    y = torch.randn(9, 256, generator=gen, dtype=torch.float64) * 1.3 + 0.2
+    expected = float(piq.FID().compute_metric(x, y))
+    assert frechet_distance(x, y) == pytest.approx(expected, rel=1e-3)
+    assert frechet_distance(x, x) == pytest.approx(0, abs=1e-6)
+
+
 def test_missing_inception_weights_fail_fast_naming_the_file(tmp_path, monkeypatch):
     from metrics import InceptionWeightsMissing, build_inception
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
