@@ -133,11 +133,10 @@ def test_frames_tree_names_unreadable_videos_and_trains_like_extracted_frames(do
         assert filecmp.cmp(tmp_path / "tree" / name, os.path.join(download["labels"], name))
 
     # the same frames, packed: --shards without --image-size == --frames + pack_frames.py
-    shards = run_prepare(download, tmp_path / "shards", "--shards", "-j", "2")
-    assert shards.returncode == 0, shards.stderr[-3000:]
-    packed = run_script("pack_frames.py", "--data-path", str(tmp_path / "tree"), "--out",
-                        str(tmp_path / "packed"), "--index-cache-dir", str(tmp_path / "cache"))
-    assert packed.returncode == 0, packed.stderr[-3000:]
+    from pack_frames import pack
+    prep.prepare(download["videos"], download["labels"], str(tmp_path / "shards"), "shards",
+                 workers=1)
+    pack(str(tmp_path / "tree"), str(tmp_path / "packed"), 2 ** 31, str(tmp_path / "cache"))
     assert filecmp.cmp(tmp_path / "shards" / "shard_00000.bin",
                        tmp_path / "packed" / "shard_00000.bin", shallow=False)
     _, a = FrameIndex.read(str(tmp_path / "shards" / PACKED_INDEX))
@@ -161,8 +160,8 @@ def test_webm_to_training_ready_shards_to_training(download, tmp_path):
 @pytest.mark.parametrize("mode", ["--frames", "--shards"])
 def test_a_killed_run_resumes_to_the_output_of_an_uninterrupted_one(download, tmp_path, mode):
     extra = ["--shard-size-gb", "0.0002"] if mode == "--shards" else []   # ~210 KB shards
-    straight = run_prepare(download, tmp_path / "straight", mode, "-j", "1", *extra)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+    prep.prepare(download["videos"], download["labels"], str(tmp_path / "straight"), mode[2:],
+                 workers=1, shard_size=int(0.0002 * 2 ** 30))
 
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "prepare_sthv2.py", "--videos", download["videos"],
@@ -208,15 +207,27 @@ def test_a_killed_run_resumes_to_the_output_of_an_uninterrupted_one(download, tm
         assert len([n for n in names if n.startswith("shard_")]) >= 3
 
 
-def test_bad_arguments_are_one_line_errors(download, tmp_path):
-    result = run_prepare(download, tmp_path / "x", "--frames", "--image-size", "64")
-    assert result.returncode == 2 and "--image-size applies to --shards" in result.stderr
+def prepare_main(monkeypatch, capsys, *args):
+    """prepare_sthv2.py's main() in this process: (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["prepare_sthv2.py", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        prep.main()
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_bad_arguments_are_one_line_errors(download, tmp_path, monkeypatch, capsys):
+    common = ["--videos", download["videos"], "--labels", download["labels"]]
+    code, err = prepare_main(monkeypatch, capsys, *common, "--out", str(tmp_path / "x"),
+                             "--frames", "--image-size", "64")
+    assert code == 2 and "--image-size applies to --shards" in err
     empty = tmp_path / "no_labels"
     empty.mkdir()
-    result = run_script("prepare_sthv2.py", "--videos", download["videos"], "--labels",
-                        str(empty), "--out", str(tmp_path / "y"), "--frames", "-j", "1")
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --labels")
-    result = run_script("prepare_sthv2.py", "--videos", str(empty), "--labels",
-                        download["labels"], "--out", str(tmp_path / "z"), "--frames")
-    assert result.returncode == 2 and "no .webm videos in" in result.stderr
+    code, err = prepare_main(monkeypatch, capsys, "--videos", download["videos"], "--labels",
+                             str(empty), "--out", str(tmp_path / "y"), "--frames", "-j", "1")
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: --labels {empty} lacks something-something-v2-train.json, "
+        f"something-something-v2-validation.json (SthV2's label download)"]
+    assert not (tmp_path / "y").exists()                          # checked before any work
+    code, err = prepare_main(monkeypatch, capsys, "--videos", str(empty), "--labels",
+                             download["labels"], "--out", str(tmp_path / "z"), "--frames")
+    assert code == 2 and "no .webm videos in" in err
