@@ -10,7 +10,9 @@
 # Exit codes: 0 done, 1 failed, 2 bad input, 75 stopped by a signal after saving (requeue),
 # also through torchrun, which itself reports 1 when its ranks stop.
 set -euo pipefail
-cd "$(dirname "$0")"
+# Paths (the config, --resume, and those inside the config) are the caller's, as with python:
+# the scripts run from here, in the caller's directory.
+repo="$(cd "$(dirname "$0")" && pwd)"
 
 for arg in "$@"; do
     if [[ "$arg" == "-h" || "$arg" == "--help" ]]; then
@@ -19,17 +21,18 @@ for arg in "$@"; do
     fi
 done
 if [[ -z "${PYTHON:-}" ]]; then
-    if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
+    if [[ -x "$repo/.venv/bin/python" ]]; then PYTHON="$repo/.venv/bin/python"; else PYTHON=python3; fi
 fi
 args=("$@")
 if [[ " ${args[*]-} " != *" --config "* && " ${args[*]-} " != *" --config="* ]]; then
-    args=(--config config_vae_sthv2.yaml "${args[@]}")
+    args=(--config "$repo/config_vae_sthv2.yaml" "${args[@]}")
 fi
 
-# Validate the config before launching anything; prints the processes per node and the run
-# directory.
-plan=$("$PYTHON" - "${args[@]}" <<'PY'
+# Validate the config before launching anything; prints the processes per node and, on a line
+# of its own (a name may end in a space), the run directory.
+plan=$(RUN_TRAIN_REPO="$repo" "$PYTHON" - "${args[@]}" <<'PY'
 import argparse, os, sys
+sys.path.insert(0, os.environ["RUN_TRAIN_REPO"])
 import torch
 from config import ConfigError, load_config
 p = argparse.ArgumentParser(add_help=False)
@@ -44,18 +47,19 @@ except ConfigError as e:
 visible = torch.cuda.device_count() if a.device != "cpu" else 0
 want = cfg.trainer_params.gpus
 nproc = 0 if want == 0 else visible if want < 0 else min(want, visible)
-print(os.environ.get("RUN_TRAIN_NPROC") or nproc, cfg.run_dir)
+print(os.environ.get("RUN_TRAIN_NPROC") or nproc)
+print(cfg.run_dir)
 PY
 ) || exit $?
-read -r nproc run_dir <<< "$plan"
+{ read -r nproc; IFS= read -r run_dir; } <<< "$plan"
 
 nnodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-1}}
 if (( nnodes > 1 )) && [[ -z "${SLURM_STEP_ID:-}" ]]; then
     # In the batch script of a multi-node allocation: start one copy of this script per node.
-    exec srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 "$0" "${args[@]}"
+    exec srun --nodes="$nnodes" --ntasks="$nnodes" --ntasks-per-node=1 "$repo/run_train.sh" "${args[@]}"
 fi
 if (( nnodes <= 1 && nproc <= 1 )); then
-    exec "$PYTHON" train_single_gpu.py "${args[@]}"    # its own exit code, 75 included
+    exec "$PYTHON" "$repo/train_single_gpu.py" "${args[@]}"    # its own exit code, 75 included
 fi
 
 if (( nnodes > 1 )); then
@@ -71,7 +75,7 @@ fi
 # torchrun passes to every rank. The ranks save and exit 75, but torchrun then reports 1; the
 # run's stopped.json (written by rank 0 after the save) tells this script to exit 75.
 rm -f "$run_dir/stopped.json"
-setsid "$PYTHON" -m torch.distributed.run "${launch[@]}" train_ddp.py "${args[@]}" &
+setsid "$PYTHON" -m torch.distributed.run "${launch[@]}" "$repo/train_ddp.py" "${args[@]}" &
 child=$!
 forwarded=""
 forward() { if [[ -z "$forwarded" ]]; then forwarded=1; kill -TERM "$child" 2>/dev/null || true; fi; }

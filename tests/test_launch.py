@@ -24,6 +24,19 @@ def test_run_train_sh_trains_in_one_process_without_gpus(demo_data, tmp_path):
     assert (tmp_path / "logs/run/checkpoints/vae_final.pt").exists()
 
 
+def test_run_train_sh_takes_paths_from_where_it_is_called(demo_data, tmp_path):
+    """A SLURM job submitted from its own folder: a relative config, and relative paths in it,
+    are the caller's, as with python train_single_gpu.py."""
+    cfg = tiny_config(demo_data, "logs", **{"trainer_params.max_steps": 2})
+    write_config(tmp_path / "my.yaml", cfg)
+    result = subprocess.run(["bash", os.path.join(ROOT, "run_train.sh"), "--config", "my.yaml",
+                             "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "logs/run/checkpoints/vae_final.pt").exists()
+    assert not os.path.exists(os.path.join(ROOT, "logs", "run"))
+
+
 def test_run_train_sh_checks_the_config_before_launching(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(
         demo_data, str(tmp_path / "logs"), **{"trainer_params.gpus": "all"}))
