@@ -278,7 +278,7 @@ def code_rate(codes, codebook_size):
     p = counts.double() / counts.sum()
     return {"bound_bits": codes.shape[1] * math.log2(codebook_size),
             "code_entropy_bits": sum(math.log2(q["perplexity"]) for q in per_position),
-            "code_entropy_joint_bits": float(-(p * torch.log2(p)).sum()),
+            "code_entropy_joint_bits": float(-(p * torch.log2(p)).sum()) + 0.0,   # not -0.0
             "code_seq_len": int(codes.shape[1]), "distinct_code_sequences": len(counts)}
 
 
