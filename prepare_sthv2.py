@@ -2,7 +2,7 @@
 command.
 
     python prepare_sthv2.py --videos DIR --labels DIR --out DIR --frames [--fps 12] [-j N]
-    python prepare_sthv2.py --videos DIR --labels DIR --out DIR --shards \
+    python prepare_sthv2.py --videos DIR --labels DIR --out DIR [--shards] \
         [--image-size 256 --resize stretch|crop] [--fps 12] [-j N]
 
 --frames writes the frames tree the loader and LAQ's own code read: OUT/<video id>/img_00001.jpg
@@ -409,11 +409,13 @@ def main():
     parser.add_argument("--labels", required=True,
                         help="folder with something-something-v2-{train,validation}.json")
     parser.add_argument("--out", required=True)
-    mode = parser.add_mutually_exclusive_group(required=True)
+    mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--frames", action="store_const", const="frames", dest="mode",
                       help="write OUT/<id>/img_00001.jpg ... (the frames tree)")
     mode.add_argument("--shards", action="store_const", const="shards", dest="mode",
-                      help="write packed shards (pack_frames.py's format)")
+                      help="write packed shards (pack_frames.py's format; the default: a few "
+                           "large files instead of millions of small ones)")
+    parser.set_defaults(mode="shards")
     parser.add_argument("--fps", type=float, default=12.0,
                         help="frames per second kept (SthV2's native rate: 12)")
     parser.add_argument("--image-size", type=int, default=0,
