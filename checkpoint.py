@@ -349,9 +349,16 @@ def resume_point(resume, ckpt_dir, model_params):
     return state
 
 
-def check_same_data(state, data, allow_change):
+def check_same_data(state, data, allow_change, global_batch=None):
     """Refuse to resume on a train split that changed since the checkpoint (frames added or
-    removed change steps per epoch, the schedule and epoch numbering) unless allowed."""
+    removed change steps per epoch, the schedule and epoch numbering) unless allowed, and on
+    another global batch: the position in the epoch is counted in steps of the old one."""
+    saved_batch = ((state.get("config") or {}).get("data_params") or {}).get("train_batch_size")
+    if global_batch is not None and saved_batch is not None and saved_batch != global_batch:
+        raise ConfigError(f"data_params.train_batch_size: the run trained with global batch "
+                          f"{saved_batch} and this resume asks for {global_batch}, which would "
+                          f"re-feed or skip part of the epoch; resume with {saved_batch}, or "
+                          f"start a new run (logging_params.name) from these weights")
     saved = state.get("data")
     if saved is None or saved == data:
         return

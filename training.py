@@ -134,7 +134,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     save = functools.partial(save_checkpoint, trainer, cfg, rt, data=data)
     step, epoch = 0, 0
     if state is not None:
-        ck.check_same_data(state, data, allow_data_change)
+        ck.check_same_data(state, data, allow_data_change, d.train_batch_size)
         try:
             trainer.load_state_dict(state)
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
@@ -142,6 +142,12 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                                      f"this model ({type(err).__name__}: "
                                      f"{str(err).splitlines()[0][:200]})") from None
         step, epoch = state["step"], state["epoch"]
+        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            # the split changed (--allow-data-change): continue at this step's place in an
+            # epoch of the new length, never past an epoch's end (which would never come)
+            epoch = step // steps_per_epoch
+            log.info("%d steps per epoch now (%d in the checkpoint): step %d is in epoch %d",
+                     steps_per_epoch, state["steps_per_epoch"], step, epoch + 1)
         ck.restore_rng(state, rt)
 
     tracker = fixed_images = None

@@ -446,3 +446,33 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
     stopped = int(out.split("stopping on SIGTERM at step ")[1].split(";")[0])
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == stopped
     assert "is acted on within 2 steps" not in out                   # 2 x 1.5 s < 8 s bound
+
+
+def test_a_resume_on_fewer_videos_makes_progress_and_one_on_another_batch_is_refused(
+        demo_data, tmp_path):
+    """Stopped 4 steps into an epoch of 5; with 2 of the 4 train videos gone an epoch has 2
+    steps: the resume used to wait forever for an epoch that had already ended."""
+    import shutil
+
+    from config import ConfigError, config_from_dict
+    from runtime import Runtime
+    from training import train
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    raw = config_dict(str(data), str(tmp_path), "run", **{"trainer_params.max_steps": 4})
+    train(config_from_dict(raw), Runtime())
+    bigger = config_dict(str(data), str(tmp_path), "run", **{
+        "trainer_params.max_steps": 8, "data_params.train_batch_size": 16})
+    with pytest.raises(ConfigError, match="the run trained with global batch 8 and this resume "
+                                          "asks for 16"):
+        train(config_from_dict(bigger), Runtime(), resume="auto")
+    train_ids = [e["id"] for e in json.load(open(data / "something-something-v2-train.json"))]
+    for vid in train_ids[:2]:
+        shutil.rmtree(data / vid)
+    path = write_config(tmp_path / "c.yaml", config_dict(str(data), str(tmp_path), "run", **{
+        "trainer_params.max_steps": 9}))
+    result = run_script(*cli("--config", path, "--resume", "auto", "--allow-data-change")[1:],
+                        timeout=180)                      # a guard against the old endless wait
+    assert result.returncode == 0, result.stderr[-3000:]
+    final = torch.load(tmp_path / "run" / "checkpoints" / "vae_final.pt", weights_only=True)
+    assert final["step"] == 9 and final["steps_per_epoch"] == 2 and final["epoch"] == 4
