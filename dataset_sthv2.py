@@ -52,10 +52,10 @@ def _pick_jpeg_decoder():
             return "torchvision", lambda t: decode_jpeg(t, mode=ImageReadMode.RGB)
         except ImportError:
             pass
-    try:
+    try:                        # a torchcodec that cannot load its libraries raises on import
         from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
         return "torchcodec", torchcodec_decode_jpeg
-    except ImportError:
+    except (ImportError, RuntimeError, OSError):
         return "pil", None
 
 
