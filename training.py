@@ -226,11 +226,12 @@ def warn_stop_latency(window, global_batch, world_size, bound):
     steps = 2 if world_size > 1 else 1
     worst = steps * global_batch / window["images_per_sec"]
     if worst > bound:
-        log.warning("a stop signal is acted on within %d step%s, %.1f s at this step time, more "
+        log.warning("a stop signal is acted on within %d step%s, %.3g s at this step time, more "
                     "than trainer_params.stop_within_s = %g s: send the signal earlier (SLURM "
                     "--signal=B:USR1@SECONDS), give the ranks longer to stop (KillWait; "
                     "torchrun waits 30 s), or make steps shorter", steps, "s" * (steps > 1),
                     worst, bound)
+    return worst > bound
 
 
 def save_checkpoint(trainer, cfg, rt, step, epoch, data, also=None):

@@ -422,8 +422,9 @@ sys.meta_path.insert(0, SlowTrainer)
 def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
         demo_data, tmp_path, sig):
     """2 ranks x 2 workers, 1.5 s steps, the signal to run_train.sh's process group as SLURM
-    sends it: saved and exit 75 within trainer_params.stop_within_s (ranks used to exchange
-    the flag every 10 steps: 15-30 s here)."""
+    sends it: saved and exit 75 within a few steps of the signal, so within seconds here
+    (ranks used to exchange the flag every 10 steps: 15-30 s). Counted in steps, not seconds,
+    so that a slower or busier machine does not fail it."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SLOW_STEPS)
@@ -431,10 +432,10 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
            "PYTHONPATH": str(hook)}
     path = write_config(tmp_path / "run.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{
-            **DDP, "data_params.num_workers": 2, "trainer_params.stop_within_s": 8.0,
-            "trainer_params.max_steps": 200, "trainer_params.max_epochs": 100}))
+            **DDP, "data_params.num_workers": 2, "trainer_params.max_steps": 200,
+            "trainer_params.max_epochs": 100}))
     proc = start(["bash", "run_train.sh", "--config", path, "--device", "cpu"], env=env)
-    wait_for_line(proc, "step 4 ")
+    wait_for_line(proc, "step 4 ")                            # logged after every step
     os.killpg(proc.pid, sig)
     signalled = time.monotonic()
     seen = wait_for_line(proc, "stopping on SIGTERM", timeout=60)
@@ -442,10 +443,9 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
     print(f"{sig.name}: signal to saved checkpoint {latency:.1f} s")
     out = seen + proc.communicate(timeout=120)[0]
     assert proc.returncode == 75, out[-4000:]
-    assert latency < 8.0, (latency, out[-3000:])
     stopped = int(out.split("stopping on SIGTERM at step ")[1].split(";")[0])
+    assert 4 < stopped <= 8, (latency, out[-3000:])   # the step under way, and two to agree
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == stopped
-    assert "is acted on within 2 steps" not in out                   # 2 x 1.5 s < 8 s bound
 
 
 def test_a_resume_on_fewer_videos_makes_progress_and_one_on_another_batch_is_refused(

@@ -228,3 +228,16 @@ def test_progress_bars_show_on_a_terminal_only(demo_data, tmp_path, monkeypatch,
     for name in ("indexing", "training", "validation"):
         assert (f"{name}:" in bars) == terminal, (name, bars[-500:])
     assert "validating on 20 frames" in capsys.readouterr().out
+
+
+def test_a_step_slower_than_stop_within_s_is_announced_once(demo_data, tmp_path, capsys):
+    cfg = config_from_dict(tiny_config(demo_data, str(tmp_path), **{
+        "trainer_params.max_steps": 6, "trainer_params.stop_within_s": 1e-6}))
+    train(cfg, Runtime())
+    captured = capsys.readouterr()
+    out = captured.out + captured.err
+    assert out.count("a stop signal is acted on within 1 step, ") == 1, out[-3000:]
+    assert "more than trainer_params.stop_within_s = 1e-06 s" in out
+    train(config_from_dict(tiny_config(demo_data, str(tmp_path), **{
+        "trainer_params.max_steps": 2, "logging_params.name": "fast"})), Runtime())
+    assert "a stop signal is acted on" not in "".join(capsys.readouterr())   # 20 s default
