@@ -17,13 +17,11 @@ whose image_size or resize differs is refused. A frame that cannot be decoded is
 and reported, by its original name, when training reads it.
 """
 import argparse
-import collections
 import functools
 import io
 import json
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image
@@ -31,7 +29,7 @@ from PIL import Image
 from checkpoint import atomic_write, copy_atomic
 from dataset_sthv2 import (DECODE_ERRORS, LABEL_FILES, PACKED_INDEX, DataError, decode_rgb,
                            load_index, resize_frame)
-from runtime import exit_bad_input, progress
+from runtime import exit_bad_input, ordered_map, process_pool, progress
 
 CHUNK = 256                                   # frames per task of a packing worker
 
@@ -75,22 +73,14 @@ def frame_bytes(index, index_cache_dir, image_size, resize, quality, workers):
                 yield index.read_bytes(v, pos)
         return
     n = len(index)
-    spans = ((i, min(i + CHUNK, n)) for i in range(0, n, CHUNK))
+    spans = (((i, min(i + CHUNK, n)),) for i in range(0, n, CHUNK))
     settings = {"image_size": image_size, "resize": resize, "quality": quality}
-    if workers <= 1:
-        for span in spans:
-            yield from prepare_span(index, span, **settings)
-        return
     work = functools.partial(_prepare_span_in_worker, root=index.root, cache_dir=index_cache_dir,
-                             **settings)
-    with ProcessPoolExecutor(workers) as pool:
-        pending = collections.deque()
-        for span in spans:
-            pending.append(pool.submit(work, span))
-            if len(pending) >= 4 * workers:
-                yield from pending.popleft().result()
-        while pending:
-            yield from pending.popleft().result()
+                             **settings) if workers > 1 else \
+        functools.partial(prepare_span, index, **settings)
+    with process_pool(workers) as pool:
+        for frames in ordered_map(pool, work, spans, 4 * workers):
+            yield from frames
 
 
 def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="crop",

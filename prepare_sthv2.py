@@ -20,8 +20,8 @@ whole (with a record of its videos). A video that cannot be decoded (truncated, 
 frames) is left out and named, with the reason, in OUT/unreadable_videos.txt and the summary.
 """
 import argparse
-import collections
 import fcntl
+import functools
 import io
 import json
 import os
@@ -29,14 +29,13 @@ import re
 import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 from PIL import Image
 
 from checkpoint import atomic_dir, atomic_write, copy_atomic, remove_stale_temps
 from dataset_sthv2 import LABEL_FILES, PACKED_INDEX, DataError, FrameIndex, _natural_key
-from runtime import exit_bad_input, progress
+from runtime import exit_bad_input, ordered_map, process_pool, progress
 
 STATE = ".prepare_sthv2"                 # resume records; the index skips dot-folders
 FRAME_PATTERN = ("img_", 5, ".jpg")
@@ -187,22 +186,6 @@ def write_frames(vid, path, out, fps, quality, decoder):
     return vid, len(jpegs), None
 
 
-def in_order(pool, fn, items, workers, **kwargs):
-    """fn(*item, **kwargs) for each item on the pool, results in item order, at most 4 tasks
-    per worker ahead of the consumer (memory stays bounded for any number of videos)."""
-    if pool is None:
-        for item in items:
-            yield fn(*item, **kwargs)
-        return
-    pending = collections.deque()
-    for item in items:
-        pending.append(pool.submit(fn, *item, **kwargs))
-        if len(pending) >= 4 * workers:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
 class Progress:
     """The bar over videos with frames per second; totals for the summary."""
 
@@ -227,9 +210,9 @@ def prepare_frames(videos, out, fps, quality, workers, decoder):
     done = {vid for vid in videos if os.path.isdir(os.path.join(out, vid))}
     todo = [(vid, path) for vid, path in videos.items() if vid not in done]
     unreadable, bar = {}, Progress(len(videos), len(done))
-    with pool_of(workers) as pool:
-        for vid, frames, reason in in_order(pool, write_frames, todo, workers, out=out, fps=fps,
-                                            quality=quality, decoder=decoder):
+    work = functools.partial(write_frames, out=out, fps=fps, quality=quality, decoder=decoder)
+    with process_pool(workers) as pool:
+        for vid, frames, reason in ordered_map(pool, work, todo, 4 * workers):
             if reason:
                 unreadable[vid] = reason
             bar.update(frames)
@@ -254,9 +237,10 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
                             f"start again")
     todo = [(vid, path) for vid, path in videos.items() if vid not in done]
     bar = Progress(len(videos), len(done))
-    with pool_of(workers) as pool:
-        results = in_order(pool, video_jpegs, todo, workers, fps=fps, quality=quality,
-                           image_size=image_size, resize=resize, decoder=decoder)
+    work = functools.partial(video_jpegs, fps=fps, quality=quality, image_size=image_size,
+                             resize=resize, decoder=decoder)
+    with process_pool(workers) as pool:
+        results = ordered_map(pool, work, todo, 4 * workers)
         pending = next(results, None)
         while pending is not None:                    # one shard of whole videos per round
             record = {"name": f"shard_{len(shards):05d}.bin", "frames": {}, "unreadable": {}}
@@ -312,21 +296,6 @@ def write_packed_index(out, shards, videos, fps, image_size, resize, quality):
                 "decoded_at_fps": fps},
                shard=np.asarray(shard, np.int32), start=np.asarray(start, np.int64),
                length=np.asarray(length, np.int64))
-
-
-class pool_of:
-    """A process pool of `workers`, or None (work in this process) for one worker."""
-
-    def __init__(self, workers):
-        self.workers = workers
-
-    def __enter__(self):
-        self.pool = ProcessPoolExecutor(self.workers) if self.workers > 1 else None
-        return self.pool
-
-    def __exit__(self, *exc):
-        if self.pool:
-            self.pool.shutdown(cancel_futures=True)
 
 
 def check_settings(out, settings):

@@ -5,11 +5,13 @@ Distributed mode is decided once, by train_ddp.py creating the process group; ev
 calls the collectives below, which are no-ops without a group of two or more processes.
 """
 import argparse
+import collections
 import contextlib
 import logging
 import os
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -220,6 +222,36 @@ class StopSignal:
         value, wait = previous
         wait()
         return bool(value.item())
+
+
+@contextlib.contextmanager
+def process_pool(workers):
+    """A pool of `workers` processes, or None (work in this process) for one. Leaving the block
+    cancels what has not started (an error, or Ctrl-C, does not wait for the queue)."""
+    if workers <= 1:
+        yield None
+        return
+    pool = ProcessPoolExecutor(workers)
+    try:
+        yield pool
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def ordered_map(pool, fn, arg_tuples, ahead):
+    """fn(*args) for each args, results in order, at most `ahead` tasks submitted ahead of the
+    consumer, so memory stays bounded however many there are; in this process without a pool."""
+    if pool is None:
+        for args in arg_tuples:
+            yield fn(*args)
+        return
+    pending = collections.deque()
+    for args in arg_tuples:
+        pending.append(pool.submit(fn, *args))
+        if len(pending) >= ahead:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
 
 
 def parse_args(description):
