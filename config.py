@@ -228,11 +228,10 @@ def _try_build(params):
     that a value only the model's constructor checks is a ConfigError before anything is
     written."""
     import torch
-    from models import MODELS
-    kwargs = {k: v for k, v in params.items() if k != "name"}
+    from models import build_model
     try:
         with torch.device("meta"):
-            MODELS[params["name"]](**kwargs)
+            build_model(params)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise ConfigError(f"model_params: {str(e).splitlines()[0]} ({params['name']})") from None
 

@@ -433,12 +433,10 @@ class LatentActionModel(nn.Module):
     def reconstruct(self, x, action_from=None):
         """The predicted future frame in [-1, 1]; with `action_from` (other pairs) the
         current frames are decoded with those pairs' actions instead of their own."""
-        pair01 = (x + 1) / 2
-        emb, tokens = self.encode(pair01)
-        if action_from is not None:
-            tokens = self.encode((action_from + 1) / 2)[1]
-        z, _ = self.bottleneck_latent(self.action_vectors(tokens))
-        return self.decode(emb[:, 0], z) * 2 - 1
+        if action_from is None:
+            return self.evaluate_batch(x)[0]
+        z, _ = self.bottleneck_latent(self.action_vectors(self.encode((action_from + 1) / 2)[1]))
+        return self.decode_latent(x, z)
 
     @torch.no_grad()
     def decode_latent(self, x, latent):
@@ -450,15 +448,12 @@ class LatentActionModel(nn.Module):
     def sample(self, num_samples, device=None, generator=None):
         """Action latents from the prior (nsvq: uniform codes; gaussian: N(0, I)),
         (num_samples, code_seq_len, quant_dim); decode them with decode_latent."""
-        device = device or self.codebook_device()
+        device = device or self.project_out.weight.device
         shape = (num_samples, self.code_seq_len)
         if self.bottleneck == "nsvq":
             codes = torch.randint(self.codebook_size, shape, device=device, generator=generator)
             return self.codebook[codes]
         return torch.randn(*shape, self.quant_dim, device=device, generator=generator)
-
-    def codebook_device(self):
-        return self.project_out.weight.device
 
 
 def gaussian_kl_bits(mu, logvar):

@@ -88,6 +88,18 @@ def test_the_encoder_learns_through_the_bottleneck_without_noise_given(bottlenec
     assert model.project_in.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("bottleneck", ["nsvq", "gaussian"])
+def test_another_pairs_action_changes_the_prediction_and_the_own_one_does_not(bottleneck):
+    """What images/samples shows: the current frames decoded with the next pair's action."""
+    model = small(bottleneck=bottleneck).eval()
+    pair = torch.rand(4, 2, 3, 32, 32) * 2 - 1
+    own = model.reconstruct(pair)
+    assert torch.allclose(model.reconstruct(pair, action_from=pair), own, atol=1e-5)
+    assert not torch.allclose(model.reconstruct(pair, action_from=pair.roll(1, 0)), own,
+                              atol=1e-3)
+    assert torch.equal(own, model.evaluate_batch(pair)[0])
+
+
 def test_refill_schedule_is_laqs():
     expected = set(range(10, 100, 10)) | set(range(100, 1000, 100)) | set(range(500, 5000, 500))
     assert {s for s in range(7000) if refill_steps(s)} == expected
