@@ -227,14 +227,18 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
     rerun continues after the last recorded video. The index is written last."""
     state = os.path.join(out, STATE)
     records = sorted(n for n in os.listdir(state) if n.startswith("shard_"))
-    shards = [json.load(open(os.path.join(state, n))) for n in records]
+    shards = []
+    for name in records:
+        with open(os.path.join(state, name)) as f:
+            shards.append(json.load(f))
     done = {vid for s in shards for vid in list(s["frames"]) + list(s["unreadable"])}
     for k, s in enumerate(shards):                    # a record is written after its shard
         path = os.path.join(out, f"shard_{k:05d}.bin")
-        if s["name"] != os.path.basename(path) or os.path.getsize(path) != sum(
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if s["name"] != os.path.basename(path) or size != sum(
                 sum(lengths) for lengths in s["frames"].values()):
-            raise DataError(f"{path} does not match its record in {state}; remove {out} and "
-                            f"start again")
+            raise DataError(f"{path} is missing or does not match its record in {state}; "
+                            f"remove {out} and start again")
     todo = [(vid, path) for vid, path in videos.items() if vid not in done]
     bar = Progress(len(videos), len(done))
     work = functools.partial(video_jpegs, fps=fps, quality=quality, image_size=image_size,

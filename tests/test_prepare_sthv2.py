@@ -231,3 +231,11 @@ def test_bad_arguments_are_one_line_errors(download, tmp_path, monkeypatch, caps
     code, err = prepare_main(monkeypatch, capsys, "--videos", str(empty), "--labels",
                              download["labels"], "--out", str(tmp_path / "z"), "--frames")
     assert code == 2 and "no .webm videos in" in err
+    state = tmp_path / "w" / prep.STATE                          # a recorded shard gone missing
+    state.mkdir(parents=True)
+    (state / "shard_00000.bin.json").write_text(json.dumps(
+        {"name": "shard_00000.bin", "frames": {"1000": [10, 20]}, "unreadable": {}}))
+    code, err = prepare_main(monkeypatch, capsys, *common, "--out", str(tmp_path / "w"))
+    assert code == 2 and err.strip().splitlines() == [
+        f"error: {tmp_path / 'w' / 'shard_00000.bin'} is missing or does not match its record "
+        f"in {state}; remove {tmp_path / 'w'} and start again"]
