@@ -39,12 +39,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from torchvision.io import decode_jpeg
 
 from config import load_config
-from dataset_sthv2 import (JPEG_DECODER, DataError, PackedFrameIndex, PooledCollate,
-                           SthV2Frames, device_batches, load_index, tree_signature)
-from pack_frames import pack
-from runtime import Runtime, exit_bad_input, pick_device
-from trainer import Trainer
+from dataset_sthv2 import SthV2Frames
+from errors import DataError, run_main
+from frame_files import JPEG_DECODER
+from frame_index import PackedFrameIndex, load_index, tree_signature
+from loaders import PooledCollate, device_batches
 from models import build_model, item_shape
+from pack_frames import pack
+from runtime import Runtime, pick_device
+from trainer import Trainer
 
 # Dense peak TFLOP/s per GPU: (bf16/fp16 tensor cores, tf32 tensor cores). First match wins.
 PEAK_TFLOPS = [("H200", 989.4, 494.7), ("GH200", 989.4, 494.7), ("H100 PCIe", 756.5, 378.0),
@@ -405,15 +408,10 @@ def main():
     laq.add_argument("--rounds", type=int, default=3)
     laq.add_argument("--device", choices=["cpu", "cuda"])
     args = parser.parse_args()
-    from config import ConfigError
-    from laq_loader import LaqError
-    try:
-        result = {"train": bench_train, "data": bench_data, "laq": bench_laq,
-                  "index": bench_index}[args.command](args)
-    except (ConfigError, DataError, LaqError) as e:
-        exit_bad_input(e)
+    result = {"train": bench_train, "data": bench_data, "laq": bench_laq,
+              "index": bench_index}[args.command](args)
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,7 +16,7 @@ frame, with the stretch model's output mapped back onto it). Beside distortion i
 rate (bits per pair), rFID, and with --probe how well each model's latent predicts the action.
 Latent action models trained here (latent_action_model.py, --model, repeatable) are scored as
 extra rows on the same pairs and target: LAQ's shape with a discrete or a continuous action.
-README.md ("Comparing with LAQ") says how to read every output.
+docs/comparison.md says how to read every output.
 """
 import argparse
 import json
@@ -26,20 +26,83 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
+from options import (MATPLOTLIB, SKLEARN, Formatter, add_fid_arguments, add_lpips_arguments,
+                     check_exist, fid_label, lpips_label, require)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser.add_argument("--vae", required=True, help="VAE checkpoint of this project")
+    parser.add_argument("--laq", required=True, help="LAQ checkpoint (any layout LAPA writes)")
+    parser.add_argument("--laq-repo", help="folder containing laq_model/ (LAPA's laq/)")
+    parser.add_argument("--laq-config", help="YAML of LatentActionQuantization arguments")
+    parser.add_argument("--laq-weights", choices=["ema", "online"], default="ema",
+                        help="which weights of an ema-pytorch file (vae.{step}.ema.pt) to load")
+    parser.add_argument("--laq-allow-unused-keys", action="store_true",
+                        help="load a LAQ checkpoint that has keys the model does not use")
+    parser.add_argument("--model", action="append", default=[], metavar="CKPT",
+                        help="a latent action model trained here (LatentActionModel): an extra "
+                             "row on the same pairs; repeatable")
+    parser.add_argument("--laq-train-videos", metavar="FILE",
+                        help="video ids LAQ trained on (one per line, or a SthV2 label JSON): "
+                             "their pairs are left out")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", help="one image, used as both frames (identity clip)")
+    source.add_argument("--frames", nargs=2, metavar=("FIRST", "SECOND"))
+    source.add_argument("--data-path", help="SthV2 frames folder; pairs from --split of the "
+                                            "VAE run's own split (its label files, val_fraction)")
+    parser.add_argument("--split", choices=["val", "train"], default="val",
+                        help="the split of the VAE run the pairs come from")
+    parser.add_argument("--num-pairs", type=int, default=64, help="pairs scored (--data-path)")
+    parser.add_argument("--offset", type=int, default=30, help="frames between the pair (LAPA: 30)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for choosing the pairs")
+    parser.add_argument("--vae-resize", choices=["crop", "stretch"],
+                        help="how the VAE's frames are prepared (default: as it was trained, "
+                             "the checkpoint's data_params.resize)")
+    parser.add_argument("--laq-resize", choices=["crop", "stretch"], default="stretch",
+                        help="how LAQ's frames are prepared (default: stretch, as LAPA trains)")
+    parser.add_argument("--probe", action="store_true",
+                        help="linear probe of the action template (DIR/probe.json)")
+    parser.add_argument("--probe-pairs", type=int, default=500,
+                        help="pairs per split for the probe (train split -> val split)")
+    parser.add_argument("--tensorboard", metavar="DIR", help="also log the figures and means here")
+    parser.add_argument("--index-cache-dir", default="",
+                        help="where the frame index is cached (default: ~/.cache)")
+    parser.add_argument("--batch-size", type=int, default=16, help="pairs per batch")
+    parser.add_argument("--output", required=True, help="folder for the results")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="default: cuda when available")
+    add_lpips_arguments(parser)
+    add_fid_arguments(parser)
+    args = parser.parse_args(argv)
+    if min(args.num_pairs, args.offset, args.batch_size, args.probe_pairs) < 1:
+        parser.error("--num-pairs, --offset, --batch-size and --probe-pairs must be >= 1")
+    if args.probe and not args.data_path:
+        parser.error("--probe needs --data-path (pairs from the train and val splits)")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()     # --help and usage errors answer before torch is imported
+
+# The heavy imports, once the command line is known to be good.
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from checkpoint import CheckpointError, atomic_write
-from config import ConfigError, data_params_of
-from dataset_sthv2 import (DECODE_ERRORS, LABEL_FILES, DataError, build_split, decode_rgb,
-                           read_file, resize_frame)
+from config import data_params_of
+from dataset_sthv2 import build_split
+from errors import CheckpointError, DataError, exit_bad_input, run_main
 from evaluate import load_model, section, write_report
-from laq_loader import LaqError, LaqRunner, load_laq
-from metrics import (CI_METHOD, ImageMetrics, WeightsMissing, add_fid_arguments,
-                     add_lpips_arguments, build_fid, codebook_diagnostics, fid_label,
-                     latent_summary, lpips_label)
-from runtime import exit_bad_input, pick_device, progress
+from files import atomic_write
+from frame_files import DECODE_ERRORS, decode_rgb, read_file, resize_frame
+from labels import LABEL_FILES
+from laq_loader import LaqRunner, load_laq
+from metrics import ImageMetrics, build_fid, codebook_diagnostics, latent_summary
+from parallel import progress
+from runtime import pick_device
+from stats import CI_METHOD
+from vanilla_vae_model import VanillaVAE
 
 FIGURE_ROWS = 8
 OVERLAP_NOTE = ("LAQ's trainer reads every video folder under its data folder: unless LAQ was "
@@ -365,8 +428,9 @@ def probe_features(vae, runner, num_codes, extras, pairs, geometry, batch_size, 
 def probe(args, vae, runner, num_codes, extras, vae_config, geometry, device, templates):
     """Train-split pairs -> val-split pairs linear probe of the action template (probe.py);
     `templates`: {video id: template} as labels_of read them ({} when the files are missing)."""
-    from probe import FeatureCache, read_templates, run_probe
-    if getattr(vae, "noise_dim", 0) == 0 or not hasattr(vae, "encode"):
+    from labels import read_templates
+    from probe import FeatureCache, run_probe
+    if not isinstance(vae, VanillaVAE):           # VanillaVAE, BetaVAE, VAE-GAN
         raise DataError("--probe needs a VAE with a Gaussian posterior (its mean is the feature)")
     d = data_params_of(vae_config, data_path=args.data_path)
     templates = templates or read_templates(d.labels_path or d.data_path)   # names what is missing
@@ -491,55 +555,6 @@ def write_outputs(args, report, rows, examples, kl_per_dim):
                         tb.add_scalar(f"compare/{m}_{name}", s["mean"])
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--vae", required=True, help="VAE checkpoint of this project")
-    parser.add_argument("--laq", required=True, help="LAQ checkpoint (any layout LAPA writes)")
-    parser.add_argument("--laq-repo", help="folder containing laq_model/ (LAPA's laq/)")
-    parser.add_argument("--laq-config", help="YAML of LatentActionQuantization arguments")
-    parser.add_argument("--laq-weights", choices=["ema", "online"], default="ema",
-                        help="which weights of an ema-pytorch file (vae.{step}.ema.pt) to load")
-    parser.add_argument("--laq-allow-unused-keys", action="store_true",
-                        help="load a LAQ checkpoint that has keys the model does not use")
-    parser.add_argument("--model", action="append", default=[], metavar="CKPT",
-                        help="a latent action model trained here (LatentActionModel): an extra "
-                             "row on the same pairs; repeatable")
-    parser.add_argument("--laq-train-videos", metavar="FILE",
-                        help="video ids LAQ trained on (one per line, or a SthV2 label JSON): "
-                             "their pairs are left out")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", help="one image, used as both frames (identity clip)")
-    source.add_argument("--frames", nargs=2, metavar=("FIRST", "SECOND"))
-    source.add_argument("--data-path", help="SthV2 frames folder; pairs from --split of the "
-                                            "VAE run's own split (its label files, val_fraction)")
-    parser.add_argument("--split", choices=["val", "train"], default="val")
-    parser.add_argument("--num-pairs", type=int, default=64)
-    parser.add_argument("--offset", type=int, default=30, help="frames between the pair (LAPA: 30)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for choosing the pairs")
-    parser.add_argument("--vae-resize", choices=["crop", "stretch"],
-                        help="how the VAE's frames are prepared (default: as it was trained, "
-                             "the checkpoint's data_params.resize)")
-    parser.add_argument("--laq-resize", choices=["crop", "stretch"], default="stretch",
-                        help="how LAQ's frames are prepared (default: stretch, as LAPA trains)")
-    parser.add_argument("--probe", action="store_true",
-                        help="linear probe of the action template (DIR/probe.json)")
-    parser.add_argument("--probe-pairs", type=int, default=500,
-                        help="pairs per split for the probe (train split -> val split)")
-    parser.add_argument("--tensorboard", metavar="DIR", help="also log the figures and means here")
-    parser.add_argument("--index-cache-dir", default="")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--output", required=True)
-    parser.add_argument("--device", choices=["cpu", "cuda"])
-    add_lpips_arguments(parser)
-    add_fid_arguments(parser)
-    args = parser.parse_args()
-    if min(args.num_pairs, args.offset, args.batch_size, args.probe_pairs) < 1:
-        parser.error("--num-pairs, --offset, --batch-size and --probe-pairs must be >= 1")
-    if args.probe and not args.data_path:
-        parser.error("--probe needs --data-path (pairs from the train and val splits)")
-    return args
-
-
 RESERVED_NAMES = {"vae", "laq", "pairs", "inputs", "rate", "latent", "rfid", "models", "probe",
                   "checkpoints", "laq_config", "device", "resize", "image_sizes"}
 
@@ -551,7 +566,7 @@ def load_extra_models(paths, device):
     extras, files, views = {}, {}, {}
     for path in paths:
         model, ckpt = load_model(path, device)
-        if not getattr(model, "takes_pairs", False):
+        if not model.takes_pairs:
             raise CheckpointError(f"--model {path}: a {ckpt['config']['model_params']['name']} "
                                   f"checkpoint; --model takes latent action models trained here "
                                   f"(LatentActionModel); a VAE goes to --vae")
@@ -564,18 +579,20 @@ def load_extra_models(paths, device):
     return extras, files, views
 
 
-def main():
-    args = parse_args()
-    try:
-        device = pick_device(args.device, gpus=-1)
-        metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fail fast
-        fid = build_fid(args, device)
-        vae, vae_ckpt = load_model(args.vae, device)
-        extras, extra_files, extra_views = load_extra_models(args.model, device)
-        laq, config, key_report = load_laq(args, device)
-        pairs, inputs = frame_pairs(args, vae_ckpt["config"])
-    except (ConfigError, LaqError, WeightsMissing, CheckpointError, DataError) as e:
-        exit_bad_input(e)
+def main(args):
+    check_exist(args, "--vae", "--laq", "--laq-repo", "--laq-config", "--model", "--image",
+                "--frames", "--data-path", "--laq-train-videos")   # inputs, then weight files
+    require(MATPLOTLIB, *([SKLEARN] if args.probe else []))           # before the hour of work
+    if (args.image or args.frames) and args.fid != "none":
+        args.fid = "none"           # a Frechet distance needs many images, not one pair
+        print("note: rFID is skipped for a single pair (--image / --frames)")
+    device = pick_device(args.device, gpus=-1)
+    metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fail fast
+    fid = build_fid(args, device)
+    vae, vae_ckpt = load_model(args.vae, device)
+    extras, extra_files, extra_views = load_extra_models(args.model, device)
+    laq, config, key_report = load_laq(args, device)
+    pairs, inputs = frame_pairs(args, vae_ckpt["config"])
     vae_config = vae_ckpt["config"]
     geometry = Geometry({
         "vae": (vae_config["model_params"]["image_size"],
@@ -592,7 +609,7 @@ def main():
     skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}
     model_section = lambda m: section({n: [r[f"{m}_{n}"] for r in rows] for n in names},  # noqa: E731
                                       names, skipped)
-    vae_latent = latent_summary(latents["vae"], getattr(vae, "num_embeddings", None))
+    vae_latent = latent_summary(latents["vae"], vae.num_embeddings)
     templates = labels_of(vae_config, args) if args.data_path else {}
     for row in rows:
         row["label"] = templates.get(row["video"], "")
@@ -614,11 +631,8 @@ def main():
     for name, model in extras.items():
         report["rate"][name], report["latent"][name] = model_rate_latent(model, latents[name])
     if args.probe:
-        try:
-            report["probe"] = probe(args, vae, runner, config["codebook_size"], extras,
-                                    vae_config, geometry, device, templates)
-        except DataError as e:
-            exit_bad_input(e)
+        report["probe"] = probe(args, vae, runner, config["codebook_size"], extras, vae_config,
+                                geometry, device, templates)
     report["summary_lines"] = summary_lines(report)
     write_outputs(args, report, rows, examples, (vae_latent or {}).get("kl_per_dim"))
     if inputs.get("note"):
@@ -637,9 +651,9 @@ def labels_of(vae_config, args):
     folder = d.labels_path or d.data_path
     if not all(os.path.isfile(os.path.join(folder, n)) for n in LABEL_FILES.values()):
         return {}
-    from probe import read_templates
+    from labels import read_templates
     return read_templates(folder)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(lambda: main(ARGS))

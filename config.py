@@ -19,9 +19,7 @@ from typing import List, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config problem, phrased as one line that names the key (and file)."""
+from errors import ConfigError
 
 
 class _Loader(yaml.SafeLoader):
@@ -45,69 +43,140 @@ def parse_yaml(text):
 @dataclass
 class DataParams:
     dataset: Literal["sthv2", "celeba"] = "sthv2"
+    """`sthv2` (frames tree or packed shards) or `celeba` (arrays of `prepare_celeba.py`)"""
     data_path: str = ""
+    """SthV2: the frames tree (`<video_id>/img_00001.jpg`) or a folder of packed shards;
+    CelebA: the folder of `prepare_celeba.py`'s arrays. Must exist"""
     image_size: int = 256
-    resize: Literal["crop", "stretch"] = "crop"   # centre square, or the whole frame squeezed
-                                        # to a square (what LAQ trains on)
-    train_batch_size: int = 64          # global: split across all ranks
-    val_batch_size: int = 64            # global
-    num_workers: int = 4                # per rank
+    """each frame is resized to this square"""
+    resize: Literal["crop", "stretch"] = "crop"
+    """`crop`: the centre square of each frame; `stretch`: the whole frame squeezed to a
+    square, as LAQ is trained (`config_vae_sthv2.yaml` uses it). Recorded in the checkpoint;
+    `evaluate.py` and `compare_with_laq.py` feed the model the same way. SthV2 only"""
+    train_batch_size: int = 64
+    """**global** training batch; must divide by the number of processes"""
+    val_batch_size: int = 64
+    """global validation batch"""
+    num_workers: int = 4
+    """DataLoader workers per process"""
     pin_memory: bool = True
-    labels_path: str = ""               # folder with the SthV2 label JSONs; "" = data_path
-    val_fraction: float = 0.05          # used only when no label JSONs are found
+    """pinned host memory (GPU only)"""
+    labels_path: str = ""
+    """folder with the SthV2 label JSONs; "" = `data_path`"""
+    val_fraction: float = 0.05
+    """validation share when no label files are found"""
     frame_stride: int = 1
-    frame_offset: int = 0               # > 0: (frame t, frame min(t + offset, last)) pairs, as
-                                        # LAQ trains (latent action models); 0: single frames
-    index_cache_dir: str = ""           # "" = $XDG_CACHE_HOME/sthv2_frame_index
+    """use every n-th frame of each video (SthV2 neighbours are near duplicates)"""
+    frame_offset: int = 0
+    """0: single frames. > 0 (latent action models, required there): items are (frame t, frame
+    min(t + offset, last)) pairs, the second clamped to the video's last frame as LAQ's loader
+    does (LAPA: 30 at 12 fps)"""
+    index_cache_dir: str = ""
+    """where the frame index is cached; "" = `$XDG_CACHE_HOME/sthv2_frame_index`"""
     prefetch_factor: int = 4
-    worker_timeout: int = 600           # seconds a worker may take for a batch; 0 = no limit
+    """batches prefetched per worker"""
+    worker_timeout: int = 600
+    """seconds a DataLoader worker may take for one batch before the run stops with a one-line
+    error (a hung file read); 0 = wait forever"""
 
 
 @dataclass
 class ExpParams:
     LR: float = 1e-4
+    """learning rate"""
     weight_decay: float = 0.0
-    scheduler_gamma: float = 0.95       # ExponentialLR factor, applied once per epoch
+    """weight decay (decoupled with `adamw`)"""
+    scheduler_gamma: float = 0.95
+    """ExponentialLR factor, applied once per epoch"""
     kld_weight: float = 1e-4
+    """weight of the KL term (see The model)"""
     max_grad_norm: float = 1.0
+    """gradient clipping norm, 0 = off; must equal `trainer_params.gradient_clip_val`"""
     optimizer: Literal["adam", "adamw"] = "adam"
-    warmup_steps: int = 0               # linear LR warm-up from 0
-    hflip: bool = False                 # random horizontal flips of training frames
+    """`adam` or `adamw` (fused on GPU)"""
+    warmup_steps: int = 0
+    """linear learning-rate warm-up steps"""
+    hflip: bool = False
+    """random horizontal flips of training frames"""
     seed: int = 42
+    """initial weights, data order, noise"""
 
 
 @dataclass
 class TrainerParams:
-    gpus: int = -1                      # -1 = every visible GPU, 0 = CPU
+    """A step whose gradient is not finite (a non-finite loss makes it so) is skipped (no
+    update, decided on the device from the rank-averaged gradient, so every rank skips the
+    same steps), counted and logged at the next log step (`train/nonfinite_skipped`); once
+    `max_nonfinite_steps` in a row have been seen, the run writes a checkpoint and stops with an
+    error naming the step. Steps are never waited for in between: losses, gradient norms and
+    these counts are read at log steps only."""
+
+    gpus: int = -1
+    """GPUs per node for `run_train.sh`: -1 all visible, 0 CPU, N at most N"""
     max_epochs: int = 200
-    max_steps: int = 0                  # 0 = no limit
+    """epochs"""
+    max_steps: int = 0
+    """stop after this many optimizer steps; 0 = no limit"""
     gradient_clip_val: float = 1.0
+    """same as `exp_params.max_grad_norm` (both kept for compatibility with the original
+    config)"""
     check_val_every_n_epoch: int = 1
-    limit_val_batches: int = 0          # 0 = the whole validation split
+    """validation frequency (and always at the end)"""
+    limit_val_batches: int = 0
+    """validate on this many evenly spread global batches; 0 = the whole split"""
     log_every_n_steps: int = 50
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"   # GPU only; CPU trains in fp32
+    """scalar logging frequency"""
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """`bf16`, `fp16` (with a grad scaler) or `fp32` autocast on GPU; CPU runs fp32. VAE-GAN
+    refuses `fp16`: its three updates follow its equilibrium rules, which a grad scaler's own
+    step skipping would break"""
     sync_batchnorm: bool = False
-    compile: bool = True                # torch.compile the model (GPU only)
-    channels_last: bool = True          # channels-last memory format (GPU only)
+    """BatchNorm statistics over all processes (torch's SyncBatchNorm on GPU)"""
+    compile: bool = True
+    """`torch.compile` the model on GPU; a model that fails to compile stops the run with
+    torch's error (set `false` to train eagerly). Ignored on CPU"""
+    channels_last: bool = True
+    """channels-last memory format on GPU; ignored on CPU"""
     deterministic: bool = False
-    max_nonfinite_steps: int = 20       # stop after this many non-finite steps in a row
-    stop_within_s: float = 20.0         # warn when a stop signal can take longer to act on
-                                        # (2 steps under DDP, 1 alone; torchrun waits 30 s)
+    """`torch.use_deterministic_algorithms(True)`, no cuDNN autotuning"""
+    max_nonfinite_steps: int = 20
+    """stop after this many non-finite steps in a row"""
+    stop_within_s: float = 20.0
+    """warn when a stop signal could take longer than this to act on (two steps under DDP, one
+    alone, at the measured step time)"""
 
 
 @dataclass
 class LoggingParams:
+    """`wandb: true` mirrors every TensorBoard scalar and image to a Weights & Biases run
+    (rank 0 only; `pip install wandb==0.31.0`), with `trainer/step` as every chart's x axis.
+    The run's W&B id is kept in `RUN_DIR/wandb_run_id`, so `--resume` continues the same W&B
+    run. Compute nodes without internet: `wandb_mode: offline` (or `WANDB_MODE=offline`); the
+    run is written under `RUN_DIR/wandb/` and uploaded later from a login node with
+    `wandb sync RUN_DIR/wandb/offline-run-*`."""
+
     save_dir: str = "logs_vae"
+    """root of run directories"""
     name: str = "VanillaVAE_sthv2"
+    """run directory name"""
     save_every_n_steps: int = 5000
+    """checkpoint frequency"""
     log_images_every_n_steps: int = 5000
-    keep_last_checkpoints: int = 3      # step_*.pt files kept; 0 = keep all
+    """image grid frequency (and at the end)"""
+    keep_last_checkpoints: int = 3
+    """`step_*.pt` files kept; 0 = all"""
     num_image_samples: int = 8
-    wandb: bool = False                 # also log to Weights & Biases (optional package)
+    """images per grid"""
+    wandb: bool = False
+    """also log to Weights & Biases (see below)"""
     wandb_project: str = "vae-sthv2"
-    wandb_entity: str = ""              # "" = your default entity
-    wandb_run_name: str = ""            # "" = logging_params.name
-    wandb_mode: Literal["", "online", "offline", "disabled"] = ""   # "" = $WANDB_MODE or online
+    """W&B project"""
+    wandb_entity: str = ""
+    """W&B entity (team or user); "" = your default"""
+    wandb_run_name: str = ""
+    """W&B run name; "" = `name`"""
+    wandb_mode: Literal["", "online", "offline", "disabled"] = ""
+    """online, offline or disabled; "" = `$WANDB_MODE`, else online"""
 
 
 @dataclass
@@ -231,7 +300,7 @@ def _try_build(params):
     from models import build_model
     try:
         with torch.device("meta"):
-            build_model(params)
+            return build_model(params)
     except (ValueError, TypeError, ZeroDivisionError) as e:
         raise ConfigError(f"model_params: {str(e).splitlines()[0]} ({params['name']})") from None
 
@@ -296,9 +365,6 @@ def _validate(cfg, world_size, check_paths=True):
     need(e.max_grad_norm == t.gradient_clip_val, "exp_params.max_grad_norm",
          f"{e.max_grad_norm} disagrees with trainer_params.gradient_clip_val "
          f"{t.gradient_clip_val}; both set the gradient clipping norm (0 = off)")
-    need(not (m.get("name") == "VAEGAN" and t.precision == "fp16"), "trainer_params.precision",
-         "fp16 is not available for VAEGAN: its three updates follow its equilibrium rules, "
-         "which a grad scaler's own skipping would break; use bf16 or fp32")
     need(t.gpus >= -1, "trainer_params.gpus", f"must be -1 (all), 0 (CPU) or a count, got {t.gpus}")
     for key in ("max_epochs", "check_val_every_n_epoch", "log_every_n_steps",
                 "max_nonfinite_steps"):
@@ -344,7 +410,13 @@ def config_from_dict(raw, world_size=1, check_paths=True):
     cfg = Config(model_params=_build_model_params(raw["model_params"]),
                  **{s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()})
     _validate(cfg, world_size, check_paths)
-    _try_build(cfg.model_params)                 # what only the model's constructor checks
+    model = _try_build(cfg.model_params)         # what only the model's constructor checks
+    groups = model.optimizer_groups()
+    if len(groups) > 1 and cfg.trainer_params.precision == "fp16":
+        raise ConfigError(
+            f"trainer_params.precision: fp16 is not available for {cfg.model_params['name']}: "
+            f"its {len(groups)} updates ({', '.join(groups)}) follow its own rules, which a "
+            f"grad scaler's own skipping would break; use bf16 or fp32")
     return cfg
 
 

@@ -16,21 +16,63 @@ import os
 import sys
 import time
 
+from options import (Formatter, add_fid_arguments, add_lpips_arguments, check_exist, fid_label,
+                     lpips_label)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="a checkpoint of this project, a model folder saved by pythae, "
+                             "or hf:OWNER/NAME[@REVISION] (a pythae model on the Hugging Face "
+                             "Hub, from its local cache or downloaded)")
+    parser.add_argument("--output", required=True, help="folder for the results")
+    parser.add_argument("--data-path", help="default: data_params.data_path of the checkpoint")
+    parser.add_argument("--dataset", choices=["sthv2", "images", "celeba"], default="sthv2",
+                        help="SthV2 frames, a folder of images, or prepare_celeba.py arrays")
+    parser.add_argument("--split", choices=["val", "train"], default="val", help="which split")
+    parser.add_argument("--max-images", type=int, default=0,
+                        help="evenly spaced subset of the split (0 = all)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch")
+    parser.add_argument("--workers", type=int, default=2, help="data loading processes")
+    add_lpips_arguments(parser)
+    add_fid_arguments(parser)
+    parser.add_argument("--num-samples", type=int, default=64,
+                        help="prior samples for generation self-consistency (0 = skip)")
+    parser.add_argument("--save-reconstructions", action="store_true",
+                        help="also write every input and reconstruction as PNG files")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="load a pythae folder's pickled encoder/decoder (trusted files only)")
+    parser.add_argument("--device", choices=["cpu", "cuda"],
+                        help="default: cuda when available")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1 or args.max_images < 0 or args.num_samples < 0 or args.workers < 0:
+        parser.error("--batch-size must be >= 1; --max-images, --num-samples, --workers >= 0")
+    return args
+
+
+if __name__ == "__main__":
+    ARGS = parse_args()     # --help and usage errors answer before torch is imported
+
+# The heavy imports, once the command line is known to be good.
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 
-from checkpoint import CheckpointError, atomic_write, load_checkpoint
-from config import ConfigError, data_params_of
-from dataset_sthv2 import DataError, ImageFiles, build_split
-from metrics import (CI_METHOD, SSIM_SETTINGS, ImageMetrics, WeightsMissing, add_fid_arguments,
-                     add_lpips_arguments, build_fid, fid_label, latent_summary, lpips_label,
-                     summarize)
+from checkpoint import load_checkpoint
+from config import data_params_of
+from dataset_sthv2 import build_split
+from errors import CheckpointError, DataError, exit_bad_input, run_main
+from files import atomic_write
+from image_datasets import ImageFiles
+from metrics import SSIM_SETTINGS, ImageMetrics, build_fid, latent_summary
 from models import build_model
-from runtime import exit_bad_input, pick_device, progress
-from pythae_adapter import PythaeError, is_pythae_source, load_pythae
+from parallel import progress
+from pythae_adapter import is_pythae_source, load_pythae
+from runtime import pick_device
+from stats import CI_METHOD, summarize
 
 GRID_IMAGES = 8
 
@@ -147,7 +189,7 @@ def evaluate(model, dataset, positions, metrics, args, device, fid=None):
             if args.save_reconstructions:
                 save_png(images[k], os.path.join(recon_dir, f"{i:06d}_input.png"))
                 save_png(to_uint8(recon01[k]), os.path.join(recon_dir, f"{i:06d}_recon.png"))
-    latent = latent_summary(latent_batches, getattr(model, "num_embeddings", None))
+    latent = latent_summary(latent_batches, model.num_embeddings)
     return rows, latent, grid, unreadable
 
 
@@ -175,8 +217,12 @@ def print_table(report):
               f"[{s['ci95'][0]:.4f}, {s['ci95'][1]:.4f}]{note}")
 
     base = report["baseline_mean_colour"]["psnr"]
+    titles = {"reconstruction": "reconstruction (the model's output against its input)",
+              "generation": "generation self-consistency (prior samples against their own "
+                            "reconstruction: a sample the model can re-encode scores high; not "
+                            "a measure of reconstruction)"}
     for title in ("reconstruction", "generation"):
-        print(f"-- {title}")
+        print(f"-- {titles[title]}")
         for name, s in report[title].items():
             if name != "not_applicable" and s is not None and s["mean"] is not None:
                 row(name, s)
@@ -199,55 +245,24 @@ def print_table(report):
               f"perplexity {lat['perplexity']:.1f}")
 
 
-def parse_args():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True,
-                        help="a checkpoint of this project, a model folder saved by pythae, "
-                             "or hf:OWNER/NAME[@REVISION] (a pythae model on the Hugging Face "
-                             "Hub, from its local cache or downloaded)")
-    parser.add_argument("--output", required=True, help="folder for the results")
-    parser.add_argument("--data-path", help="default: data_params.data_path of the checkpoint")
-    parser.add_argument("--dataset", choices=["sthv2", "images", "celeba"], default="sthv2")
-    parser.add_argument("--split", choices=["val", "train"], default="val")
-    parser.add_argument("--max-images", type=int, default=0,
-                        help="evenly spaced subset of the split (0 = all)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
-    add_lpips_arguments(parser)
-    add_fid_arguments(parser)
-    parser.add_argument("--num-samples", type=int, default=64,
-                        help="prior samples for generation self-consistency (0 = skip)")
-    parser.add_argument("--save-reconstructions", action="store_true")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="load a pythae folder's pickled encoder/decoder (trusted files only)")
-    parser.add_argument("--device", choices=["cpu", "cuda"])
-    args = parser.parse_args()
-    if args.batch_size < 1 or args.max_images < 0 or args.num_samples < 0 or args.workers < 0:
-        parser.error("--batch-size must be >= 1; --max-images, --num-samples, --workers >= 0")
-    return args
-
-
-def main():
-    args = parse_args()
-    try:
-        device = pick_device(args.device, gpus=-1)
-        metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
-        fid = build_fid(args, device)
-        if is_pythae_source(args.checkpoint):
-            model, config = load_pythae(args.checkpoint, device, args.allow_pickle)
-            ckpt = {"config": config, "step": None}
-        else:
-            model, ckpt = load_model(args.checkpoint, device)
-            if getattr(model, "takes_pairs", False):
-                raise CheckpointError(
-                    f"{args.checkpoint} is a {ckpt['config']['model_params']['name']}: it "
-                    f"predicts a future frame from a frame pair, not an image from itself; "
-                    f"score it with compare_with_laq.py --model {args.checkpoint}")
-        image_size = ckpt["config"]["model_params"]["image_size"]
-        args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
-        dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
-    except (ConfigError, WeightsMissing, CheckpointError, DataError, PythaeError) as e:
-        exit_bad_input(e)                             # nothing was evaluated
+def main(args):
+    check_exist(args, "--checkpoint", "--data-path")      # inputs first, then weight files
+    device = pick_device(args.device, gpus=-1)
+    metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fails fast
+    fid = build_fid(args, device)
+    if is_pythae_source(args.checkpoint):
+        model, config = load_pythae(args.checkpoint, device, args.allow_pickle)
+        ckpt = {"config": config, "step": None}
+    else:
+        model, ckpt = load_model(args.checkpoint, device)
+        if model.takes_pairs:
+            raise CheckpointError(
+                f"{args.checkpoint} is a {ckpt['config']['model_params']['name']}: it "
+                f"predicts a future frame from a frame pair, not an image from itself; "
+                f"score it with compare_with_laq.py --model {args.checkpoint}")
+    image_size = ckpt["config"]["model_params"]["image_size"]
+    args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
+    dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
     positions = list(range(len(dataset)))
     if args.max_images and args.max_images < len(positions):
         positions = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, args.max_images)})
@@ -284,7 +299,7 @@ def main():
               "rfid": {"value": fid.fid("input", "recon") if fid else None,
                        "images": len(rows), "backbone": fid_label(args)},
               "images_per_sec": len(rows) / seconds}
-    if args.num_samples and getattr(model, "cannot_sample", None):
+    if args.num_samples and model.cannot_sample:
         report["generation"] = {"not_applicable": {"all": model.cannot_sample}}
     elif args.num_samples:
         generated, samples = generation_consistency(model, metrics, args.num_samples,
@@ -307,4 +322,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(lambda: main(ARGS))

@@ -14,6 +14,8 @@ import sys
 
 import torch
 
+from errors import run_main
+
 
 def lpips_weights():
     from torchvision.models import AlexNet_Weights, VGG16_Weights
@@ -51,4 +53,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

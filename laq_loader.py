@@ -18,17 +18,14 @@ import torch
 import yaml
 from torch.overrides import TorchFunctionMode
 
-from checkpoint import CheckpointError, load_checkpoint
+from checkpoint import load_checkpoint
+from errors import CheckpointError, LaqError
 
 # LAPA's SthV2 hyperparameters for LatentActionQuantization (--laq-config overrides them).
 LAPA_LAQ_CONFIG = {"dim": 1024, "quant_dim": 32, "codebook_size": 8, "image_size": 256,
                    "patch_size": 32, "spatial_depth": 8, "temporal_depth": 8, "dim_head": 64,
                    "heads": 16, "code_seq_len": 4}
 CODE_SEQ_LENS = (1, 2, 4, 16, 64, 256)
-
-
-class LaqError(RuntimeError):
-    """LAQ's code or checkpoint cannot be used (one line that says why and what to do)."""
 
 
 # --- loading LAQ from the user's checkout ----------------------------------------------

@@ -18,7 +18,7 @@ the action tokens, predicts the future frame (MSE on [0, 1] pixels, as LAQ). The
   (default 12 = 4 codes x log2(8), LAQ's bound at LAPA's settings) by a capacity term
   rate_weight * |KL - C| or by a Lagrange multiplier updated every step (`rate_control`).
 
-Everything is written for this project from the architecture LAQ publishes; README.md says
+Everything is written for this project from the architecture LAQ publishes; docs/latent_actions.md says
 where the two differ. Inside the model pixels are in [0, 1] as LAQ's; the training loop's
 [-1, 1] images are mapped on the way in and out.
 """
@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import all_reduce, all_reduce_mean
+from autoencoder import Autoencoder
+from collectives import all_reduce, all_reduce_mean
 
 CODE_GRIDS = {1: (1, 1), 2: (2, 1), 4: (2, 2), 16: (4, 4), 64: (8, 8), 256: (16, 16)}
 # LAQ's own conv stacks (kernel, stride, padding) for the patch grids it was written for
@@ -207,7 +208,7 @@ class PositionBias(nn.Module):
 
 # --- the model --------------------------------------------------------------------------------
 
-class LatentActionModel(nn.Module):
+class LatentActionModel(Autoencoder):
     """LAQ's shape with a `nsvq` (discrete) or `gaussian` (continuous) action bottleneck."""
 
     takes_pairs = True                  # items are (current, future) frame pairs
@@ -334,7 +335,7 @@ class LatentActionModel(nn.Module):
         z = mu if noise is None else mu + noise.view_as(mu).to(mu.dtype) * torch.exp(0.5 * logvar)
         return z, {"mu": mu, "logvar": logvar}
 
-    # --- the training interface (models.AutoencoderModel) ---
+    # --- the training interface (autoencoder.Autoencoder) ---
 
     def forward(self, x, noise=None):
         """Pairs (B, 2, C, S, S) in [-1, 1] -> (prediction, target) in [0, 1] and the

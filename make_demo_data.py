@@ -18,7 +18,8 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from checkpoint import atomic_write
+from errors import run_main
+from files import atomic_write
 
 HEIGHT = 240
 WEBM_VIDEOS = "20bn-something-something-v2"          # the folder SthV2's download unpacks to
@@ -193,4 +194,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -23,18 +23,14 @@ import math
 import os
 import warnings
 
-import numpy as np
 import piq
 import torch
 import torch.nn.functional as F
 
+from errors import WeightsMissing
+
 SSIM_SETTINGS = {"kernel_size": 11, "kernel_sigma": 1.5, "k1": 0.01, "k2": 0.03,
                  "downsample": False, "data_range": 1.0}
-CI_METHOD = "bootstrap percentile, 2000 resamples of images, seed 0"
-
-
-class WeightsMissing(RuntimeError):
-    """Pretrained weights are not on disk, and downloading them would hang offline."""
 
 
 class LpipsWeightsMissing(WeightsMissing):
@@ -195,56 +191,9 @@ class ImageMetrics:
                 for k in (names or self.names)}
 
 
-def add_lpips_arguments(parser):
-    parser.add_argument("--lpips-net", choices=["alex", "vgg", "none"], default="alex")
-    parser.add_argument("--lpips-random-backbone", action="store_true",
-                        help="untrained LPIPS backbone: tests the pipeline offline; the LPIPS "
-                             "numbers are then meaningless and metrics.json says so")
-
-
-def add_fid_arguments(parser):
-    parser.add_argument("--fid", choices=["inception", "none"], default="inception",
-                        help="rFID with the FID Inception-v3 (weights: fetch_weights.py --fid)")
-    parser.add_argument("--fid-random-backbone", action="store_true",
-                        help="untrained Inception: tests the pipeline offline; rFID values are "
-                             "then meaningless and metrics.json says so")
-
-
 def build_fid(args, device):
     """FidFeatures for --fid inception, or None for --fid none (fails fast on missing weights)."""
     return None if args.fid == "none" else FidFeatures(device, args.fid_random_backbone)
-
-
-def fid_label(args):
-    """How rFID was computed, for metrics.json."""
-    if args.fid == "none":
-        return "skipped with --fid none"
-    return "inception" + (" (random backbone at 96 px: rFID values meaningless)"
-                          if args.fid_random_backbone else "")
-
-
-def lpips_label(args):
-    """How LPIPS was computed, for metrics.json."""
-    return args.lpips_net + (" (random backbone: LPIPS values meaningless)"
-                             if args.lpips_random_backbone and args.lpips_net != "none" else "")
-
-
-def summarize(values, resamples=2000, seed=0):
-    """mean, std (ddof 1) and a 95% bootstrap percentile interval of the mean."""
-    v = np.asarray(values, dtype=np.float64)
-    v = v[np.isfinite(v)]
-    if len(v) == 0:
-        return {"mean": None, "std": None, "ci95": None, "n": 0}
-    if len(v) == 1:
-        return {"mean": float(v[0]), "std": 0.0, "ci95": [float(v[0])] * 2, "n": 1}
-    rng = np.random.default_rng(seed)
-    means = np.empty(resamples)
-    for start in range(0, resamples, 200):       # bounded memory for large n
-        idx = rng.integers(0, len(v), size=(min(200, resamples - start), len(v)))
-        means[start:start + len(idx)] = v[idx].mean(1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)),
-            "ci95": [float(lo), float(hi)], "n": int(len(v))}
 
 
 def latent_diagnostics(mu, logvar, active_threshold=0.01):

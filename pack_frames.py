@@ -11,7 +11,7 @@ data_params.data_path at OUT: the dataset, splits and frame pairs work the same 
 opens tens of files instead of millions.
 
 Without --image-size every frame is copied byte for byte. With it the shards are training-ready:
-each frame is decoded, resized as training does (dataset_sthv2.resize_frame) and stored as a
+each frame is decoded, resized as training does (frame_files.resize_frame) and stored as a
 JPEG of that size, so a loader worker only decodes a small JPEG and never resizes; a config
 whose image_size or resize differs is refused. A frame that cannot be decoded is stored empty
 and reported, by its original name, when training reads it.
@@ -26,10 +26,12 @@ import time
 import numpy as np
 from PIL import Image
 
-from checkpoint import atomic_write, copy_atomic
-from dataset_sthv2 import (DECODE_ERRORS, LABEL_FILES, PACKED_INDEX, DataError, decode_rgb,
-                           load_index, resize_frame)
-from runtime import exit_bad_input, ordered_map, process_pool, progress
+from errors import DataError, run_main
+from files import atomic_write, copy_atomic
+from frame_files import DECODE_ERRORS, decode_rgb, resize_frame
+from frame_index import PACKED_INDEX, load_index
+from labels import LABEL_FILES
+from parallel import ordered_map, process_pool, progress
 
 CHUNK = 256                                   # frames per task of a packing worker
 
@@ -147,15 +149,11 @@ def main():
     if args.image_size < 0 or not 1 <= args.quality <= 100 or args.workers < 1:
         parser.error("--image-size must be >= 0, --quality in 1..100, -j >= 1")
     start = time.perf_counter()
-    try:
-        report = pack(args.data_path, args.out, int(args.shard_size_gb * 2 ** 30),
-                      args.index_cache_dir, args.image_size, args.resize, args.quality,
-                      args.workers)
-    except DataError as e:
-        exit_bad_input(e)
+    report = pack(args.data_path, args.out, int(args.shard_size_gb * 2 ** 30),
+                  args.index_cache_dir, args.image_size, args.resize, args.quality, args.workers)
     report["seconds"] = round(time.perf_counter() - start, 1)
     print(json.dumps(report))
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -30,14 +30,15 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from checkpoint import atomic_write
-from runtime import exit_bad_input, progress
+from errors import ReportedError, run_main
+from files import atomic_write
+from parallel import progress
 
 SPLITS = {"train": {0}, "valid": {1}, "test": {2}, "valid+test": {1, 2}}
 EXPECTED = {0: 162770, 1: 19867, 2: 19962}
 
 
-class PrepareError(RuntimeError):
+class PrepareError(ReportedError):
     """The inputs cannot be prepared (one line that says why)."""
 
 
@@ -229,10 +230,7 @@ def main():
     args = parser.parse_args()
     if min(args.image_size, args.crop, args.workers, args.chunk_size) < 1:
         parser.error("--image-size, --crop, -j and --chunk-size must be positive")
-    try:
-        report = prepare(args)
-    except PrepareError as e:
-        exit_bad_input(e)
+    report = prepare(args)
     for split, info in report["splits"].items():
         print(f"{split}: {info['images']} images {info['shape']}, {len(info['skipped'])} skipped "
               f"(official split size {info['official_count']})")
@@ -241,4 +239,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

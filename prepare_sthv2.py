@@ -33,9 +33,11 @@ import time
 import numpy as np
 from PIL import Image
 
-from checkpoint import atomic_dir, atomic_write, copy_atomic, remove_stale_temps
-from dataset_sthv2 import LABEL_FILES, PACKED_INDEX, DataError, FrameIndex, _natural_key
-from runtime import exit_bad_input, ordered_map, process_pool, progress
+from errors import DataError, run_main
+from files import atomic_dir, atomic_write, copy_atomic, remove_stale_temps
+from frame_index import FrameIndex, PACKED_INDEX, natural_key
+from labels import LABEL_FILES
+from parallel import ordered_map, process_pool, progress
 
 STATE = ".prepare_sthv2"                 # resume records; the index skips dot-folders
 FRAME_PATTERN = ("img_", 5, ".jpg")
@@ -89,7 +91,7 @@ def list_videos(folder):
     if not found:
         raise DataError(f"no .webm videos in {folder} (SthV2's download unpacks to "
                         f"20bn-something-something-v2/<id>.webm)")
-    return {vid: found[vid] for vid in sorted(found, key=_natural_key)}
+    return {vid: found[vid] for vid in sorted(found, key=natural_key)}
 
 
 def pick_frames(count, native_fps, fps):
@@ -151,11 +153,11 @@ def _torchcodec_frames(path):
 
 def encode_jpeg(rgb, quality, image_size=0, resize="crop"):
     """JPEG bytes of an (H, W, 3) uint8 frame, resized as training resizes (with
-    image_size, as dataset_sthv2.resize_frame) and stored 4:4:4, as pack_frames.py does."""
+    image_size, as frame_files.resize_frame) and stored 4:4:4, as pack_frames.py does."""
     if image_size:
         import torch
 
-        from dataset_sthv2 import resize_frame
+        from frame_files import resize_frame
         rgb = resize_frame(torch.from_numpy(rgb).permute(2, 0, 1), image_size, resize)
         rgb = rgb.permute(1, 2, 0).numpy()
     out = io.BytesIO()
@@ -363,7 +365,7 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
                                                   shard_size, image_size, resize, decoder)
     copy_labels(labels, out)
     with atomic_write(os.path.join(out, UNREADABLE), "w") as f:
-        f.writelines(f"{vid}\t{unreadable[vid]}\n" for vid in sorted(unreadable, key=_natural_key))
+        f.writelines(f"{vid}\t{unreadable[vid]}\n" for vid in sorted(unreadable, key=natural_key))
     held.close()
     shutil.rmtree(os.path.join(out, STATE))           # finished: nothing left to resume
     seconds = bar.elapsed()
@@ -411,12 +413,9 @@ def main():
     if args.image_size and args.mode != "shards":
         parser.error("--image-size applies to --shards (training-ready); the frames tree keeps "
                      "the frames at their size")
-    try:
-        summary = prepare(args.videos, args.labels, args.out, args.mode, args.fps, args.quality,
-                          args.workers, args.image_size, args.resize,
-                          int(args.shard_size_gb * 2 ** 30), args.decoder)
-    except DataError as e:
-        exit_bad_input(e)
+    summary = prepare(args.videos, args.labels, args.out, args.mode, args.fps, args.quality,
+                      args.workers, args.image_size, args.resize,
+                      int(args.shard_size_gb * 2 ** 30), args.decoder)
     if summary["unreadable"]:
         print(f"{summary['unreadable']} videos could not be decoded and were left out; "
               f"see {summary['unreadable_file']}", file=sys.stderr)
@@ -424,4 +423,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -16,9 +16,10 @@ import os
 
 import numpy as np
 
-from checkpoint import atomic_write
-from dataset_sthv2 import LABEL_FILES, DataError
-from metrics import summarize
+from errors import DataError
+from files import atomic_write
+from labels import LABEL_FILES
+from stats import summarize
 
 
 def read_templates(labels_dir):

@@ -22,6 +22,8 @@ import zipfile
 import torch
 import torch.nn as nn
 
+from autoencoder import Autoencoder
+from errors import PythaeError
 from vanilla_vae_model import gaussian_kl
 
 HUB_PREFIX = "hf:"
@@ -67,10 +69,6 @@ SAMPLE_REASONS = {
     "riemannian": "RHVAE's prior is a Riemannian distribution sampled by HMC (pythae's "
                   "RHVAESampler), not reproduced here",
 }
-
-
-class PythaeError(RuntimeError):
-    """A pythae model cannot be evaluated (one line that says why)."""
 
 
 def is_pythae_source(path):
@@ -178,7 +176,7 @@ def load_pythae(source, device, allow_pickle=False):
     return adapter, config
 
 
-class PythaeAdapter(nn.Module):
+class PythaeAdapter(Autoencoder):
     """A pythae model behind evaluate.py's interface: [-1, 1] images in and out."""
 
     def __init__(self, model, name):

@@ -1,96 +1,24 @@
 """Process plumbing shared by every training entry point: who this process is (Runtime),
-collectives that do nothing in a single process, rank-0 logging, stop signals, the command line.
-
-Distributed mode is decided once, by train_ddp.py creating the process group; everything else
-calls the collectives below, which are no-ops without a group of two or more processes.
+rank-0 logging, progress bars, stop signals, process pools, the training command line.
 """
-import argparse
-import collections
+
 import contextlib
 import logging
 import os
 import signal
 import sys
-from concurrent.futures import ProcessPoolExecutor
+
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from tqdm import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from config import ConfigError
+
+
+from collectives import barrier, distributed
+from errors import ConfigError
 
 log = logging.getLogger("vae")
-# Every script: 0 done, 1 the work failed, 2 bad input (arguments, config, data, checkpoint;
-# nothing was done, as argparse's own exit), 75 stopped on a signal after saving, 130 aborted.
-FAILED_EXIT_CODE = 1
-BAD_INPUT_EXIT_CODE = 2
-PREEMPTED_EXIT_CODE = 75          # EX_TEMPFAIL: the job wrote last.pt and should be requeued
-
-
-def exit_bad_input(message):
-    """One line on stderr, and the bad-input exit code."""
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(BAD_INPUT_EXIT_CODE)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue (one line that says what happened and where)."""
-
-
-class Preempted(Exception):
-    """A stop signal arrived; a checkpoint was written and the job can be resumed."""
-
-
-def distributed():
-    """True inside a process group of two or more processes."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def all_reduce(tensor, op="sum"):
-    """Sum (or "max") `tensor` in place over every process; returns it."""
-    if distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-    return tensor
-
-
-def all_reduce_mean(tensor):
-    """Mean of `tensor` over every process, in place; returns it."""
-    if distributed():
-        dist.all_reduce(tensor)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
-def all_gather_object(obj):
-    """[obj of rank 0, obj of rank 1, ...]; [obj] in a single process."""
-    if not distributed():
-        return [obj]
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
-    return gathered
-
-
-def broadcast(tensor, src=0):
-    """Rank `src`'s tensor on every process, in place; returns it."""
-    if distributed():
-        dist.broadcast(tensor, src)
-    return tensor
-
-
-def all_reduce_mean_(tensors):
-    """Average a list of tensors over every process in one collective (as DDP does for
-    gradients); returns the averaged list, the same list in a single process."""
-    if not distributed():
-        return tensors
-    flat = all_reduce_mean(torch.cat([t.reshape(-1) for t in tensors]))
-    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
-
-
-def barrier():
-    if distributed():
-        dist.barrier()
 
 
 @dataclass
@@ -158,17 +86,6 @@ def log_to_file(run_dir):
     log.addHandler(file)
 
 
-def progress(iterable=None, main=True, **kwargs):
-    """A tqdm bar on the main process, shown when stderr is a terminal (tqdm decides:
-    disable=None); log lines printed while one runs go above it (`logged_progress`)."""
-    return tqdm(iterable, disable=None if main else True, dynamic_ncols=True, **kwargs)
-
-
-def logged_progress():
-    """Route this project's log records through tqdm.write while bars are shown."""
-    return logging_redirect_tqdm(loggers=[log])
-
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
@@ -222,51 +139,6 @@ class StopSignal:
         value, wait = previous
         wait()
         return bool(value.item())
-
-
-@contextlib.contextmanager
-def process_pool(workers):
-    """A pool of `workers` processes, or None (work in this process) for one. Leaving the block
-    cancels what has not started (an error, or Ctrl-C, does not wait for the queue)."""
-    if workers <= 1:
-        yield None
-        return
-    pool = ProcessPoolExecutor(workers)
-    try:
-        yield pool
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def ordered_map(pool, fn, arg_tuples, ahead):
-    """fn(*args) for each args, results in order, at most `ahead` tasks submitted ahead of the
-    consumer, so memory stays bounded however many there are; in this process without a pool."""
-    if pool is None:
-        for args in arg_tuples:
-            yield fn(*args)
-        return
-    pending = collections.deque()
-    for args in arg_tuples:
-        pending.append(pool.submit(fn, *args))
-        if len(pending) >= ahead:
-            yield pending.popleft().result()
-    while pending:
-        yield pending.popleft().result()
-
-
-def parse_args(description):
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--config", required=True, help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="override one config key (repeatable), e.g. --set exp_params.LR=3e-4")
-    parser.add_argument("--resume", metavar="PATH|auto",
-                        help="checkpoint to continue from; 'auto' = newest valid one of the run")
-    parser.add_argument("--allow-data-change", action="store_true",
-                        help="resume even though frames were added or removed since the "
-                             "checkpoint (steps per epoch and the schedule follow the new data)")
-    parser.add_argument("--device", choices=["cpu", "cuda"],
-                        help="default: cuda when available and trainer_params.gpus != 0")
-    return parser.parse_args()
 
 
 def pick_device(requested, gpus, local_rank=0):

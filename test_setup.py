@@ -19,7 +19,9 @@ PACKAGES = [("torch", "torch"), ("torchvision", "torchvision"), ("yaml", "pyyaml
 # needed by one script each: a warning when missing, not a failure of the training set-up
 OPTIONAL = [("matplotlib", "matplotlib==3.11.2", "compare_with_laq.py's figures"),
             ("sklearn", "scikit-learn==1.9.1", "compare_with_laq.py --probe"),
-            ("av", "av==18.1.0", "prepare_sthv2.py (.webm videos)")]
+            ("av", "av==18.1.0", "prepare_sthv2.py (.webm videos)"),
+            ("einops", "einops", "LAQ's model (compare_with_laq.py --laq)"),
+            ("beartype", "beartype", "LAQ's model (compare_with_laq.py --laq)")]
 
 
 class Report:
@@ -57,7 +59,7 @@ def check_packages(report):
             report.add("!", f"package {package.split('==')[0]}", f"missing: needed by {used_by}",
                        f"pip install {package}")
     if ok:
-        from dataset_sthv2 import JPEG_DECODER, describe_jpeg_decoder
+        from frame_files import JPEG_DECODER, describe_jpeg_decoder
         report.add("!" if JPEG_DECODER == "pil" else "✓", "JPEG decoder", JPEG_DECODER,
                    describe_jpeg_decoder() if JPEG_DECODER == "pil" else "")
     return ok
@@ -91,13 +93,14 @@ def main():
                    "training runs on the CPU",
                    "on a GPU node, install a torch build matching the driver (README)")
 
-    from config import ConfigError, load_config
+    from config import load_config
+    from errors import ConfigError
     try:
         cfg = load_config(args.config, args.set)
         report.add("✓", "config", f"{args.config}: {cfg.model_params['name']}, "
                    f"{cfg.model_params['image_size']} px")
     except ConfigError as e:
-        report.add("✗", "config", str(e), "fix the file or key it names (README: Configuration reference)")
+        report.add("✗", "config", str(e), "fix the file or key it names (docs/configuration.md lists every key)")
         report.print()
         sys.exit(2)                           # bad input, as in every script
 
@@ -119,7 +122,10 @@ def main():
 def check_data(report, cfg):
     from torch.utils.data import DataLoader
 
-    from dataset_sthv2 import DataError, build_split, collate_frames, load_index
+    from dataset_sthv2 import build_split
+    from errors import DataError
+    from frame_index import load_index
+    from loaders import collate_frames
     d, size = cfg.data_params, cfg.model_params["image_size"]
     try:
         index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
@@ -144,18 +150,38 @@ def check_data(report, cfg):
 
 
 def check_model(report, cfg, device):
+    """One training step through the step engine, as the run takes it: on a GPU at the
+    per-GPU batch the config gives and compiled when trainer_params.compile says so (a batch
+    too large for the GPU fails here, not an hour into the job); on the CPU with 2 items."""
     import torch
 
-    from models import build_model, count_parameters, item_shape
+    from models import count_parameters, item_shape
+    from runtime import Runtime
+    from trainer import Trainer
+    t = cfg.trainer_params
+    if device.type == "cuda":
+        gpus = torch.cuda.device_count() if t.gpus < 0 else min(t.gpus, torch.cuda.device_count())
+        batch = cfg.data_params.train_batch_size // max(1, gpus)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        batch = 2
     try:
-        model = build_model(cfg.model_params).to(device)
-        x = torch.rand(2, *item_shape(cfg.model_params), device=device) * 2 - 1
-        model.loss_function(x, model(x), cfg.exp_params.kld_weight)["loss"].backward()
-        report.add("✓", "model forward/backward",
-                   f"{cfg.model_params['name']} {count_parameters(model):,} parameters on {device}")
+        trainer = Trainer(cfg, Runtime(device=device), steps_per_epoch=1)
+        images = torch.randint(0, 256, (batch, *item_shape(cfg.model_params)), dtype=torch.uint8)
+        finite = trainer.step(images)[2]
+        detail = (f"{cfg.model_params['name']} {count_parameters(trainer.bare):,} parameters, "
+                  f"one step of {batch} on {device}" + (", compiled" if trainer.compiled else ""))
+        if device.type == "cuda":
+            detail += f", peak {torch.cuda.max_memory_allocated(device) / 2 ** 30:.1f} GiB"
+        report.add("✓" if bool(finite) else "!", "model training step", detail,
+                   "" if bool(finite) else "the step's loss was not finite")
+    except torch.cuda.OutOfMemoryError:
+        report.add("✗", "model training step", f"out of GPU memory at {batch} per GPU",
+                   "lower data_params.train_batch_size, or train on more GPUs")
     except RuntimeError as e:
-        report.add("✗", "model forward/backward", str(e).splitlines()[0],
-                   "lower image_size / hidden_dims, or free GPU memory")
+        report.add("✗", "model training step", str(e).strip().splitlines()[0],
+                   "set trainer_params.compile: false if compiling failed; else lower "
+                   "image_size / hidden_dims")
 
 
 def check_logdir(report, cfg):

@@ -13,8 +13,8 @@ import uuid
 
 import yaml
 
-from checkpoint import atomic_write
-from runtime import TrainingError
+from errors import TrainingError
+from files import atomic_write
 
 STEP_KEY = "trainer/step"
 

@@ -13,7 +13,8 @@ import torch
 import torch.distributed as dist
 
 from config import load_config
-from runtime import Runtime, parse_args, pick_device
+from options import parse_training_args
+from runtime import Runtime, pick_device
 from training import run
 
 
@@ -35,8 +36,7 @@ def init_process_group(device, rank, world_size):
                             **({"device_id": device} if device.type == "cuda" else {}))
 
 
-def main():
-    args = parse_args(__doc__.splitlines()[0])
+def main(args):
     rank = int(os.environ.get("RANK", 0))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
@@ -62,4 +62,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_training_args(__doc__.splitlines()[0]))

@@ -3,15 +3,15 @@
     python train_single_gpu.py --config config_vae_sthv2.yaml [--set SECTION.KEY=VALUE ...]
                                [--resume PATH|auto] [--device cpu|cuda]
 """
-import torch
-
-from config import load_config
-from runtime import Runtime, parse_args, pick_device
-from training import run
+from options import parse_training_args
 
 
-def main():
-    args = parse_args(__doc__.splitlines()[0])
+def main(args):
+    import torch                                  # after the command line is known to be good
+
+    from config import load_config
+    from runtime import Runtime, pick_device
+    from training import run
 
     def runtime(cfg):
         device = pick_device(args.device, cfg.trainer_params.gpus)
@@ -23,4 +23,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(parse_training_args(__doc__.splitlines()[0]))

@@ -1,10 +1,12 @@
-"""The optimizer step every model trains with: model, optimizers, schedules, precision, noise.
+"""The step engine every model family trains with: model, optimizers, schedules, precision,
+noise, and the optimizer step.
 
-Shared by the training loop (training.py) and bench.py. One optimizer by default; models that
-define optimizer_groups() get one per group, and models with their own train_step() (VAE-GAN)
-compute their gradients and decide, per group, which updates apply (models.AutoencoderModel).
-Nothing in a step reads a device value on the host: skipped updates are decided on the device
-(step_where), so the host can queue the next steps while the device works.
+Shared by the training loop (training.py) and bench.py. A family declares its optimizer groups
+and, per group, the objective and whether to apply the update (autoencoder.Autoencoder:
+optimizer_groups, updates; one group on `loss` by default); the engine does the backward pass,
+the average over ranks, clipping, skipping and the fp16 scaler for every family. Nothing in a
+step reads a device value on the host: skipped updates are decided on the device (step_where),
+so the host can queue the next steps while the device works.
 """
 import logging
 import math
@@ -14,8 +16,8 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from collectives import all_reduce_mean_, distributed
 from models import build_model, count_parameters
-from runtime import distributed
 from vanilla_vae_model import convert_sync_batchnorm
 
 log = logging.getLogger("vae")
@@ -89,40 +91,33 @@ class Trainer:
             model = convert_sync_batchnorm(model, rt.device)
         model.to(rt.device, memory_format=torch.channels_last if self.channels_last
                  else torch.contiguous_format)
-        # one optimizer, or one per part for models that define groups (VAE-GAN)
-        groups = model.optimizer_groups() if hasattr(model, "optimizer_groups") else \
-            {"model": list(model.parameters())}
+        # one optimizer, or one per part for families that declare groups (VAE-GAN)
+        self.groups = {name: [p for p in params if p.requires_grad]
+                       for name, params in model.optimizer_groups().items()}
         opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
-        self.optimizers = {name: make_optimizer(opt_cls, [p for p in params if p.requires_grad],
-                                                lr=e.LR, weight_decay=e.weight_decay)
-                           for name, params in groups.items()}
+        self.optimizers = {name: make_optimizer(opt_cls, params, lr=e.LR,
+                                                weight_decay=e.weight_decay)
+                           for name, params in self.groups.items()}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(
             opt, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))
             for name, opt in self.optimizers.items()}
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(t.precision) \
             if cuda else None
-        self.own_step = hasattr(model, "train_step")    # the model runs its own update rules
-        # what a model does between steps on its own schedule (latent action models refill
-        # unused codes); called with the index of the step about to be taken
-        self.before_step = getattr(model, "before_step", None)
-        # config.py refuses fp16 for own_step models: their updates are not the scaler's to skip
+        # several groups take their gradients from several objectives of one forward pass,
+        # which DDP's single backward cannot; the engine averages them over ranks itself.
+        # config.py refuses fp16 for them: their skipped updates are not the scaler's to decide
+        self.grouped = len(self.groups) > 1
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.bare = self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
         # what the forward pass itself writes (BatchNorm statistics, EMA codebooks): put back
         # on a skipped step, so a run of non-finite steps cannot leave NaN statistics behind
         self.forward_state = list(model.buffers()) + \
             [p for p in model.parameters() if not p.requires_grad]
-        if self.own_step:
-            if cuda and t.compile:
-                log.info("%s trains eagerly: torch.compile applies to the standard step only",
-                         cfg.model_params["name"])
-        else:
-            if distributed():
-                self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
-            if cuda and t.compile:
-                self.model = torch.compile(self.model)
-        self.compiled = cuda and t.compile and not self.own_step
+        if distributed() and not self.grouped:
+            self.model = DDP(model, device_ids=[rt.local_rank] if cuda else None)
+        if cuda and t.compile:
+            self.model = torch.compile(self.model)
+        self.compiled = cuda and t.compile
 
     @property
     def lr(self):
@@ -135,23 +130,18 @@ class Trainer:
 
     def state_dict(self):
         """Model, optimizer, scheduler, scaler and noise-generator states; optimizers and
-        schedulers plain for one optimizer, by part for several."""
-        single = len(self.optimizers) == 1
-        opt = {k: o.state_dict() for k, o in self.optimizers.items()}
-        sched = {k: s.state_dict() for k, s in self.schedulers.items()}
+        schedulers by group ({"model": ...} for the one of most families)."""
         return {"model": self.bare.state_dict(),
-                "optimizer": opt["model"] if single else opt,
-                "scheduler": sched["model"] if single else sched,
+                "optimizer": {k: o.state_dict() for k, o in self.optimizers.items()},
+                "scheduler": {k: s.state_dict() for k, s in self.schedulers.items()},
                 "scaler": self.scaler.state_dict(), "noise_generator": self.noise_gen.get_state()}
 
     def load_state_dict(self, state):
         self.bare.load_state_dict(state["model"])
-        single = len(self.optimizers) == 1
+        optimizers, schedulers = by_group(state["optimizer"]), by_group(state["scheduler"])
         for name in self.optimizers:
-            self.optimizers[name].load_state_dict(state["optimizer"] if single
-                                                  else state["optimizer"][name])
-            self.schedulers[name].load_state_dict(state["scheduler"] if single
-                                                  else state["scheduler"][name])
+            self.optimizers[name].load_state_dict(optimizers[name])
+            self.schedulers[name].load_state_dict(schedulers[name])
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self._apply_config_rates(state.get("step", 0))
@@ -188,50 +178,70 @@ class Trainer:
         flip = (torch.rand(global_batch, generator=self.noise_gen, device=self.rt.device)
                 [self.rt.rank::self.rt.world_size] < 0.5) if self.hflip else None
         x = to_model_input(images, self.rt.device, flip, self.channels_last)
-        if self.before_step:
-            self.before_step(self.steps_done)
+        self.bare.before_step(self.steps_done)
         before = [t.detach().clone() for t in self.forward_state]
-        if self.own_step:
-            with torch.autocast(self.rt.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
-                losses, grad_norm, finite, apply = self.bare.train_step(
-                    x, noise, self.kld_weight, self.max_grad_norm)
-            for name, optimizer in self.optimizers.items():
-                step_where(optimizer, finite & apply[name])
-                optimizer.zero_grad(set_to_none=True)
-            result = losses, grad_norm, finite
-        else:
-            result = self._standard_step(x, noise)
+        with torch.autocast(self.rt.device.type, dtype=self.amp_dtype or torch.float32,
+                            enabled=self.amp_dtype is not None):
+            out = self.model(x, noise)
+        losses = self.bare.loss_function(x, out, self.kld_weight, self.steps_done)
+        updates = self.bare.updates(losses)
+        self._gradients(updates)
+        norms = []                                # of each group's gradient, before clipping
+        for name, optimizer in self.optimizers.items():
+            self.scaler.unscale_(optimizer)
+            norms.append(torch.nn.utils.clip_grad_norm_(self.groups[name],
+                                                        self.max_grad_norm or math.inf))
+        grad_norm = norms[0] if len(norms) == 1 else \
+            torch.stack(norms).float().square().sum().sqrt()
+        # decided on gradients that are the same on every rank (averaged by DDP or by
+        # _gradients; a non-finite loss gives a non-finite gradient): all ranks skip alike
+        finite = torch.isfinite(grad_norm)
+        for name, optimizer in self.optimizers.items():
+            apply = updates[name][1]
+            if apply is not None:
+                losses[f"{name}_skipped"] = (~apply).float()
+            if self.scaler.is_enabled():
+                self.scaler.step(optimizer)       # the fp16 scaler itself skips non-finite steps
+            else:
+                step_where(optimizer, finite if apply is None else finite & apply)
+            optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()
         with torch.no_grad():                     # on the device: no host sync
             for t, old in zip(self.forward_state, before):
-                t.copy_(torch.where(result[2], t, old))
+                t.copy_(torch.where(finite, t, old))
         with warnings.catch_warnings():
             # a skipped update (non-finite, or a VAE-GAN rule) still advances the schedule,
             # so the learning rate stays a function of the step; torch warns about that
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             for scheduler in self.schedulers.values():
                 scheduler.step()
-        return result
-
-    def _standard_step(self, x, noise):
-        (optimizer,) = self.optimizers.values()
-        with torch.autocast(self.rt.device.type, dtype=self.amp_dtype or torch.float32,
-                            enabled=self.amp_dtype is not None):
-            out = self.model(x, noise)
-        losses = self.bare.loss_function(x, out, self.kld_weight, self.steps_done)
-        optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(losses["loss"]).backward()
-        self.scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm or math.inf)
-        # decided on the gradient, which DDP made the same on every rank (a non-finite loss
-        # gives a non-finite gradient): all ranks skip the same steps
-        finite = torch.isfinite(grad_norm)
-        if self.scaler.is_enabled():
-            self.scaler.step(optimizer)           # the fp16 scaler itself skips non-finite steps
-        else:
-            step_where(optimizer, finite)
-        self.scaler.update()
         return losses, grad_norm, finite
+
+    def _gradients(self, updates):
+        """Each group's gradient of its own objective in .grad, averaged over ranks. One
+        group: one backward, which DDP averages. Several: one autograd pass per group over
+        the shared graph, then one all-reduce of them all."""
+        if not self.grouped:
+            (objective, _), = updates.values()
+            self.scaler.scale(objective).backward()
+            return
+        names = list(self.groups)
+        grads = []
+        for k, name in enumerate(names):
+            params = self.groups[name]
+            g = torch.autograd.grad(self.scaler.scale(updates[name][0]), params,
+                                    retain_graph=k < len(names) - 1, allow_unused=True)
+            grads += [t if t is not None else torch.zeros_like(p) for t, p in zip(g, params)]
+        params = [p for name in names for p in self.groups[name]]
+        for p, t in zip(params, all_reduce_mean_(grads)):
+            p.grad = t
+
+
+def by_group(states):
+    """{group: state} from a checkpoint's optimizer or scheduler entry; checkpoints written
+    before every family stored them by group hold one optimizer's state as it is."""
+    plain = "param_groups" in states or "last_epoch" in states
+    return {"model": states} if plain else states
 
 
 def draw_noise(model, global_batch, generator, rt):

@@ -10,7 +10,7 @@ same noise. Checkpoints (checkpoint.py) carry everything needed to continue bit-
 import functools
 import logging
 import os
-import sys
+
 import time
 
 import numpy as np
@@ -19,15 +19,17 @@ import yaml
 from torchvision.utils import make_grid, save_image
 
 import checkpoint as ck
-from config import ConfigError
-from dataset_sthv2 import (JPEG_DECODER, DataError, build_split, collate_frames, data_signature,
-                           describe, describe_jpeg_decoder, device_batches, load_index,
-                           make_loaders)
+from collectives import all_gather_object, all_reduce, all_reduce_mean
+from dataset_sthv2 import build_split, data_signature, describe
+from errors import CheckpointError, Preempted, TrainingError, run_main
+from files import atomic_write
+from frame_files import JPEG_DECODER, describe_jpeg_decoder
+from frame_index import load_index
+from loaders import collate_frames, device_batches, make_loaders
 from metrics import ImageMetrics
 from models import reconstruction_target
-from runtime import (FAILED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preempted, StopSignal, TrainingError,
-                     all_gather_object, all_reduce, all_reduce_mean, exit_bad_input, log_to_file,
-                     logged_progress, progress, setup_logging)
+from parallel import logged_progress, progress
+from runtime import StopSignal, log_to_file, setup_logging
 from tracking import Tracker
 from trainer import Trainer, draw_noise, to_model_input
 
@@ -124,7 +126,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     ckpt_dir, lock = ck.prepare_run_dir(cfg.run_dir, rt)
     if rt.is_main:
         log_to_file(cfg.run_dir)
-        with ck.atomic_write(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
+        with atomic_write(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     train_loader, val_loader = make_loaders(train_set, val_set, d, rt, e.seed, t.limit_val_batches)
 
@@ -138,7 +140,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         try:
             trainer.load_state_dict(state)
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            raise ck.CheckpointError(f"the checkpoint's model or optimizer state does not fit "
+            raise CheckpointError(f"the checkpoint's model or optimizer state does not fit "
                                      f"this model ({type(err).__name__}: "
                                      f"{str(err).splitlines()[0][:200]})") from None
         step, epoch = state["step"], state["epoch"]
@@ -199,7 +201,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                     ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
                 log.info("stopping on %s at step %d; resume with --resume auto",
                          stop.received or "a peer's signal", step)
-                raise Preempted(step)
+                raise Preempted()
             if step >= max_steps:
                 break
         epoch_done = step == (epoch + 1) * steps_per_epoch
@@ -327,19 +329,11 @@ def run(cfg_loader, rt_factory, resume, allow_data_change=False):
     Exit codes: 0 done, 1 training failed, 2 bad config / data / checkpoint,
     75 stopped by a signal after writing a checkpoint (requeue and --resume auto).
     """
-    try:
+    def main():
         cfg = cfg_loader()
         rt = rt_factory(cfg)
         with logged_progress():
             return train(cfg, rt, resume, allow_data_change)
-    except (ConfigError, DataError, ck.CheckpointError) as err:
-        exit_bad_input(err)
-    except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(FAILED_EXIT_CODE)
-    except Preempted:
-        sys.exit(PREEMPTED_EXIT_CODE)
-    except KeyboardInterrupt:                 # a second Ctrl-C: the first one asks to save
-        print("error: interrupted twice; stopped without saving (resume from the last "
-              "checkpoint with --resume auto)", file=sys.stderr)
-        sys.exit(130)
+    # a second Ctrl-C (the first one asks to save) ends the run at once
+    return run_main(main, interrupted="interrupted twice; stopped without saving (resume from "
+                                      "the last checkpoint with --resume auto)")

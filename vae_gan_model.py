@@ -10,7 +10,7 @@ x_p = dec(z_p), z_p ~ N(0, I):
     decoder_loss   = (1 - alpha) * feature_recon - alpha * disc_loss
     discriminator  = disc_loss
 
-Three optimizers, one per part. Equilibrium rules: the discriminator is not updated while it is
+Three optimizers, one per part (optimizer_groups, updates). Equilibrium rules: the discriminator is not updated while it is
 too strong (its real or fake BCE below equilibrium - margin) and the decoder is not updated
 while the discriminator is too weak (above equilibrium + margin); if both would be skipped,
 both are updated.
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import all_reduce_mean_
+from collectives import all_reduce_mean
 from vanilla_vae_model import VanillaVAE, gaussian_kl, output_grid
 
 
@@ -125,51 +125,24 @@ class VAEGAN(VanillaVAE):
                 "real_bce": real_bce, "fake_bce": 0.5 * (recon_bce + prior_bce),
                 "pixel_mse": (recon.float() - x.float()).pow(2).flatten(1).mean(1)}
 
-    def batch_losses(self, x, out, kld_weight):
-        """Batch means of losses(): what is logged, and what the optimizers minimise."""
-        return {k: v.mean() for k, v in self.losses(x, out, kld_weight).items()}
-
-    @staticmethod
-    def logged(m):
-        """The logged values from batch_losses(); `loss` is the sum of the three parts."""
-        return {"loss": m["encoder_loss"] + m["decoder_loss"] + m["discriminator_loss"],
-                "recon_loss": m["pixel_mse"], "kld": m["kl"], "encoder_loss": m["encoder_loss"],
-                "decoder_loss": m["decoder_loss"], "discriminator_loss": m["discriminator_loss"],
-                "feature_recon": m["feature_recon"]}
-
     def loss_function(self, x, out, kld_weight, step=0):
-        return self.logged(self.batch_losses(x, out, kld_weight))
+        """Batch means of losses(): the three parts' objectives and what is logged; `loss` is
+        the sum of the three parts."""
+        m = {k: v.mean() for k, v in self.losses(x, out, kld_weight).items()}
+        return {"loss": m["encoder_loss"] + m["decoder_loss"] + m["discriminator_loss"],
+                "recon_loss": m.pop("pixel_mse"), "kld": m.pop("kl"), **m}
 
-    def train_step(self, x, noise, kld_weight, max_grad_norm):
-        """Gradients of one VAE-GAN step, each part from its own objective, left in .grad and
-        clipped per part; returns (losses, grad norm, finite, {part: apply its update}), all
-        device tensors. Gradients are averaged over ranks here (the model is not wrapped in
-        DDP), so every rank takes the same decisions."""
-        m = self.batch_losses(x, self(x, noise), kld_weight)
-        groups = self.optimizer_groups()
-        objectives = {"encoder": m["encoder_loss"], "decoder": m["decoder_loss"],
-                      "discriminator": m["discriminator_loss"]}
-        update_disc, update_dec = equilibrium_decisions(
-            m["real_bce"].detach(), m["fake_bce"].detach(), self.equilibrium, self.margin)
-        apply = {"encoder": torch.ones((), dtype=torch.bool, device=x.device),
-                 "decoder": update_dec, "discriminator": update_disc}
-        names = list(groups)
-        grads = {}
-        for k, name in enumerate(names):
-            grads[name] = torch.autograd.grad(objectives[name], groups[name],
-                                              retain_graph=k < len(names) - 1, allow_unused=True)
-        total_sq = torch.zeros((), device=x.device)
-        for name in names:
-            g = all_reduce_mean_([t if t is not None else torch.zeros_like(p)
-                                  for t, p in zip(grads[name], groups[name])])
-            for p, t in zip(groups[name], g):
-                p.grad = t
-            total_sq = total_sq + sum(t.float().pow(2).sum() for t in g)
-            torch.nn.utils.clip_grad_norm_(groups[name], max_grad_norm or float("inf"))
-        finite = torch.isfinite(total_sq)     # of the rank-averaged gradients: same on all ranks
-        losses = {**self.logged(m), "decoder_skipped": (~update_dec).float(),
-                  "discriminator_skipped": (~update_disc).float()}
-        return losses, total_sq.sqrt(), finite, apply
+    def updates(self, losses):
+        """Each part follows its own objective; the decoder and the discriminator only while
+        the equilibrium rules allow (decided on the device, the same on every rank: the
+        discriminator's BCE is averaged over ranks first)."""
+        real_bce, fake_bce = all_reduce_mean(torch.stack([losses["real_bce"],
+                                                          losses["fake_bce"]]).detach())
+        update_disc, update_dec = equilibrium_decisions(real_bce, fake_bce, self.equilibrium,
+                                                        self.margin)
+        return {"encoder": (losses["encoder_loss"], None),
+                "decoder": (losses["decoder_loss"], update_dec),
+                "discriminator": (losses["discriminator_loss"], update_disc)}
 
     @torch.no_grad()
     def evaluate_batch(self, x, generator=None, kld_weight=1.0):

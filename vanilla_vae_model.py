@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import distributed
+from autoencoder import Autoencoder
+from collectives import distributed
 
 
 def conv_block(in_ch, out_ch):
@@ -39,7 +40,11 @@ def gaussian_kl(mu, logvar):
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-class VanillaVAE(nn.Module):
+class VanillaVAE(Autoencoder):
+    """The study's VAE: stride-2 conv blocks of `hidden_dims` widths to a Gaussian posterior of
+    `latent_dim` dimensions, a mirrored decoder ending in Tanh; MSE + kld_weight * KL.
+    Every size follows `image_size` and `hidden_dims` (62,980,803 parameters at 256 px)."""
+
     def __init__(self, in_channels: int = 3, latent_dim: int = 256,
                  hidden_dims: List[int] = (64, 128, 256, 512, 1024), image_size: int = 256):
         super().__init__()

@@ -19,7 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from runtime import all_reduce, broadcast
+from autoencoder import Autoencoder
+from collectives import all_reduce, broadcast
 from vanilla_vae_model import conv_block, deconv_block, output_grid
 
 
@@ -85,7 +86,7 @@ class VectorQuantizer(nn.Module):
                 self.steps_unused[dead] = 0
 
 
-class VQVAE(nn.Module):
+class VQVAE(Autoencoder):
     def __init__(self, in_channels: int = 3, hidden_dims: List[int] = (64, 128, 256, 512, 1024),
                  image_size: int = 256, num_embeddings: int = 512, embedding_dim: int = 64,
                  beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,

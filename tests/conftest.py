@@ -12,6 +12,9 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Tests wait on events (a line, a file, a step), never on a budget a busy machine could miss;
+# this only stops a test that hangs.
+HANG_GUARD = 1800
 sys.path.insert(0, ROOT)
 
 from make_demo_data import make_demo_data  # noqa: E402
@@ -49,7 +52,7 @@ def write_config(path, cfg):
     return str(path)
 
 
-def run_script(*args, timeout=300, env=None):
+def run_script(*args, timeout=HANG_GUARD, env=None):
     """Run a project script with the test interpreter; returns the CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})

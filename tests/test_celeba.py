@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from conftest import run_script, tiny_config, write_config
-from dataset_sthv2 import CelebAArrays, DataError
+from errors import DataError
+from image_datasets import CelebAArrays
 
 
 @pytest.fixture

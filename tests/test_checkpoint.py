@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import checkpoint as ck
+import files
 
 
 def test_last_pt_is_a_byte_copy_where_hard_links_fail(tmp_path, monkeypatch):
@@ -18,7 +19,7 @@ def test_last_pt_is_a_byte_copy_where_hard_links_fail(tmp_path, monkeypatch):
         raise OSError("hard links not supported")
 
     monkeypatch.setattr(os, "link", no_links)
-    ck.link_atomic(str(src), str(tmp_path / "last.pt"))
+    files.link_atomic(str(src), str(tmp_path / "last.pt"))
     assert (tmp_path / "last.pt").read_bytes() == src.read_bytes()
     assert sorted(os.listdir(tmp_path)) == ["last.pt", "step_0000010.pt"]   # no temp left
 
@@ -38,28 +39,73 @@ def test_atomic_write_keeps_the_old_file_when_the_writer_fails(tmp_path, monkeyp
     path = tmp_path / "index.npz"
     path.write_bytes(b"old contents")
     with pytest.raises(RuntimeError, match="disk went away"):
-        with ck.atomic_write(str(path)) as f:
+        with files.atomic_write(str(path)) as f:
             f.write(b"half of the new")
             raise RuntimeError("disk went away")
     assert path.read_bytes() == b"old contents" and os.listdir(tmp_path) == ["index.npz"]
     synced = []
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd))
-    with ck.atomic_write(str(path), "w") as f:
+    with files.atomic_write(str(path), "w") as f:
         f.write("new")
     assert path.read_text() == "new" and len(synced) == 1 and os.listdir(tmp_path) == ["index.npz"]
 
 
-def test_every_file_writer_goes_through_atomic_write():
-    """No writer renames temp files by hand (each one used to, and only one fsynced)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    for name in sorted(os.listdir(root)):
-        if name.endswith(".py") and name != "checkpoint.py":
-            source = open(os.path.join(root, name)).read()
-            assert "os.replace(" not in source and ".tmp" not in source, name
+def _write_under_size_limit(write, limit):
+    """Run write() in a child process that cannot grow any file past `limit` bytes (a full
+    disk or quota, hit part way): the write fails there, as it would on a cluster."""
+    import multiprocessing
+    import resource
+    import signal
+
+    def child():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)     # EFBIG instead of death
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+        try:
+            write()
+        except (OSError, RuntimeError):     # torch.save reports short writes so
+            os._exit(3)
+        os._exit(0)
+    process = multiprocessing.get_context("fork").Process(target=child)
+    process.start()
+    process.join(60)
+    return process.exitcode
+
+
+def test_writers_that_fail_part_way_keep_the_previous_file(tmp_path, demo_data):
+    """Reports, frame-index caches, probe features and checkpoints: a write that fails part
+    way leaves the previous complete file and no partial one beside it."""
+    from evaluate import write_report
+    from frame_index import FrameIndex
+    from probe import FeatureCache
+    big_rows = [{"index": i, "path": "x" * 200} for i in range(200)]
+    index = FrameIndex.build(demo_data)
+    cache = FeatureCache(str(tmp_path / "features"), {"model": "a"})
+    writers = {
+        "metrics.json": (lambda: write_report(str(tmp_path), {"n": 1}, [{"index": 0}], "rows.csv"),
+                         lambda: write_report(str(tmp_path), {"n": "y" * 50000}, big_rows,
+                                              "rows.csv")),
+        "index.npz": (lambda: index.save(str(tmp_path / "index.npz"), {"signature": "old"}),
+                      lambda: index.save(str(tmp_path / "index.npz"), {"signature": "z" * 50000})),
+        "features": (lambda: cache.put("train", 0, {"x": np.zeros(4)}),
+                     lambda: cache.put("train", 0, {"x": np.ones(20000)})),
+        "last.pt": (lambda: ck.save_atomic({"step": 1}, str(tmp_path / "last.pt")),
+                    lambda: ck.save_atomic({"step": 2, "w": torch.ones(20000)},
+                                           str(tmp_path / "last.pt"))),
+    }
+    for name, (first, second) in writers.items():
+        first()
+        before = {p: open(p, "rb").read() for p in _files_under(tmp_path)}
+        assert _write_under_size_limit(second, 8192) == 3, name      # the write did fail
+        after = {p: open(p, "rb").read() for p in _files_under(tmp_path)}
+        assert after == before, name
+
+
+def _files_under(folder):
+    return sorted(os.path.join(d, f) for d, _, names in os.walk(folder) for f in names)
 
 
 def test_a_folder_appears_whole_and_a_killed_writers_temps_are_removed(tmp_path):
-    from checkpoint import atomic_dir, remove_stale_temps
+    from files import atomic_dir, remove_stale_temps
     with atomic_dir(str(tmp_path / "video")) as folder:
         open(os.path.join(folder, "img_00001.jpg"), "wb").write(b"x")
         assert not (tmp_path / "video").exists()               # not there until complete

@@ -10,12 +10,11 @@ import sys
 import numpy as np
 import pytest
 import torch
-import yaml
 
 import compare_with_laq as cmp
-import laq_loader
 from conftest import ROOT, run_script
-from dataset_sthv2 import load_frame
+from frame_files import load_frame
+import laq_loader
 
 STANDIN = os.path.join(ROOT, "tests", "laq_standin")
 SMALL_LAQ = {"dim": 32, "quant_dim": 8, "codebook_size": 8, "image_size": 32, "patch_size": 8,
@@ -31,12 +30,14 @@ def build_standin(config):
 
 @pytest.fixture(scope="module")
 def laq_checkpoint(tmp_path_factory):
-    """A LAPA-style checkpoint: a plain state_dict saved from a DDP-wrapped model."""
+    """A LAPA-style checkpoint: a plain state_dict saved from a DDP-wrapped model (the script
+    the README offers for trying the comparison without a LAQ)."""
     folder = tmp_path_factory.mktemp("laq")
-    torch.manual_seed(0)
-    model = build_standin(SMALL_LAQ)
-    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, folder / "model.pt")
-    (folder / "laq.yaml").write_text(yaml.safe_dump(SMALL_LAQ))
+    spec = importlib.util.spec_from_file_location("make_demo_laq",
+                                                  os.path.join(STANDIN, "make_demo_laq.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.make_demo_laq(str(folder), SMALL_LAQ)
     return folder
 
 
@@ -125,15 +126,21 @@ def test_seed_one_line_form_with_an_installed_laq_model(trained_checkpoint, tmp_
 
 
 def test_wrong_checkpoint_is_reported_with_its_missing_keys(trained_checkpoint, laq_checkpoint,
-                                                            tmp_path):
-    """LAQ loads non-strictly: a VAE checkpoint passed as --laq must not load silently."""
-    result = compare_cli("--vae", trained_checkpoint, "--laq", trained_checkpoint, "--laq-repo",
-                         STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"), "--frames",
-                         "a.jpg", "b.jpg", "--output", str(tmp_path / "o"), "--lpips-net", "none",
-                         "--fid", "none")
+                                                            demo_data, tmp_path):
+    """LAQ loads non-strictly: a VAE checkpoint passed as --laq must not load silently. Inputs
+    are looked at before anything is loaded: a missing frame is named first."""
+    video = os.path.join(demo_data, sorted(os.listdir(demo_data))[0])
+    frames = [os.path.join(video, "img_00001.jpg"), os.path.join(video, "img_00003.jpg")]
+    common = ["--vae", trained_checkpoint, "--laq", trained_checkpoint, "--laq-repo", STANDIN,
+              "--laq-config", str(laq_checkpoint / "laq.yaml"), "--output", str(tmp_path / "o"),
+              "--lpips-net", "none", "--fid", "none"]
+    result = compare_cli(*common, "--frames", *frames)
     expected = len(build_standin(SMALL_LAQ).state_dict())
     assert result.returncode == 2
     assert f"{expected} missing keys" in result.stderr and not (tmp_path / "o").exists()
+    missing = compare_cli(*common, "--frames", frames[0], str(tmp_path / "b.jpg"))
+    assert missing.returncode == 2 and not (tmp_path / "o").exists()
+    assert missing.stderr == f"error: --frames {tmp_path / 'b.jpg'} does not exist\n"
 
 
 def test_bad_laq_config_and_repo_are_one_line_errors(laq_checkpoint, tmp_path):
@@ -194,7 +201,7 @@ def test_pairs_come_from_the_vae_runs_own_split(trained_checkpoint, laq_checkpoi
 # --- fairness: geometry, LAQ's checkpoint layouts, one pass, LAQ's training videos -----------
 
 def test_stretch_output_maps_back_onto_the_centre_square():
-    from dataset_sthv2 import resize_frame
+    from frame_files import resize_frame
     y, x = np.mgrid[0:120, 0:200].astype(np.float32)                   # a smooth 200x120 frame
     frame = torch.from_numpy(np.stack([127 + 100 * np.sin(x / 17), 127 + 100 * np.cos(y / 13),
                                        x / 200 * 255]).round().astype(np.uint8))

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from conftest import run_script
-from dataset_sthv2 import load_frame
+from frame_files import load_frame
 
 SUMMARY_KEYS = {"mean", "std", "ci95"}
 

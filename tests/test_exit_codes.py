@@ -42,5 +42,9 @@ def test_bad_input_exits_2_with_one_error_line(script, tmp_path, monkeypatch, ca
         assert "✗  config" in printed.out and MISSING in printed.out
     else:
         assert [line for line in err if line.startswith(("error:", f"{script}: error:"))], err
+    if script not in ("make_demo_data.py", "fetch_weights.py"):
+        # the missing input is named, before weight files (evaluate.py's LPIPS backbone is not
+        # on this machine either) or anything else is looked at
+        assert MISSING in printed.err + printed.out, err
     assert "Traceback" not in printed.err
     assert not (tmp_path / "out").exists()                    # nothing written

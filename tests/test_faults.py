@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, run_script, tiny_config, write_config
+from conftest import HANG_GUARD, ROOT, run_script, tiny_config, write_config
 
 
 def cli(*args):
@@ -25,7 +25,7 @@ def start(cmd, env=None):
                             text=True, env={**os.environ, **(env or {})}, start_new_session=True)
 
 
-def wait_for_line(proc, text, timeout=120):
+def wait_for_line(proc, text, timeout=HANG_GUARD):
     """Read the process output until a line contains `text`; returns everything read."""
     seen, deadline = [], time.monotonic() + timeout
     for line in proc.stdout:
@@ -70,7 +70,7 @@ def test_stop_signal_saves_exits_75_and_resumes_exactly(sig, reference, demo_dat
     proc = start(cli("--config", path))
     wait_for_line(proc, "step 13 ")
     proc.send_signal(sig)
-    out = proc.communicate(timeout=120)[0]
+    out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-3000:]
     assert f"stopping on {sig.name}" in out
     stopped_at = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"]
@@ -92,7 +92,7 @@ def test_kill_9_while_writing_a_checkpoint_loses_nothing(demo_data, tmp_path):
     kills = 0
     for attempt in range(4):                  # kill twice mid-write, then let it finish
         proc = start(cli("--config", path, "--resume", "auto"))
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + HANG_GUARD
         while kills < 2 and proc.poll() is None and time.monotonic() < deadline:
             partial = glob.glob(str(ckpt_dir / "*.tmp.*"))
             if partial and glob.glob(str(ckpt_dir / "step_*.pt")):   # not the very first write
@@ -100,7 +100,7 @@ def test_kill_9_while_writing_a_checkpoint_loses_nothing(demo_data, tmp_path):
                 kills += 1
                 break
             time.sleep(0.0005)
-        proc.communicate(timeout=60)
+        proc.communicate(timeout=HANG_GUARD)
         if proc.returncode == 0:
             break
         assert proc.returncode == -signal.SIGKILL
@@ -146,7 +146,7 @@ def ddp_reference(demo_data, tmp_path_factory):
     path = write_config(os.path.join(save_dir, "c.yaml"),
                         config_dict(demo_data, save_dir, "ref", **DDP))
     ref = subprocess.run(torchrun(path), cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=HANG_GUARD)
     assert ref.returncode == 0, ref.stderr[-3000:]
     return final_weights(save_dir, "ref")
 
@@ -157,7 +157,7 @@ def test_killed_torchrun_worker_restarts_and_resumes(ddp_reference, demo_data, t
     proc = start(torchrun(path), env={"OMP_NUM_THREADS": "1"})
     wait_for_line(proc, "step 12 ")
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
-    out = proc.communicate(timeout=300)[0]
+    out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 0, out[-4000:]
     assert "resuming from" in out
     assert_same(final_weights(str(tmp_path), "run"), ddp_reference)
@@ -172,7 +172,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_pat
                  env={"OMP_NUM_THREADS": "1"})
     wait_for_line(proc, "step 12 ")
     os.kill(worker_pids(proc.pid)[1], signal.SIGUSR1)         # rank 1 only
-    out = proc.communicate(timeout=300)[0]
+    out = proc.communicate(timeout=HANG_GUARD)[0]
     stopped = [line for line in out.splitlines() if "stopping on a peer's signal" in line]
     assert len(stopped) == 1, out[-4000:]                     # rank 0 logs, rank 1 got it
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
@@ -193,7 +193,7 @@ def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_data,
 
     result = subprocess.run(cli("--config", path, "--set", "trainer_params.max_steps=20",
                                 "--resume", "auto"), cwd=ROOT, capture_output=True, text=True,
-                            preexec_fn=small_disk, timeout=300)
+                            preexec_fn=small_disk, timeout=HANG_GUARD)
     assert result.returncode == 1, result.stderr[-3000:]
     message = result.stderr.strip().splitlines()[-1]
     assert message.startswith("error: step 20: cannot write checkpoint") and "intact" in message
@@ -270,7 +270,7 @@ def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_d
     proc = start(cli("--config", path))
     wait_for_line(proc, "step 12 ")
     os.killpg(proc.pid, signal.SIGINT)                         # the whole group, workers too
-    out = proc.communicate(timeout=120)[0]
+    out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-3000:]
     assert "stopping on SIGINT" in out and "Traceback" not in out
     assert json.loads((tmp_path / "run" / "stopped.json").read_text())["signal"] == "SIGINT"
@@ -289,12 +289,12 @@ def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(
     proc = start(run_train, env=env)
     wait_for_line(proc, "step 12 ")
     os.killpg(proc.pid, signal.SIGTERM)                        # what SLURM and a terminal do
-    out = proc.communicate(timeout=300)[0]
+    out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-4000:]
     assert "stopping on SIGTERM" in out and "killed by signal" not in out
     assert len(torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["rng"]) == 2
     resumed = subprocess.run(run_train + ["--resume", "auto"], cwd=ROOT, capture_output=True,
-                             text=True, env={**os.environ, **env}, timeout=300)
+                             text=True, env={**os.environ, **env}, timeout=HANG_GUARD)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same(final_weights(str(tmp_path), "run"), ddp_reference)
 
@@ -311,7 +311,7 @@ def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_d
     assert f"is in use by pid {first.pid} on" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1 and in_flight.exists()
     os.killpg(first.pid, signal.SIGKILL)                       # a crash: the lock goes with it
-    first.communicate(timeout=60)
+    first.communicate(timeout=HANG_GUARD)
     third = run_script(*cli("--config", path, "--resume", "auto", "--set",
                             "trainer_params.max_steps=12")[1:])
     assert third.returncode == 0, third.stderr[-3000:]
@@ -322,7 +322,9 @@ def test_resume_refuses_changed_data_corrupt_checkpoints_and_strangers(demo_data
     import shutil
 
     import checkpoint as ck
-    from config import ConfigError, config_from_dict
+    import errors
+    from config import config_from_dict
+    from errors import ConfigError
     from runtime import Runtime
     from training import train
     data = tmp_path / "data"
@@ -343,7 +345,7 @@ def test_resume_refuses_changed_data_corrupt_checkpoints_and_strangers(demo_data
     ckpt_dir = tmp_path / "run" / "checkpoints"
     for name in os.listdir(ckpt_dir):                                  # every one damaged
         (ckpt_dir / name).write_bytes((ckpt_dir / name).read_bytes()[:200])
-    with pytest.raises(ck.CheckpointError, match="none of the .* is usable .*last.pt"):
+    with pytest.raises(errors.CheckpointError, match="none of the .* is usable .*last.pt"):
         train(longer, Runtime(), resume="auto", allow_data_change=True)
 
     path = write_config(tmp_path / "c.yaml", raw)
@@ -351,15 +353,14 @@ def test_resume_refuses_changed_data_corrupt_checkpoints_and_strangers(demo_data
     result = run_script(*cli("--config", path, "--resume", str(tmp_path / "notes.txt"))[1:])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "is not a PyTorch checkpoint (it holds text)" in result.stderr
-    import checkpoint as ck
     (tmp_path / "frame.png").write_bytes(b"\x89PNG\r\n\x1a\n....")
-    with pytest.raises(ck.CheckpointError, match="not a PyTorch checkpoint .it holds an image"):
+    with pytest.raises(errors.CheckpointError, match="not a PyTorch checkpoint .it holds an image"):
         ck.load_training_checkpoint(str(tmp_path / "frame.png"))
-    with pytest.raises(ck.CheckpointError, match="is a folder, not a PyTorch checkpoint"):
+    with pytest.raises(errors.CheckpointError, match="is a folder, not a PyTorch checkpoint"):
         ck.load_training_checkpoint(str(tmp_path))
     torch.save({"model": [1, 2], "config": {}, "step": "x", "epoch": 0, "optimizer": {},
                 "scheduler": {}, "rng": []}, tmp_path / "odd.pt")
-    with pytest.raises(ck.CheckpointError, match="has unusable model, config, step"):
+    with pytest.raises(errors.CheckpointError, match="has unusable model, config, step"):
         ck.load_training_checkpoint(str(tmp_path / "odd.pt"))
 
 
@@ -383,7 +384,7 @@ def test_a_worker_that_hangs_is_reported_not_waited_for(demo_data, tmp_path):
         "os.open = hang_in_workers\n")
     started = time.monotonic()
     result = subprocess.run(cli("--config", path), cwd=ROOT, capture_output=True, text=True,
-                            env={**os.environ, **env}, timeout=300)
+                            env={**os.environ, **env}, timeout=HANG_GUARD)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "gave no batch for 3 s" in result.stderr and "worker_timeout" in result.stderr
     assert time.monotonic() - started < 120
@@ -438,10 +439,10 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
     wait_for_line(proc, "step 4 ")                            # logged after every step
     os.killpg(proc.pid, sig)
     signalled = time.monotonic()
-    seen = wait_for_line(proc, "stopping on SIGTERM", timeout=60)
+    seen = wait_for_line(proc, "stopping on SIGTERM", timeout=HANG_GUARD)
     latency = time.monotonic() - signalled
     print(f"{sig.name}: signal to saved checkpoint {latency:.1f} s")
-    out = seen + proc.communicate(timeout=120)[0]
+    out = seen + proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-4000:]
     stopped = int(out.split("stopping on SIGTERM at step ")[1].split(";")[0])
     assert 4 < stopped <= 8, (latency, out[-3000:])   # the step under way, and two to agree
@@ -454,7 +455,8 @@ def test_a_resume_on_fewer_videos_makes_progress_and_one_on_another_batch_is_ref
     steps: the resume used to wait forever for an epoch that had already ended."""
     import shutil
 
-    from config import ConfigError, config_from_dict
+    from config import config_from_dict
+    from errors import ConfigError
     from runtime import Runtime
     from training import train
     data = tmp_path / "data"
@@ -472,7 +474,7 @@ def test_a_resume_on_fewer_videos_makes_progress_and_one_on_another_batch_is_ref
     path = write_config(tmp_path / "c.yaml", config_dict(str(data), str(tmp_path), "run", **{
         "trainer_params.max_steps": 9}))
     result = run_script(*cli("--config", path, "--resume", "auto", "--allow-data-change")[1:],
-                        timeout=180)                      # a guard against the old endless wait
+                        timeout=HANG_GUARD)                      # a guard against the old endless wait
     assert result.returncode == 0, result.stderr[-3000:]
     final = torch.load(tmp_path / "run" / "checkpoints" / "vae_final.pt", weights_only=True)
     assert final["step"] == 9 and final["steps_per_epoch"] == 2 and final["epoch"] == 4

@@ -8,8 +8,9 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from config import ConfigError, config_from_dict
+from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
+from errors import ConfigError
 from latent_action_model import CODE_GRIDS, LatentActionModel, refill_steps
 from runtime import Runtime
 from training import train
@@ -247,9 +248,9 @@ def test_resume_is_exact(demo_data, tmp_path, bottleneck):
     assert a["step"] == b["step"] == 12
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
-    for k, state in a["optimizer"]["state"].items():
+    for k, state in a["optimizer"]["model"]["state"].items():
         for name, value in state.items():
-            assert torch.equal(value, b["optimizer"]["state"][k][name]), (k, name)
+            assert torch.equal(value, b["optimizer"]["model"]["state"][k][name]), (k, name)
     assert len(os.listdir(tmp_path / "logs" / "resumed" / "images")) > 0
 
 

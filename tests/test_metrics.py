@@ -11,7 +11,8 @@ from skimage.filters import gaussian
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from metrics import (ImageMetrics, LpipsWeightsMissing, build_lpips, codebook_diagnostics,
-                     latent_diagnostics, summarize)
+                     latent_diagnostics)
+from stats import summarize
 from vanilla_vae_model import VanillaVAE
 
 

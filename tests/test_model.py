@@ -85,18 +85,59 @@ def test_reparameterize_uses_given_noise():
     assert torch.allclose(z, mu + noise * torch.exp(0.5 * logvar))
 
 
-def test_registry_names_classes():
-    assert MODELS["VanillaVAE"] is VanillaVAE
+SMALL = {"VanillaVAE": {"latent_dim": 4}, "BetaVAE": {"latent_dim": 4},
+         "VQVAE": {"num_embeddings": 4, "embedding_dim": 4},
+         "VAEGAN": {"latent_dim": 4, "feature_layer": 0},
+         "LatentActionModel": {"dim": 16, "quant_dim": 4, "patch_size": 8, "spatial_depth": 1,
+                               "temporal_depth": 1, "dim_head": 8, "heads": 2}}
+
+
+def _small_params(name):
+    base = {} if name == "LatentActionModel" else {"in_channels": 3, "hidden_dims": [8, 16]}
+    return {"name": name, "image_size": 32, **base, **SMALL[name]}
+
+
+def test_each_config_name_builds_its_own_class_and_every_family_is_registered():
+    """model_params.name is what checkpoints record: it must build the class of that name, and
+    every Autoencoder family in the model files must be reachable by one."""
+    import inspect
+
+    import latent_action_model
+    import vae_gan_model
+    import vanilla_vae_model
+    import vq_vae_model
+    from autoencoder import Autoencoder
+    from models import build_model
+    families = {cls for module in (vanilla_vae_model, vq_vae_model, vae_gan_model,
+                                   latent_action_model)
+                for _, cls in inspect.getmembers(module, inspect.isclass)
+                if issubclass(cls, Autoencoder) and cls is not Autoencoder}
+    assert families == set(MODELS.values())
+    for name, cls in MODELS.items():
+        assert cls.__name__ == name
+        assert type(build_model(_small_params(name))) is cls
 
 
 def test_every_registered_family_implements_the_model_interface():
-    from models import AutoencoderModel
-    small = {"in_channels": 3, "hidden_dims": [8, 16], "image_size": 32}
-    pairs = {"dim": 16, "quant_dim": 4, "image_size": 32, "patch_size": 8, "spatial_depth": 1,
-             "temporal_depth": 1, "dim_head": 8, "heads": 2}
+    """The five members without a default are the family's own, and one training step's worth
+    of calls runs: forward, loss_function, updates over exactly its optimizer groups,
+    evaluate_batch, reconstruct."""
+    from autoencoder import Autoencoder
+    from models import build_model, item_shape, reconstruction_target
     for name, cls in MODELS.items():
-        extra = ({"num_embeddings": 4, "embedding_dim": 4} if name == "VQVAE" else
-                 {"latent_dim": 4, **({"feature_layer": 0} if name == "VAEGAN" else {})})
-        model = cls(**pairs) if getattr(cls, "takes_pairs", False) else cls(**small, **extra)
-        assert isinstance(model, AutoencoderModel), name
+        for member in ("forward", "loss_function", "evaluate_batch", "reconstruct", "sample"):
+            assert getattr(cls, member) is not getattr(Autoencoder, member), (name, member)
+        params = _small_params(name)
+        model = build_model(params)
+        x = torch.rand(2, *item_shape(params)) * 2 - 1
+        noise = torch.randn(2, model.noise_dim) if model.noise_dim else None
+        losses = model.loss_function(x, model(x, noise), 1e-3)
+        assert losses["loss"].dim() == 0 and torch.isfinite(losses["loss"]), name
+        updates = model.updates(losses)
+        assert set(updates) == set(model.optimizer_groups()), name
+        assert all(objective.dim() == 0 for objective, _ in updates.values()), name
+        model.eval()
+        recon, metrics, _ = model.evaluate_batch(x)
+        assert recon.shape == reconstruction_target(x).shape == model.reconstruct(x).shape, name
+        assert all(v.shape == (2,) for v in metrics.values()), name
         assert isinstance(model.noise_dim, int) and isinstance(model.not_applicable, dict), name

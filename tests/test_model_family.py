@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
-from dataset_sthv2 import build_split, collate_frames
+from dataset_sthv2 import build_split
+from loaders import collate_frames
 from models import MODELS, build_model
 from runtime import Runtime
 from trainer import Trainer
@@ -279,7 +280,7 @@ def test_vq_vae_reconstruction_term_is_the_designs_sum_by_default():
 
 def test_a_vq_vae_checkpoint_from_before_recon_reduction_resumes_with_mean(demo_data, tmp_path):
     from checkpoint import resume_point
-    from config import ConfigError
+    from errors import ConfigError
     from training import train
     cfg = config_from_dict(family_config(demo_data, str(tmp_path), "VQVAE", **{
         "trainer_params.max_steps": 2}))

@@ -7,21 +7,23 @@ import shutil
 import pytest
 import torch
 
-import dataset_sthv2 as ds
 from config import DataParams, config_from_dict
 from conftest import ROOT, run_script, tiny_config
+import dataset_sthv2 as ds
+import errors
+import frame_index
 from pack_frames import pack
 from runtime import Runtime
 from training import train
 
 
 def test_shards_round_trip_every_byte_and_serve_the_same_dataset(demo_data, tmp_path):
-    tree = ds.load_index(demo_data, str(tmp_path / "cache"))
+    tree = frame_index.load_index(demo_data, str(tmp_path / "cache"))
     report = pack(demo_data, str(tmp_path / "packed"), shard_size=50_000,
                   index_cache_dir=str(tmp_path / "cache"))
     assert report["frames"] == len(tree) and report["shards"] > 1
-    packed = ds.load_index(str(tmp_path / "packed"))
-    assert isinstance(packed, ds.PackedFrameIndex) and packed.videos == tree.videos
+    packed = frame_index.load_index(str(tmp_path / "packed"))
+    assert isinstance(packed, frame_index.PackedFrameIndex) and packed.videos == tree.videos
     for v in range(len(tree.videos)):
         for pos in range(tree.num_frames(v)):
             with open(tree.frame_path(v, pos), "rb") as f:
@@ -38,7 +40,7 @@ def test_shards_round_trip_every_byte_and_serve_the_same_dataset(demo_data, tmp_
 def test_a_corrupt_frame_inside_a_shard_is_reported_by_its_source_name(demo_data, tmp_path):
     pack(demo_data, str(tmp_path / "packed"), shard_size=10 ** 9,
          index_cache_dir=str(tmp_path / "cache"))
-    packed = ds.load_index(str(tmp_path / "packed"))
+    packed = frame_index.load_index(str(tmp_path / "packed"))
     shard = tmp_path / "packed" / packed.shard_names[0]
     data = bytearray(shard.read_bytes())
     first = int(packed.start[0]), int(packed.length[0])
@@ -81,10 +83,10 @@ def test_training_ready_shards_serve_the_frames_the_tree_path_produces(demo_data
         assert mse == 0 or 10 * math.log10(255 ** 2 / mse) > 35, i
         assert float((a - b.float()).abs().mean()) < 3, i
     for size, resize in ((64, "stretch"), (32, "crop")):
-        with pytest.raises(ds.DataError, match="pack again with pack_frames.py"):
+        with pytest.raises(errors.DataError, match="pack again with pack_frames.py"):
             ds.build_split(DataParams(data_path=str(tmp_path / "ready"), image_size=size,
                                       resize=resize), "train", size)
-    with pytest.raises(ds.DataError, match="needs the original frames"):
+    with pytest.raises(errors.DataError, match="needs the original frames"):
         ds.build_split(DataParams(data_path=str(tmp_path / "ready")), "val", None, pair_offset=2)
 
     cfg = tiny_config(str(tmp_path / "ready"), str(tmp_path / "logs"), **{

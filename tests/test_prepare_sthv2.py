@@ -14,13 +14,14 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script, tiny_config
+from conftest import HANG_GUARD, ROOT, run_script, tiny_config
 
 av = pytest.importorskip("av", reason="PyAV (requirements.txt) decodes the .webm videos")
 
-import prepare_sthv2 as prep  # noqa: E402
-from dataset_sthv2 import PACKED_INDEX, FrameIndex, load_index  # noqa: E402
+from errors import run_main  # noqa: E402
+from frame_index import PACKED_INDEX, FrameIndex, load_index  # noqa: E402
 from make_demo_data import WEBM_VIDEOS, make_demo_data  # noqa: E402
+import prepare_sthv2 as prep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +176,7 @@ def test_a_killed_run_resumes_to_the_output_of_an_uninterrupted_one(download, tm
             return out.is_dir() and len([n for n in os.listdir(out) if n.isdigit()]) >= 3
         return state.is_dir() and len([n for n in os.listdir(state) if n.endswith(".json")
                                        and n.startswith("shard_")]) >= 2
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + HANG_GUARD
     while not progress_made() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
@@ -211,7 +212,7 @@ def prepare_main(monkeypatch, capsys, *args):
     """prepare_sthv2.py's main() in this process: (exit code, stderr)."""
     monkeypatch.setattr(sys, "argv", ["prepare_sthv2.py", *args])
     with pytest.raises(SystemExit) as exit_info:
-        prep.main()
+        run_main(prep.main)
     return exit_info.value.code, capsys.readouterr().err
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from labels import read_templates
 import make_demo_data as demo
-from probe import FeatureCache, baselines, read_templates, run_probe
+from probe import FeatureCache, baselines, run_probe
 
 OFFSET = 4
 

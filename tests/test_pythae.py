@@ -18,7 +18,8 @@ from conftest import ROOT, run_script
 pythae = pytest.importorskip("pythae.models")
 from pythae.data.datasets import DatasetOutput  # noqa: E402
 
-from pythae_adapter import PythaeError, load_pythae  # noqa: E402
+from errors import PythaeError  # noqa: E402
+from pythae_adapter import load_pythae
 
 CPU = torch.device("cpu")
 SIZE = 32

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-from config import ConfigError, config_from_dict
+from config import config_from_dict
 from conftest import tiny_config
-from runtime import Runtime, TrainingError
+from errors import ConfigError, TrainingError
+from runtime import Runtime
 from training import train
 
 wandb = pytest.importorskip("wandb")

@@ -11,9 +11,10 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from checkpoint import REQUIRED_KEYS
 from config import config_from_dict
 from conftest import run_script, tiny_config, write_config
-from runtime import Runtime, TrainingError
-from training import run, train
+from errors import TrainingError
 from models import build_model
+from runtime import Runtime
+from training import run, train
 from vanilla_vae_model import VanillaVAE
 
 CONTRACT_SCALARS = {"train/loss", "train/recon_loss", "train/kld", "train/lr", "train/grad_norm",
@@ -64,22 +65,29 @@ def test_run_writes_the_contract_outputs(demo_data, tmp_path):
 
 
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(demo_data, tmp_path):
+    """Also from a checkpoint in the layout written before optimizer states were stored by
+    group (one optimizer's state as it is)."""
     def config(name, steps):
-        return write_config(tmp_path / f"{name}.yaml", tiny_config(
+        return config_from_dict(tiny_config(
             demo_data, str(tmp_path / "logs"), **{
                 "logging_params.name": name, "trainer_params.max_steps": steps,
                 "data_params.num_workers": 1, "exp_params.hflip": True,
                 "exp_params.warmup_steps": 3, "exp_params.scheduler_gamma": 0.9}))
 
-    train_cli(config("straight", 14))                         # 2N = 14 steps, 5 per epoch
-    train_cli(config("resumed", 7))                           # stops mid-epoch at N = 7
-    train_cli(config("resumed", 14), "--resume", "auto")
+    train(config("straight", 14), Runtime())                  # 2N = 14 steps, 5 per epoch
+    halfway = train(config("resumed", 7), Runtime())          # stops mid-epoch at N = 7
+    old = torch.load(halfway, weights_only=True)
+    old["optimizer"], old["scheduler"] = old["optimizer"]["model"], old["scheduler"]["model"]
+    torch.save(old, tmp_path / "old_layout.pt")
+    train(config("resumed", 14), Runtime(), resume="auto")
+    train(config("legacy", 14), Runtime(), resume=str(tmp_path / "old_layout.pt"))
     a = torch.load(tmp_path / "logs/straight/checkpoints/vae_final.pt", weights_only=True)
-    b = torch.load(tmp_path / "logs/resumed/checkpoints/vae_final.pt", weights_only=True)
-    assert a["step"] == b["step"] == 14
-    assert_same_tensors(a["model"], b["model"])
-    assert_same_tensors(a["optimizer"]["state"], b["optimizer"]["state"])
-    assert a["scheduler"] == b["scheduler"]
+    for name in ("resumed", "legacy"):
+        b = torch.load(tmp_path / f"logs/{name}/checkpoints/vae_final.pt", weights_only=True)
+        assert a["step"] == b["step"] == 14
+        assert_same_tensors(a["model"], b["model"])
+        assert_same_tensors(a["optimizer"], b["optimizer"])
+        assert a["scheduler"] == b["scheduler"]
 
 
 def test_a_new_learning_rate_on_resume_takes_effect_from_the_resume_step(demo_data, tmp_path):
@@ -90,8 +98,8 @@ def test_a_new_learning_rate_on_resume_takes_effect_from_the_resume_step(demo_da
                        "--set", "trainer_params.max_steps=10")
     assert "exp_params.LR 0.0005 (checkpoint: 0.001)" in result.stdout
     final = torch.load(tmp_path / "logs/run/checkpoints/vae_final.pt", weights_only=True)
-    assert final["scheduler"]["base_lrs"] == [5e-4]
-    assert final["optimizer"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * 0.95 ** 2)
+    assert final["scheduler"]["model"]["base_lrs"] == [5e-4]
+    assert final["optimizer"]["model"]["param_groups"][0]["lr"] == pytest.approx(5e-4 * 0.95 ** 2)
 
 
 def test_existing_run_is_never_overwritten_without_resume(demo_data, tmp_path):
@@ -132,7 +140,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
         train(cfg, Runtime())
     saved = torch.load(tmp_path / "logs/run/checkpoints/last.pt", weights_only=True)
     assert saved["step"] == 4                                 # no update was ever applied:
-    assert all(s["step"] == 0 and not s["exp_avg"].any() for s in saved["optimizer"]["state"].values())
+    assert all(s["step"] == 0 and not s["exp_avg"].any()
+               for s in saved["optimizer"]["model"]["state"].values())
     torch.manual_seed(cfg.exp_params.seed)                    # the run's initialisation
     for name, p in build_model(cfg.model_params).named_parameters():
         assert torch.equal(saved["model"][name], p), name
@@ -183,8 +192,8 @@ def test_hflip_switch_reaches_the_training_batches(demo_data, tmp_path):
 
 
 def test_a_failed_start_writes_nothing_and_a_finished_run_is_left_alone(demo_data, tmp_path):
-    from checkpoint import CheckpointError
-    from dataset_sthv2 import DataError
+    from errors import CheckpointError
+    from errors import DataError
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError, match="no frames found"):

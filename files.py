@@ -1,0 +1,75 @@
+"""Writing files so that a kill at any moment leaves the old file or the complete new one.
+
+Part of the bottom layer: standard library only. Every writer of a file that a later run
+reads (checkpoints, index caches, shards, arrays, configs, reports) goes through here.
+"""
+import contextlib
+import os
+import re
+import shutil
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode="wb", **open_args):
+    """Open a temp file beside `path` for writing; on leaving the block, flush, fsync and
+    rename it over `path`: a kill at any moment leaves either the old file or the complete new
+    one. On an error the temp file is removed and `path` is untouched. Every writer of a file
+    that a later run reads (checkpoints, index caches, shards, arrays, configs) goes through
+    here."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, mode, **open_args) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path):
+    """A temporary folder beside `path` to fill; on leaving the block it is renamed to `path`,
+    so a killed process leaves either no `path` or a complete one (the hidden temp folder is
+    removed on an error here, or by remove_stale_temps after a kill)."""
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp.{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        yield tmp
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_stale_temps(folder):
+    """Remove what atomic_write and atomic_dir leave in `folder` when a process is killed
+    mid-write. Only for a folder this process holds (a lock): a live writer's temp goes too."""
+    for name in os.listdir(folder):
+        if re.search(r"\.tmp\.\d+$", name):
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path)
+
+
+def copy_atomic(src, dst):
+    """Copy the bytes of `src` to `dst` through atomic_write."""
+    with atomic_write(dst) as f, open(src, "rb") as source:
+        shutil.copyfileobj(source, f)
+
+
+def link_atomic(src, dst):
+    """Make `dst` a copy of `src` atomically; a hard link when the filesystem has them."""
+    tmp = f"{dst}.tmp.{os.getpid()}"
+    try:
+        os.link(src, tmp)
+    except OSError:                     # no hard links here: copy the bytes
+        copy_atomic(src, dst)
+        return
+    os.replace(tmp, dst)
