@@ -39,7 +39,7 @@ demo: venv $(DEMO_DATA)/something-something-v2-train.json
 	@echo "In a new shell, run 'source $(VENV)/bin/activate' before the README's python commands."
 
 test: venv-dev
-	$(PY) -m pytest -q -n 2 tests
+	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
 clean-demo:
 	rm -rf $(DEMO_DATA) $(DEMO_RUN)

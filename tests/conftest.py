@@ -52,8 +52,38 @@ def write_config(path, cfg):
     return str(path)
 
 
+def run_in_process(script, *args, env=None):
+    """`python SCRIPT ARGS` run in this process, as `python` runs it (as __main__, its exit
+    code from SystemExit): the CompletedProcess without starting an interpreter and importing
+    torch again; `env` is set for the call. For tests whose subject is not the process itself
+    (signals, kills, launchers and anything read from the environment at import time use
+    run_script)."""
+    import contextlib
+    import io
+    import runpy
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, cwd, environ = sys.argv, os.getcwd(), dict(os.environ)
+    sys.argv = [script, *args]
+    os.environ.update(env or {})
+    os.chdir(ROOT)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        if isinstance(e.code, str):
+            err.write(e.code + "\n")
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
+    return subprocess.CompletedProcess([script, *args], code, out.getvalue(), err.getvalue())
+
+
 def run_script(*args, timeout=HANG_GUARD, env=None):
-    """Run a project script with the test interpreter; returns the CompletedProcess."""
+    """Run a project script with the test interpreter in a new process; returns the
+    CompletedProcess."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script, tiny_config, write_config
+from conftest import run_in_process, tiny_config, write_config
 from errors import DataError
 from image_datasets import CelebAArrays
 
@@ -34,7 +34,7 @@ def celeba(tmp_path):
 
 
 def prepare(*args):
-    return run_script("prepare_celeba.py", *args, "-j", "2", "--skip-download")
+    return run_in_process("prepare_celeba.py", *args, "-j", "2", "--skip-download")
 
 
 def expected_image(path, crop=148, size=32):
@@ -113,7 +113,7 @@ def test_zip_source_gives_the_same_arrays(celeba, tmp_path):
 def test_missing_source_and_download_without_gdown_are_clear(tmp_path):
     result = prepare("--src", str(tmp_path / "nope"), "-o", str(tmp_path / "o"))
     assert result.returncode == 2 and "does not exist" in result.stderr
-    result = run_script("prepare_celeba.py", "--src", str(tmp_path / "celeba.zip"), "-o",
+    result = run_in_process("prepare_celeba.py", "--src", str(tmp_path / "celeba.zip"), "-o",
                         str(tmp_path / "o"), "--gdrive-url", "https://example.invalid/x")
     assert result.returncode == 2 and "pip install gdown" in result.stderr
 
@@ -125,10 +125,10 @@ def test_trains_and_evaluates_on_celeba_arrays(celeba, tmp_path):
         "data_params.dataset": "celeba", "data_params.train_batch_size": 4,
         "data_params.val_batch_size": 4, "trainer_params.max_steps": 4,
         "data_params.num_workers": 1})
-    result = run_script("train_single_gpu.py", "--config", write_config(tmp_path / "c.yaml", cfg),
+    result = run_in_process("train_single_gpu.py", "--config", write_config(tmp_path / "c.yaml", cfg),
                         "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]
-    result = run_script("evaluate.py", "--checkpoint",
+    result = run_in_process("evaluate.py", "--checkpoint",
                         str(tmp_path / "logs/run/checkpoints/vae_final.pt"), "--output",
                         str(tmp_path / "eval"), "--dataset", "celeba", "--lpips-net", "none", "--fid", "none",
                         "--num-samples", "4", "--device", "cpu", "--workers", "0")

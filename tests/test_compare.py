@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import compare_with_laq as cmp
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_process, run_script
 from frame_files import load_frame
 import laq_loader
 
@@ -42,7 +42,9 @@ def laq_checkpoint(tmp_path_factory):
 
 
 def compare_cli(*args, env=None):
-    return run_script("compare_with_laq.py", *args, "--device", "cpu", env={**NO_GPU, **(env or {})})
+    if env:
+        return run_script("compare_with_laq.py", *args, "--device", "cpu", env={**NO_GPU, **env})
+    return run_in_process("compare_with_laq.py", *args, "--device", "cpu")
 
 
 def test_trainer_dependencies_are_really_absent():

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import yaml
 
 from config import SECTIONS, config_from_dict, load_config
-from conftest import ROOT, run_script, tiny_config, write_config
+from conftest import ROOT, run_in_process, tiny_config, write_config
 from errors import ConfigError
 
 
@@ -108,7 +108,7 @@ def test_unreadable_config_files(tmp_path):
 def test_cli_reports_config_errors_in_one_line_before_training(raw, tmp_path):
     raw["data_params"]["num_workers"] = "four"
     path = write_config(tmp_path / "c.yaml", raw)
-    result = run_script("train_single_gpu.py", "--config", path)
+    result = run_in_process("train_single_gpu.py", "--config", path)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {path}: data_params.num_workers: expected int, got str 'four'"]

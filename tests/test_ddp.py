@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_script, tiny_config, write_config
+from conftest import run_in_process, run_script, tiny_config, write_config
 
 
 def torchrun(config_path, nproc=2):
@@ -65,8 +65,8 @@ def test_two_rank_run_logs_and_checkpoints_once_and_matches_one_process(demo_dat
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not [k for k in ckpt["model"] if k.startswith("module.")]
 
-    run_script_ok = run_script("train_single_gpu.py", "--config",
-                               config(demo_data, tmp_path, "single", **sync), "--device", "cpu")
+    run_script_ok = run_in_process("train_single_gpu.py", "--config",
+                                   config(demo_data, tmp_path, "single", **sync), "--device", "cpu")
     assert run_script_ok.returncode == 0, run_script_ok.stderr[-3000:]
     torchrun(config(demo_data, tmp_path, "ddp_plain"))
     single, synced, plain = (final_model(tmp_path, n) for n in ("single", "ddp_sync", "ddp_plain"))

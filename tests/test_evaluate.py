@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import run_script
+from conftest import run_in_process
 from frame_files import load_frame
 
 SUMMARY_KEYS = {"mean", "std", "ci95"}
@@ -16,7 +16,7 @@ SUMMARY_KEYS = {"mean", "std", "ci95"}
 
 def evaluate_cli(*args, env=None):
     fid = [] if any(a.startswith("--fid") for a in args) else ["--fid", "none"]
-    return run_script("evaluate.py", *args, *fid, "--device", "cpu", "--workers", "0", env=env)
+    return run_in_process("evaluate.py", *args, *fid, "--device", "cpu", "--workers", "0", env=env)
 
 
 def test_evaluate_writes_metrics_csv_and_reconstructions(trained_checkpoint, demo_data, tmp_path):

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import HANG_GUARD, ROOT, run_script, tiny_config, write_config
+from conftest import HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, write_config
 
 
 def cli(*args):
@@ -51,7 +51,7 @@ def reference(demo_data, tmp_path_factory):
     """An uninterrupted 40-step run, the yardstick for every interrupted one."""
     save_dir = str(tmp_path_factory.mktemp("reference"))
     path = write_config(os.path.join(save_dir, "c.yaml"), config_dict(demo_data, save_dir, "ref"))
-    result = run_script(*cli("--config", path)[1:])
+    result = run_in_process(*cli("--config", path)[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     return final_weights(save_dir, "ref")
 
@@ -206,7 +206,7 @@ def test_unwritable_run_directory_is_refused_up_front(demo_data, tmp_path):
     blocker = tmp_path / "not_a_dir"
     blocker.write_text("")
     path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(blocker), "run"))
-    result = run_script(*cli("--config", path)[1:])
+    result = run_in_process(*cli("--config", path)[1:])
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: logging_params.save_dir: cannot write to " \
         f"{blocker}/run (Not a directory)"
@@ -228,7 +228,7 @@ def test_broken_frames_are_counted_and_training_goes_on(demo_data, tmp_path):
         open(frame, "w").write("gone")
     path = write_config(tmp_path / "c.yaml", config_dict(str(data), str(tmp_path), "run", **{
         "trainer_params.max_steps": 0, "trainer_params.max_epochs": 2}))
-    result = run_script(*cli("--config", path)[1:])
+    result = run_in_process(*cli("--config", path)[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     log = (tmp_path / "run/train.log").read_text()
     assert "1 video folders hold no frames" in log
@@ -248,7 +248,7 @@ def test_malicious_checkpoint_is_refused_for_resume(demo_data, tmp_path):
 
     torch.save({"model": Payload(), "step": 1}, tmp_path / "evil.pt")
     path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run"))
-    result = run_script(*cli("--config", path, "--resume", str(tmp_path / "evil.pt"))[1:])
+    result = run_in_process(*cli("--config", path, "--resume", str(tmp_path / "evil.pt"))[1:])
     assert result.returncode == 2 and "refused" in result.stderr
     assert not (tmp_path / "pwned").exists()
 
@@ -422,14 +422,14 @@ sys.meta_path.insert(0, SlowTrainer)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
         demo_data, tmp_path, sig):
-    """2 ranks x 2 workers, 1.5 s steps, the signal to run_train.sh's process group as SLURM
+    """2 ranks x 2 workers, 1 s steps, the signal to run_train.sh's process group as SLURM
     sends it: saved and exit 75 within a few steps of the signal, so within seconds here
     (ranks used to exchange the flag every 10 steps: 15-30 s). Counted in steps, not seconds,
     so that a slower or busier machine does not fail it."""
     hook = tmp_path / "hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SLOW_STEPS)
-    env = {"RUN_TRAIN_NPROC": "2", "OMP_NUM_THREADS": "1", "SLOW_STEP_S": "1.5",
+    env = {"RUN_TRAIN_NPROC": "2", "OMP_NUM_THREADS": "1", "SLOW_STEP_S": "1.0",
            "PYTHONPATH": str(hook)}
     path = write_config(tmp_path / "run.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{

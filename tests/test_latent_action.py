@@ -9,7 +9,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from config import config_from_dict
-from conftest import run_script, tiny_config, write_config
+from conftest import run_in_process, run_script, tiny_config, write_config
 from errors import ConfigError
 from latent_action_model import CODE_GRIDS, LatentActionModel, refill_steps
 from runtime import Runtime
@@ -171,7 +171,7 @@ def test_a_bad_model_value_is_one_line_exit_2_and_nothing_written(demo_data, tmp
     directory exists, as every other config error does."""
     cfg = tiny_config(demo_data, str(tmp_path / "logs"))
     cfg["model_params"].update(name="BetaVAE", beta=-1.0)
-    result = run_script("train_single_gpu.py", "--config", write_config(tmp_path / "c.yaml", cfg),
+    result = run_in_process("train_single_gpu.py", "--config", write_config(tmp_path / "c.yaml", cfg),
                         "--device", "cpu")
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr.strip().splitlines() == [
@@ -257,7 +257,7 @@ def test_resume_is_exact(demo_data, tmp_path, bottleneck):
 def test_evaluate_points_latent_action_models_to_the_comparison(demo_data, tmp_path):
     path = train(config_from_dict(lam_config(demo_data, str(tmp_path / "logs"), **{
         "trainer_params.max_steps": 2})), Runtime())
-    result = run_script("evaluate.py", "--checkpoint", path, "--output", str(tmp_path / "ev"),
+    result = run_in_process("evaluate.py", "--checkpoint", path, "--output", str(tmp_path / "ev"),
                         "--data-path", demo_data, "--lpips-net", "none", "--fid", "none",
                         "--device", "cpu")
     assert result.returncode == 2

@@ -6,7 +6,7 @@ import sys
 
 import torch
 
-from conftest import HANG_GUARD, ROOT, run_script, tiny_config, write_config
+from conftest import HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, write_config
 from test_model_family import family_config
 
 
@@ -51,7 +51,7 @@ def test_run_train_sh_checks_the_config_before_launching(demo_data, tmp_path):
 
 def test_test_setup_passes_on_a_good_setup_and_names_the_fix_otherwise(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(demo_data, str(tmp_path / "logs")))
-    ok = run_script("test_setup.py", "--config", path, "--device", "cpu")
+    ok = run_in_process("test_setup.py", "--config", path, "--device", "cpu")
     assert ok.returncode == 0, ok.stdout[-3000:]
     for check in ("package lpips", "config", "data layout", "sample batch",
                   "model training step", "log directory"):
@@ -59,7 +59,7 @@ def test_test_setup_passes_on_a_good_setup_and_names_the_fix_otherwise(demo_data
     assert re.search(r" ✓  sample batch +batch \(8, 3, 32, 32\) torch\.uint8", ok.stdout)
     assert re.search(r" ✓  model training step +VanillaVAE [\d,]+ parameters, one step of 2 on cpu",
                      ok.stdout)
-    bad = run_script("test_setup.py", "--config", path, "--set",
+    bad = run_in_process("test_setup.py", "--config", path, "--set",
                      f"data_params.data_path={tmp_path / 'missing'}")
     assert bad.returncode == 2                                 # bad input, as every script
     assert " ✗  config" in bad.stdout and "fix:" in bad.stdout

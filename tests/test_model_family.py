@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from config import config_from_dict
-from conftest import run_script, tiny_config, write_config
+from conftest import run_in_process, tiny_config, write_config
 from dataset_sthv2 import build_split
 from loaders import collate_frames
 from models import MODELS, build_model
@@ -174,7 +174,7 @@ def test_three_optimizer_resume_is_exact(demo_data, tmp_path):
 
     for args in ([config("straight", 12)], [config("resumed", 7)],
                  [config("resumed", 12), "--resume", "auto"]):
-        result = run_script("train_single_gpu.py", "--config", *args, "--device", "cpu")
+        result = run_in_process("train_single_gpu.py", "--config", *args, "--device", "cpu")
         assert result.returncode == 0, result.stderr[-3000:]
     a = torch.load(tmp_path / "logs/straight/checkpoints/vae_final.pt", weights_only=True)
     b = torch.load(tmp_path / "logs/resumed/checkpoints/vae_final.pt", weights_only=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import DataParams, config_from_dict
-from conftest import ROOT, run_script, tiny_config
+from conftest import ROOT, run_in_process, run_script, tiny_config
 import dataset_sthv2 as ds
 import errors
 import frame_index
@@ -96,14 +96,15 @@ def test_training_ready_shards_serve_the_frames_the_tree_path_produces(demo_data
 
 
 def test_bench_train_and_data_print_their_json_line(demo_data, tmp_path):
-    train = run_script("bench.py", "train", "--config", os.path.join(ROOT, "configs", "demo.yaml"),
-                       "--steps", "2", "--warmup", "1", "--batch-size", "4", "--device", "cpu")
+    train = run_in_process("bench.py", "train", "--config",
+                           os.path.join(ROOT, "configs", "demo.yaml"), "--steps", "2", "--warmup",
+                           "1", "--batch-size", "4", "--device", "cpu")
     assert train.returncode == 0, train.stderr[-3000:]
     result = json.loads(train.stdout.strip().splitlines()[-1])
     assert {"images_per_sec", "step_ms", "gflop_per_image", "mfu", "peak_mem_mb", "device"} <= set(result)
     assert result["mfu"] is None and result["device"] == "cpu" and result["images_per_sec"] > 0
     assert 0.2 < result["gflop_per_image"] < 0.3                  # the 64 px demo model
-    data = run_script("bench.py", "data", "--data-path", demo_data, "--workers", "2",
+    data = run_in_process("bench.py", "data", "--data-path", demo_data, "--workers", "2",
                       "--batches", "2", "--batch-size", "4", "--image-size", "32",
                       "--index-cache-dir", str(tmp_path / "cache"), "--device", "cpu",
                       "--target-images-per-sec", "1000", "--pack-dir", str(tmp_path))
@@ -131,7 +132,7 @@ def test_bench_laq_times_one_pass_against_two(tmp_path):
     small = {"dim": 32, "quant_dim": 8, "codebook_size": 8, "image_size": 32, "patch_size": 8,
              "spatial_depth": 2, "temporal_depth": 1, "dim_head": 8, "heads": 2, "code_seq_len": 4}
     (tmp_path / "laq.yaml").write_text(yaml.safe_dump(small))
-    result = run_script("bench.py", "laq", "--laq-repo", os.path.join(ROOT, "tests", "laq_standin"),
+    result = run_in_process("bench.py", "laq", "--laq-repo", os.path.join(ROOT, "tests", "laq_standin"),
                         "--laq-config", str(tmp_path / "laq.yaml"), "--batches", "1",
                         "--rounds", "2", "--device", "cpu")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import ROOT, run_script
+from conftest import ROOT, run_in_process, run_script
 
 pythae = pytest.importorskip("pythae.models")
 from pythae.data.datasets import DatasetOutput  # noqa: E402
@@ -250,7 +250,7 @@ def test_every_pickled_file_is_refused_before_anything_is_unpickled(name, vae_fo
     with pytest.raises(PythaeError, match=f"holds {name}: pickled code"):
         load_pythae(str(vae_folder), CPU)
     assert not marker.exists()
-    result = run_script("evaluate.py", "--checkpoint", str(vae_folder), "--output",
+    result = run_in_process("evaluate.py", "--checkpoint", str(vae_folder), "--output",
                         str(tmp_path / "out"), "--dataset", "images", "--data-path",
                         image_folder(tmp_path / "imgs", images(2)), "--fid", "none",
                         "--lpips-net", "none", "--device", "cpu") if name == "metric.pkl" else None

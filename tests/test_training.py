@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from checkpoint import REQUIRED_KEYS
 from config import config_from_dict
-from conftest import run_script, tiny_config, write_config
+from conftest import run_in_process, tiny_config, write_config
 from errors import TrainingError
 from models import build_model
 from runtime import Runtime
@@ -23,7 +23,7 @@ CONTRACT_IMAGES = {"images/reconstructions", "images/samples"}
 
 
 def train_cli(config_path, *extra):
-    result = run_script("train_single_gpu.py", "--config", config_path, "--device", "cpu", *extra)
+    result = run_in_process("train_single_gpu.py", "--config", config_path, "--device", "cpu", *extra)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -107,7 +107,7 @@ def test_existing_run_is_never_overwritten_without_resume(demo_data, tmp_path):
         demo_data, str(tmp_path / "logs"), **{"trainer_params.max_steps": 2}))
     train_cli(path)
     before = open(tmp_path / "logs/run/checkpoints/last.pt", "rb").read()
-    result = run_script("train_single_gpu.py", "--config", path, "--device", "cpu")
+    result = run_in_process("train_single_gpu.py", "--config", path, "--device", "cpu")
     assert result.returncode == 2 and "--resume auto" in result.stderr
     assert open(tmp_path / "logs/run/checkpoints/last.pt", "rb").read() == before
 
@@ -211,7 +211,7 @@ def test_a_failed_start_writes_nothing_and_a_finished_run_is_left_alone(demo_dat
     before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()}
     assert train(cfg, Runtime(), resume="auto") == final
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file()} == before
-    again = run_script("train_single_gpu.py", "--config", write_config(
+    again = run_in_process("train_single_gpu.py", "--config", write_config(
         tmp_path / "c.yaml", cfg.to_dict()), "--device", "cpu", "--resume", "auto")
     assert again.returncode == 0 and "the run finished at step 4" in again.stdout
     assert "nothing to do" in again.stdout
