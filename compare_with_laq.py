@@ -19,6 +19,7 @@ extra rows on the same pairs and target: LAQ's shape with a discrete or a contin
 docs/comparison.md says how to read every output.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -61,6 +62,9 @@ def parse_args(argv=None):
                              "the checkpoint's data_params.resize)")
     parser.add_argument("--laq-resize", choices=["crop", "stretch"], default="stretch",
                         help="how LAQ's frames are prepared (default: stretch, as LAPA trains)")
+    parser.add_argument("--controllability", choices=["pairs", "none"], default="pairs",
+                        help="pairs: also decode each current frame with another pair's action "
+                             "(and, for latent action models, a prior draw): delta PSNR")
     parser.add_argument("--probe", action="store_true",
                         help="linear probe of the action template (DIR/probe.json)")
     parser.add_argument("--probe-pairs", type=int, default=500,
@@ -101,10 +105,12 @@ from laq_loader import LaqRunner, load_laq
 from metrics import ImageMetrics, build_fid, codebook_diagnostics, latent_summary
 from parallel import progress
 from runtime import pick_device
-from stats import CI_METHOD
+from stats import CI_METHOD, PAIRED_METHOD, entropy_bits, paired_difference, share, summarize
 from vanilla_vae_model import VanillaVAE
 
 FIGURE_ROWS = 8
+FID_MIN_IMAGES = 1000
+BASELINES = ("copy_current", "mean_colour")
 OVERLAP_NOTE = ("LAQ's trainer reads every video folder under its data folder: unless LAQ was "
                 "trained on a train-only folder, these {split} videos were in its training data "
                 "(--laq-train-videos FILE excludes the videos it trained on)")
@@ -273,10 +279,19 @@ class Geometry:
 # --- the comparison -------------------------------------------------------------------------
 
 @torch.no_grad()
-def compare(vae, runner, extras, pairs, metrics, fid, geometry, batch_size, device, picks=()):
-    """Score every model on every readable pair; returns rows, per-model latents ({model: [batch
-    dicts]}: the VAE's and each extra model's) and LAQ codes, and the picked pairs' pictures.
-    `extras`: {name: latent action model trained here}, fed the pair as it was trained."""
+def compare(vae, runner, extras, pairs, metrics, fid, geometry, batch_size, device, picks=(),
+            controllability=True):
+    """Score every model and the two baselines on every readable pair; returns rows, per-model
+    latents ({model: [batch dicts]}: the VAE's and each extra model's) and LAQ codes, and the
+    picked pairs' pictures. `extras`: {name: latent action model trained here}, fed the pair as
+    it was trained.
+
+    Baselines: `copy_current` predicts the target as the current frame (a model that does not
+    beat it carries no action); `mean_colour` predicts each target's mean colour.
+    Controllability (Genie's delta PSNR): each model with an action latent (LAQ and `extras`)
+    also decodes every current frame with the action inferred for the next pair of the batch
+    (`{m}_psnr_other_action`); the latent action models also with a draw from their prior
+    (`{m}_psnr_prior_action`)."""
     rows, examples, codes = [], [], []
     latents = {m: [] for m in ["vae", *extras]}
     generator = torch.Generator(device=device).manual_seed(0)
@@ -291,24 +306,41 @@ def compare(vae, runner, extras, pairs, metrics, fid, geometry, batch_size, devi
                  / 255 for view in geometry.views()}                        # (B, 2, 3, S, S)
         sizes = [views[1] for _, _, views in loaded]
         target = stack[(geometry.size, geometry.target)][:, 1]
-        recon, per_pair = {}, {}
+        current = stack[(geometry.size, geometry.target)][:, 0]
+        recon, per_pair, other = {}, {}, {}
+        baselines = {"copy_current": current,
+                     "mean_colour": target.mean((2, 3), keepdim=True).expand_as(target)}
+        shifted = torch.roll(torch.arange(len(loaded)), 1)        # the next pair's action
         vae_recon, vae_metrics, batch_latents = vae.evaluate_batch(stack[vae_view][:, 1] * 2 - 1,
                                                                    generator)
         recon["vae"] = geometry.to_target((vae_recon.float() + 1) / 2, "vae", sizes)
         latents["vae"].append({k: v.cpu() for k, v in batch_latents.items()})
         if "kl" in vae_metrics:
             per_pair["vae_kl_bits"] = vae_metrics["kl"].double().cpu() / math.log(2)
-        laq_recon, laq_codes, _ = runner(stack[laq_view].permute(0, 2, 1, 3, 4))  # (B,3,2,S,S)
+        clip = stack[laq_view].permute(0, 2, 1, 3, 4)                         # (B, 3, 2, S, S)
+        laq_recon, laq_codes, _, _ = runner(clip)
         recon["laq"] = geometry.to_target(laq_recon, "laq", sizes)
         codes.append(laq_codes.cpu())
+        if controllability and len(loaded) > 1:
+            other["laq_psnr_other_action"] = geometry.to_target(
+                runner(clip, actions_from=shifted)[0], "laq", sizes)
         for name, model in extras.items():
-            out, model_metrics, batch_latents = model.evaluate_batch(
-                stack[geometry.inputs[name]] * 2 - 1, generator)
+            x = stack[geometry.inputs[name]] * 2 - 1
+            out, model_metrics, batch_latents = model.evaluate_batch(x, generator)
             recon[name] = geometry.to_target((out.float() + 1) / 2, name, sizes)
+            if controllability and len(loaded) > 1:
+                for key, action_recon in (
+                        ("other_action", model.reconstruct(x, action_from=x[shifted])),
+                        ("prior_action", model.decode_latent(
+                            x, model.sample(len(x), device, generator)))):
+                    other[f"{name}_psnr_{key}"] = geometry.to_target(
+                        (action_recon.float() + 1) / 2, name, sizes)
             latents[name].append({k: v.cpu() for k, v in batch_latents.items()})
             if "kl" in model_metrics:
                 per_pair[f"{name}_kl_bits"] = model_metrics["kl"].double().cpu() / math.log(2)
-        scores = {m: metrics(target, images) for m, images in recon.items()}
+        scores = {m: metrics(target, images) for m, images in {**recon, **baselines}.items()}
+        other_psnr = {key: metrics(target, images, ["psnr"])["psnr"]
+                      for key, images in other.items()}
         if fid:
             fid.add("target", target)
             for m, images in recon.items():
@@ -324,6 +356,7 @@ def compare(vae, runner, extras, pairs, metrics, fid, geometry, batch_size, devi
             row.update({f"{m}_{metric}": float(v[b]) for m, s in scores.items()
                         for metric, v in s.items()})
             row.update({key: float(v[b]) for key, v in per_pair.items()})
+            row.update({key: float(v[b]) for key, v in other_psnr.items()})
             rows.append(row)
             if k in picks:
                 examples.append({"current": stack[(geometry.size, geometry.target)][b, 0].cpu(),
@@ -333,16 +366,19 @@ def compare(vae, runner, extras, pairs, metrics, fid, geometry, batch_size, devi
 
 
 def code_rate(codes, codebook_size):
-    """Bits per pair of a code sequence: the bound code_seq_len x log2(codebook_size); the
-    plug-in entropy of whole code sequences (joint); the sum of each position's entropy (an
-    upper bound on the joint one)."""
+    """Bits per pair of a code sequence. The rate: the entropy of whole code sequences
+    (`code_entropy_joint_bits`, plug-in, and `code_entropy_joint_mm_bits` with the Miller-Madow
+    correction for its small-sample bias). Bounds: the sum of each position's entropy
+    (`code_entropy_bits`, at least the joint one) and code_seq_len x log2(codebook_size)."""
     per_position = [codebook_diagnostics(codes[:, j], codebook_size) for j in range(codes.shape[1])]
     _, counts = torch.unique(codes, dim=0, return_counts=True)
-    p = counts.double() / counts.sum()
+    joint, joint_mm = entropy_bits(counts.numpy())
     return {"bound_bits": codes.shape[1] * math.log2(codebook_size),
             "code_entropy_bits": sum(math.log2(q["perplexity"]) for q in per_position),
-            "code_entropy_joint_bits": float(-(p * torch.log2(p)).sum()) + 0.0,   # not -0.0
-            "code_seq_len": int(codes.shape[1]), "distinct_code_sequences": len(counts)}
+            "code_entropy_joint_bits": joint, "code_entropy_joint_mm_bits": joint_mm,
+            "code_seq_len": int(codes.shape[1]), "distinct_code_sequences": len(counts),
+            "note": "rate: joint code entropy; code_entropy_bits (sum over positions) and "
+                    "bound_bits are upper bounds"}
 
 
 def model_rate_latent(model, batches):
@@ -385,7 +421,9 @@ def probe_features(vae, runner, num_codes, extras, pairs, geometry, batch_size, 
     """Frozen features of each pair: the VAE's posterior means of the current and future
     frame (both, and their difference), LAQ's action codes (one-hot) and continuous
     pre-quantisation action vectors, and for each latent action model trained here its action
-    latent (Gaussian: the mean; NSVQ: codes one-hot and pre-quantisation vectors). Computed in
+    latent (Gaussian: the mean; NSVQ: codes one-hot and pre-quantisation vectors). Two
+    appearance-only sets show what the current frame alone gives away (SthV2's templates name
+    objects): the VAE's mean of the current frame and LAQ's encoded tokens of it. Computed in
     chunks of batch_size pairs, cached."""
     chunks, labels_kept = [], []
     starts = range(0, len(pairs), batch_size)
@@ -401,14 +439,20 @@ def probe_features(vae, runner, num_codes, extras, pairs, geometry, batch_size, 
             laq_in = torch.stack([v[0][geometry.inputs["laq"]] for _, v in batch]).to(device)
             _, _, latents = vae.evaluate_batch(vae_in.flatten(0, 1).float() / 127.5 - 1)
             mu = latents["mu"].reshape(len(batch), 2, -1).cpu()
-            _, codes, action = runner(laq_in.float().div(255).permute(0, 2, 1, 3, 4))
+            clip = laq_in.float().div(255).permute(0, 2, 1, 3, 4)             # (B, 3, 2, S, S)
+            _, codes, action, _ = runner(clip)
+            # LAQ's temporal attention sees both frames: its current-frame tokens are taken
+            # from the identity clip (current, current), which holds no motion
+            current = runner(clip[:, :, :1].expand_as(clip))[3]
             onehot = F.one_hot(codes.cpu(), num_codes).flatten(1)
             chunk = {"kept": np.array([i for i, _ in batch]),
                      "vae_mu_current_future": mu.flatten(1).numpy(),
                      "vae_mu_difference": (mu[:, 1] - mu[:, 0]).numpy(),
+                     "vae_mu_current": mu[:, 0].numpy(),
                      "laq_codes_onehot": onehot.float().numpy()}
             if action is not None:
                 chunk["laq_action_continuous"] = action.cpu().numpy()
+                chunk["laq_current_tokens"] = current.cpu().numpy()
             for name, model in extras.items():
                 pair_in = torch.stack([v[0][geometry.inputs[name]] for _, v in batch]).to(device)
                 _, _, latents = model.evaluate_batch(pair_in.float() / 127.5 - 1)
@@ -444,7 +488,7 @@ def probe(args, vae, runner, num_codes, extras, vae_config, geometry, device, te
             "vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
             "vae_mtime": os.path.getmtime(args.vae), "laq_mtime": os.path.getmtime(args.laq),
             "pairs": [(p.current, p.target) for p in pairs], "geometry": geometry.describe(),
-            "laq_weights": args.laq_weights,
+            "laq_weights": args.laq_weights, "features": 2,
             "models": [(os.path.abspath(p), os.path.getmtime(p)) for p in args.model]})
         features, kept = probe_features(vae, runner, num_codes, extras, pairs, geometry,
                                         args.batch_size, device, cache, split)
@@ -481,25 +525,51 @@ def print_table(report, names):
         print(f"{'rFID':<7} " + " ".join(f"{rfid[m]:>{width}.4g}" for m in models)
               + f"   ({rfid['images']} images"
               + f"{', random backbone' if 'random' in rfid['backbone'] else ''})")
+        if rfid.get("warning"):
+            print(f"warning: {rfid['warning']}")
+    beats = report["beats_copy_current"]
+    print(f"{'>copy':<7} " + " ".join(
+        f"{beats[m]['share']:.3f} [{beats[m]['ci95'][0]:.3f}, {beats[m]['ci95'][1]:.3f}]"
+        .rjust(width) for m in models) + "   (share of pairs with a higher PSNR than copying "
+                                         "the current frame)")
     bits = []
     for m in models:
         rate = report["rate"][m]
         if rate.get("kl_bits_mean") is not None:
             bits.append(f"{rate['kl_bits_mean']:.2f} (KL)")
         elif "code_entropy_joint_bits" in rate:
-            bits.append(f"{rate['code_entropy_joint_bits']:.2f} (codes; bound "
+            bits.append(f"{rate['code_entropy_joint_bits']:.2f} (joint codes; bound "
                         f"{rate['bound_bits']:g})")
         else:
             bits.append("n/a")
     print(f"{'bits':<7} " + " ".join(f"{b:>{width}}" for b in bits))
+    base = report["baselines"]
+    print("baselines: " + ", ".join(f"{b} PSNR {cell(base[b]['psnr'])}" for b in base))
+    for m, c in report["controllability"].items():
+        if m == "method":
+            continue
+        print(f"{models[m]} controllability: " + "; ".join(
+            f"{kind.replace('_', ' ')} delta PSNR {c['delta_psnr_' + kind]['mean_difference']:.3f} "
+            f"[{c['delta_psnr_' + kind]['ci95'][0]:.3f}, {c['delta_psnr_' + kind]['ci95'][1]:.3f}]"
+            f" p={c['delta_psnr_' + kind]['p_value']:.3g}"
+            for kind in ("other_action", "prior_action") if "delta_psnr_" + kind in c))
+    for couple, diffs in report["paired"].items():
+        if isinstance(diffs, dict) and diffs.get("psnr", {}).get("mean_difference") is not None:
+            a, b = couple.split("_vs_")
+            d = diffs["psnr"]
+            print(f"paired PSNR {models[a]} - {models[b]}: {d['mean_difference']:+.3f} dB "
+                  f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p={d['p_value']:.3g} "
+                  f"({d['videos']} videos)")
     for m, label in models.items():
         latent = report["latent"][m]
         if latent and "unique_codes" in latent:
             print(f"{label} codes: {latent['unique_codes']}/{latent['codebook_size']} used, "
                   f"perplexity {latent['perplexity']:.2f}")
-        elif latent and "active_units" in latent:
+        elif latent and latent.get("active_units") is not None:
             print(f"{label} latent: {latent['active_units']}/{latent['latent_dim']} active units, "
                   f"KL {latent['kl_total']:.2f} nats")
+        elif latent and "kl_total" in latent:
+            print(f"{label} latent: KL {latent['kl_total']:.2f} nats ({latent['note']})")
     print(f"{report['pairs_per_sec']:.2f} pairs/s on {report['device']} "
           f"(LAQ: {report['laq_passes']} pass{'es' if report['laq_passes'] > 1 else ''} per batch)")
 
@@ -556,7 +626,8 @@ def write_outputs(args, report, rows, examples, kl_per_dim):
 
 
 RESERVED_NAMES = {"vae", "laq", "pairs", "inputs", "rate", "latent", "rfid", "models", "probe",
-                  "checkpoints", "laq_config", "device", "resize", "image_sizes"}
+                  "checkpoints", "laq_config", "device", "resize", "image_sizes", "baselines",
+                  "paired", "controllability", "beats_copy_current", "manifest", *BASELINES}
 
 
 def load_extra_models(paths, device):
@@ -601,7 +672,8 @@ def main(args):
     runner = LaqRunner(laq)
     start = time.perf_counter()
     rows, latents, codes, examples = compare(vae, runner, extras, pairs, metrics, fid, geometry,
-                                             args.batch_size, device, figure_picks(pairs))
+                                             args.batch_size, device, figure_picks(pairs),
+                                             args.controllability != "none")
     seconds = time.perf_counter() - start
     if not rows:
         exit_bad_input("none of the frame pairs could be read")
@@ -610,6 +682,9 @@ def main(args):
     model_section = lambda m: section({n: [r[f"{m}_{n}"] for r in rows] for n in names},  # noqa: E731
                                       names, skipped)
     vae_latent = latent_summary(latents["vae"], vae.num_embeddings)
+    if len(rows) < 2 and vae_latent and "active_units" in vae_latent:
+        vae_latent["active_units"] = None         # a variance over one image says nothing
+        vae_latent["note"] = "active units need more than one image"
     templates = labels_of(vae_config, args) if args.data_path else {}
     for row in rows:
         row["label"] = templates.get(row["video"], "")
@@ -630,6 +705,21 @@ def main(args):
               "pairs_per_sec": len(rows) / seconds}
     for name, model in extras.items():
         report["rate"][name], report["latent"][name] = model_rate_latent(model, latents[name])
+    if fid and len(rows) < FID_MIN_IMAGES:
+        report["rfid"]["warning"] = (f"{len(rows)} images cannot estimate the 2048-d feature "
+                                     f"covariance rFID compares; use {FID_MIN_IMAGES} or more "
+                                     f"(--num-pairs) before reading it")
+    videos = [row["video"] for row in rows]
+    report["baselines"] = {b: model_section(b) for b in BASELINES}
+    report["beats_copy_current"] = {
+        m: share([r[f"{m}_psnr"] > r["copy_current_psnr"] for r in rows], videos)
+        for m in labels}
+    report["controllability"] = controllability_report(rows, videos, labels)
+    report["paired"] = {"method": PAIRED_METHOD, "difference": "first minus second",
+                        **{f"{a}_vs_{b}": {n: paired_difference([r[f"{a}_{n}"] for r in rows],
+                                                                [r[f"{b}_{n}"] for r in rows],
+                                                                videos) for n in names}
+                           for a, b in itertools.combinations(labels, 2)}}
     if args.probe:
         report["probe"] = probe(args, vae, runner, config["codebook_size"], extras, vae_config,
                                 geometry, device, templates)
@@ -643,6 +733,26 @@ def main(args):
         print_probe(report["probe"])
     print(f"\nwrote {args.output}/comparison.png, plots.png, metrics.json, per_pair.csv"
           + (", probe.json" if report.get("probe") else ""))
+
+
+def controllability_report(rows, videos, labels):
+    """Per model with an action latent: PSNR with its own action, with the next pair's action
+    and (latent action models) with a prior draw, and the paired difference own - other."""
+    out = {"method": "delta PSNR (Genie): the current frame decoded with its own inferred "
+                     "action minus with the action inferred for another pair of the batch "
+                     "(other_action) or drawn from the model's prior (prior_action); > 0 "
+                     "means the action controls the prediction. " + PAIRED_METHOD}
+    for m in labels:
+        if f"{m}_psnr_other_action" not in rows[0]:
+            continue
+        own = [r[f"{m}_psnr"] for r in rows]
+        out[m] = {"psnr": summarize(own)}
+        for kind in ("other_action", "prior_action"):
+            if f"{m}_psnr_{kind}" in rows[0]:
+                other = [r[f"{m}_psnr_{kind}"] for r in rows]
+                out[m][f"psnr_{kind}"] = summarize(other)
+                out[m][f"delta_psnr_{kind}"] = paired_difference(own, other, videos)
+    return out
 
 
 def labels_of(vae_config, args):

@@ -217,10 +217,14 @@ class LaqRunner:
     def __init__(self, model):
         self.model, self.passes = model, 1
 
-    def __call__(self, clip):
+    def __call__(self, clip, actions_from=None):
         """clip (B, 3, 2, S, S) in [0, 1] -> (reconstruction (B, 3, S, S) as returned, codes
         (B, code_seq_len) int64, continuous action vectors (B, code_seq_len * quant_dim) or
-        None)."""
+        None, the current frames' encoded tokens (B, code_seq_len * quant_dim) or None).
+
+        `actions_from` (B,) indices: each current frame is decoded with the quantised action
+        the quantizer returned for pair actions_from[i] of the same clip (controllability: a
+        wrong action should predict worse); codes are still each pair's own."""
         vq, seen, encoded = self.model.vq, {}, []
         inference, encode = vq.inference, getattr(vq, "encode", None)
 
@@ -228,6 +232,10 @@ class LaqRunner:
             out = inference(*args, **kwargs)
             if isinstance(out, tuple) and len(out) == 2 and torch.is_tensor(out[1]):
                 seen["codes"] = out[1]
+                if actions_from is not None and torch.is_tensor(out[0]) \
+                        and out[0].shape[0] == len(clip):
+                    seen["swapped"] = True
+                    return out[0][actions_from], out[1]
             return out
 
         def keep_encoded(*args, **kwargs):
@@ -242,11 +250,16 @@ class LaqRunner:
         finally:                                  # the class's methods again
             vars(vq).pop("inference", None)
             vars(vq).pop("encode", None)
+        if actions_from is not None and not seen.get("swapped"):
+            raise LaqError("this LAQ checkout's quantizer returns no (actions, codes) pair from "
+                           "vq.inference, so its actions cannot be exchanged between pairs; run "
+                           "without the controllability check (--controllability none)")
         codes = seen.get("codes")
         if codes is None or codes.shape[0] != len(clip):
             self.passes = 2
             codes = self.model.inference(clip, return_only_codebook_ids=True)
-        action = None
+        action = current = None
         if len(encoded) == 2 and encoded[0].shape == encoded[1].shape:
             action = (encoded[1] - encoded[0]).float().reshape(len(clip), -1)
-        return recon, codes.reshape(len(clip), -1).long(), action
+            current = encoded[0].float().reshape(len(clip), -1)
+        return recon, codes.reshape(len(clip), -1).long(), action, current

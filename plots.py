@@ -98,10 +98,16 @@ def summary_figure(report, rows, kl_per_dim, path):
     ax = axes[1, 0]                                          # rate vs distortion
     rate, psnr = report["rate"], {m: report[m]["psnr"] for m in ("vae", "laq")}
     _ci_bar(ax, rate["vae"]["kl_bits_mean"], psnr["vae"], fmt="o", label="VAE: KL (bits)")
-    _ci_bar(ax, rate["laq"]["code_entropy_bits"], psnr["laq"], fmt="s",
-            label="LAQ: empirical code entropy (bits)")
+    _ci_bar(ax, rate["laq"]["code_entropy_joint_bits"], psnr["laq"], fmt="s",
+            label="LAQ: joint code entropy (bits)")
+    _ci_bar(ax, rate["laq"]["code_entropy_bits"], psnr["laq"], fmt="s", mfc="none",
+            label="LAQ: bound, sum of per-position entropies")
     _ci_bar(ax, rate["laq"]["bound_bits"], psnr["laq"], fmt="^", mfc="none",
             label="LAQ: bound, code_seq_len x log2(codebook)")
+    for b, style in (("copy_current", "--"), ("mean_colour", ":")):
+        if b in report.get("baselines", {}):
+            ax.axhline(report["baselines"][b]["psnr"]["mean"], color="grey", ls=style,
+                       label=f"baseline: {b.replace('_', ' ')}")
     for k, (m, label) in enumerate((m, label) for m, label in report["models"].items()
                                    if m not in ("vae", "laq")):
         bits = rate[m].get("kl_bits_mean", rate[m].get("code_entropy_joint_bits"))
@@ -121,8 +127,9 @@ def summary_figure(report, rows, kl_per_dim, path):
         for k, name in enumerate(names):
             _ci_bar(ax, k, probe["feature_sets"][name]["top1"], fmt="o", color="C0",
                     label="top-1" if k == 0 else None)
-            _ci_bar(ax, k + 0.15, probe["feature_sets"][name]["top5"], fmt="s", color="C1",
-                    label="top-5" if k == 0 else None)
+            if "top5" in probe["feature_sets"][name]:
+                _ci_bar(ax, k + 0.15, probe["feature_sets"][name]["top5"], fmt="s", color="C1",
+                        label="top-5" if k == 0 else None)
         ax.axhline(probe["chance"]["top1"], color="C0", ls=":", label="chance top-1")
         ax.axhline(probe["majority"]["top1"]["mean"], color="C0", ls="--", label="majority top-1")
         ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)

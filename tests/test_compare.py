@@ -4,6 +4,7 @@ prefixes. If the comparison would fail on a real LAQ checkout, these tests fail.
 import csv
 import importlib.util
 import json
+import math
 import os
 import sys
 
@@ -226,14 +227,26 @@ def test_one_inference_pass_gives_laqs_own_codes_and_reconstruction():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(type(model), "inference", lambda self, *a, **k: calls.append(k) or
                    original(self, *a, **k))
-        recon, codes, features = runner(clip)
+        recon, codes, features, current = runner(clip)
     assert len(calls) == 1 and runner.passes == 1
     assert torch.equal(recon, model.inference(clip))
     assert torch.equal(codes, model.inference(clip, return_only_codebook_ids=True))
     first, last = model._encode(clip)[1:]                     # the action LAQ quantizes
     action = model.vq.encode(last, 3) - model.vq.encode(first, 3)
     assert torch.allclose(features, action.reshape(3, -1))
+    assert torch.allclose(current, model.vq.encode(first, 3).reshape(3, -1))
     assert features.shape == (3, SMALL_LAQ["code_seq_len"] * SMALL_LAQ["quant_dim"])
+    # another pair's action: each current frame decoded with the quantised action of pair
+    # (i + 2) % 3, computed here from the stand-in's own parts; the codes stay each pair's own
+    with torch.no_grad():                 # three codes, each the action of one pair
+        model.vq.codebooks[:3] = action.reshape(3, SMALL_LAQ["code_seq_len"], -1)[:, 0]
+    recon, codes, _, _ = runner(clip)
+    assert len(set(codes[:, 0].tolist())) == 3
+    swap = torch.tensor([2, 0, 1])
+    swapped, swapped_codes, _, _ = runner(clip, actions_from=swap)
+    quantized, _ = model.vq.inference(first, last)
+    assert torch.allclose(swapped, model._decode(model._encode(clip)[0], quantized[swap]))
+    assert torch.equal(swapped_codes, codes) and not torch.allclose(swapped, recon)
     assert not {"inference", "encode"} & set(vars(model.vq))  # the wrappers are gone afterwards
 
 
@@ -316,7 +329,8 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
     assert report["rfid"] == {"backbone": "skipped with --fid none"}
     probe = json.loads((out / "probe.json").read_text())
     assert set(probe["feature_sets"]) == {"vae_mu_current_future", "vae_mu_difference",
-                                          "laq_codes_onehot", "laq_action_continuous"}
+                                          "laq_codes_onehot", "laq_action_continuous",
+                                          "vae_mu_current", "laq_current_tokens"}
     assert probe["chance"]["top1"] == 0.25 and probe["test_pairs"] == 7
     assert (out / "plots.png").stat().st_size > 20_000 and (out / "comparison.png").exists()
     assert os.listdir(tmp_path / "tb") and os.listdir(out / "probe_cache")
@@ -390,6 +404,33 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     assert mse == pytest.approx(float(row["lam_nsvq_mse"]), rel=1e-4)
     assert row["lam_nsvq_codes"] == " ".join(
         str(int(c)) for c in model.evaluate_batch(torch.stack(frames)[None])[2]["codes"][0])
+    # controllability: the 8 pairs are one batch, and pair 0 is decoded with the action of
+    # the batch's last pair
+    last = [load_frame(rows[-1][k], 32, "stretch").float() / 127.5 - 1
+            for k in ("current", "target")]
+    other = (model.reconstruct(torch.stack(frames)[None], action_from=torch.stack(last)[None])
+             + 1).div(2).clamp(0, 1)[0]
+    psnr = 10 * math.log10(1 / float(((other - (frames[1] + 1) / 2) ** 2).mean()))
+    assert psnr == pytest.approx(float(row["lam_nsvq_psnr_other_action"]), rel=1e-4)
+    control = report["controllability"]
+    assert {"laq", "lam_nsvq", "lam_gaussian"} <= set(control) and "vae" not in control
+    own = [float(r["lam_nsvq_psnr"]) for r in rows]
+    assert control["lam_nsvq"]["delta_psnr_other_action"]["mean_difference"] == pytest.approx(
+        np.mean(own) - np.mean([float(r["lam_nsvq_psnr_other_action"]) for r in rows]))
+    assert "delta_psnr_prior_action" in control["lam_gaussian"]
+    # baselines by hand: the current frame as the prediction, and the target's mean colour
+    current, target = ((f + 1) / 2 for f in frames)
+    assert float(row["copy_current_mse"]) == pytest.approx(float(((current - target) ** 2).mean()),
+                                                           rel=1e-5)
+    mean_colour = target.mean((1, 2), keepdim=True)
+    assert float(row["mean_colour_mse"]) == pytest.approx(
+        float(((mean_colour - target) ** 2).mean()), rel=1e-5)
+    beats = [float(r["lam_nsvq_psnr"]) > float(r["copy_current_psnr"]) for r in rows]
+    assert report["beats_copy_current"]["lam_nsvq"]["share"] == pytest.approx(np.mean(beats))
+    assert report["baselines"]["copy_current"]["psnr"]["mean"] == pytest.approx(
+        np.mean([float(r["copy_current_psnr"]) for r in rows]))
+    assert report["paired"]["vae_vs_laq"]["psnr"]["mean_difference"] == pytest.approx(
+        np.mean([float(r["vae_psnr"]) - float(r["laq_psnr"]) for r in rows]))
 
     probe = json.loads((out / "probe.json").read_text())
     assert {"lam_nsvq_codes_onehot", "lam_nsvq_action_continuous", "lam_gaussian_action_mu"} <= \

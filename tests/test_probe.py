@@ -9,7 +9,7 @@ from PIL import Image
 
 from labels import read_templates
 import make_demo_data as demo
-from probe import FeatureCache, baselines, run_probe
+from probe import PROBE_CS, FeatureCache, baselines, run_probe
 
 OFFSET = 4
 
@@ -57,6 +57,27 @@ def test_demo_labels_follow_the_motion_and_the_probe_sees_it(motion_data):
     motion, colour = report["feature_sets"]["motion"], report["feature_sets"]["colour"]
     assert motion["top1"]["mean"] > 0.9 and motion["top1"]["ci95"][0] > 0.5
     assert colour["top1"]["ci95"][0] < 0.5 and colour["top1"]["mean"] < 0.6   # near chance
+    # the same val pairs: McNemar's test says the motion features get different pairs right
+    test_pairs = report["test_pairs"]
+    duel = report["mcnemar"]["motion_vs_colour"]
+    assert duel["only_a"] - duel["only_b"] == pytest.approx(
+        test_pairs * (motion["top1"]["mean"] - colour["top1"]["mean"]))
+    assert duel["only_a"] > duel["only_b"] and duel["p_value"] < 0.05
+    assert motion["C"] in PROBE_CS and motion["cv_folds"] >= 2
+    assert "top5" not in motion and "top5" not in report["chance"]   # 4 templates: top-5 is all
+
+
+def test_the_probe_chooses_stronger_regularisation_for_features_of_noise():
+    """C by cross-validation: 1,000 noise dimensions beside one informative one need a smaller
+    C than the informative dimension alone."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    signal = (y + 0.5 * rng.standard_normal(300))[:, None]
+    noisy = np.hstack([signal, rng.standard_normal((300, 1000))])
+    train, test = slice(0, 200), slice(200, 300)
+    report = run_probe(({"signal": signal[train], "noisy": noisy[train]}, y[train]),
+                       ({"signal": signal[test], "noisy": noisy[test]}, y[test]), num_classes=3)
+    assert report["feature_sets"]["noisy"]["C"] < report["feature_sets"]["signal"]["C"]
 
 
 def test_baselines_are_chance_and_the_most_frequent_train_classes():
