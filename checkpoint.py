@@ -74,9 +74,11 @@ def _kind_of_file(path):
     return "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "another format"
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, mmap=False):
     """Load with weights_only=True; refuse pickled code, other files and incomplete files,
-    each with one line that names the file."""
+    each with one line that names the file. `mmap`: map the file instead of reading it (its
+    keys and shapes are known at once; a tensor is read when it is used), where the file's
+    format allows (torch.save's zip format; older files are read)."""
     if os.path.isdir(path):
         raise CheckpointError(f"{path} is a folder, not a PyTorch checkpoint file")
     try:
@@ -88,7 +90,12 @@ def load_checkpoint(path):
     if kind:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it holds {kind})")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except RuntimeError as e:
+            if not mmap or "mmap" not in str(e):
+                raise
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)   # legacy format
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"checkpoint {path} is refused: it holds objects other than "

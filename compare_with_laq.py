@@ -57,6 +57,10 @@ def parse_args(argv=None):
     parser.add_argument("--num-pairs", type=int, default=64, help="pairs scored (--data-path)")
     parser.add_argument("--offset", type=int, default=30, help="frames between the pair (LAPA: 30)")
     parser.add_argument("--seed", type=int, default=0, help="seed for choosing the pairs")
+    parser.add_argument("--pairs", choices=["laq", "exact"], default="laq",
+                        help="laq: one pair per video drawn as LAQ's loader draws its training "
+                             "pairs (LAQ's operating point); exact: every (t, t + offset) pair "
+                             "inside a video equally likely")
     parser.add_argument("--vae-resize", choices=["crop", "stretch"],
                         help="how the VAE's frames are prepared (default: as it was trained, "
                              "the checkpoint's data_params.resize)")
@@ -101,7 +105,8 @@ from evaluate import load_model, section, write_report
 from files import atomic_write
 from frame_files import DECODE_ERRORS, decode_rgb, read_file, resize_frame
 from labels import LABEL_FILES
-from laq_loader import LaqRunner, load_laq
+from laq_loader import LaqRunner, find_laq_package, load_laq
+from manifest import manifest
 from metrics import ImageMetrics, build_fid, codebook_diagnostics, latent_summary
 from parallel import progress
 from runtime import pick_device
@@ -110,6 +115,11 @@ from vanilla_vae_model import VanillaVAE
 
 FIGURE_ROWS = 8
 FID_MIN_IMAGES = 1000
+PAIRS_NOTE = {
+    "laq": "LAQ's sampling: one pair per video, the first frame uniform over the video, the "
+           "second at min(first + offset, last frame) (pairs near a video's end are closer)",
+    "exact": "every pair (t, t + offset) inside a video equally likely (videos of at most "
+             "offset frames give none; a video weighs by its length)"}
 BASELINES = ("copy_current", "mean_colour")
 OVERLAP_NOTE = ("LAQ's trainer reads every video folder under its data folder: unless LAQ was "
                 "trained on a train-only folder, these {split} videos were in its training data "
@@ -143,13 +153,16 @@ def read_video_ids(path):
 
 
 def split_pairs(args, vae_config, split, exclude=()):
-    """Every (t, t + offset) pair of the split of the VAE run's own data settings, less the
-    videos in `exclude`; returns (dataset, kept pair positions, dropped pairs, dropped videos)."""
+    """The pairs of the split of the VAE run's own data settings, less the videos in `exclude`:
+    with --pairs exact every (t, t + offset) pair inside a video, with --pairs laq every t with
+    the second frame at min(t + offset, last) as LAQ trains; returns (dataset, kept pair
+    positions, dropped pairs, dropped videos)."""
     d = data_params_of(vae_config, data_path=args.data_path,
                        index_cache_dir=args.index_cache_dir or None)
     if d.dataset != "sthv2":
         raise DataError(f"the VAE was trained on {d.dataset}; frame pairs need SthV2 videos")
-    pairs = build_split(d, split, image_size=None, pair_offset=args.offset)
+    pairs = build_split(d, split, image_size=None, pair_offset=args.offset,
+                        clamp_pairs=args.pairs == "laq")
     excluded = np.array([vid in exclude for vid in pairs.index.videos] + [False], dtype=bool)
     keep = ~excluded[pairs.video]                   # per pair, from one flag per video
     dropped_videos = len(np.unique(pairs.video[~keep]))
@@ -159,35 +172,46 @@ def split_pairs(args, vae_config, split, exclude=()):
     return pairs, np.flatnonzero(keep), int((~keep).sum()), dropped_videos
 
 
-def choose(pairs, positions, n, seed):
-    """n pair records drawn without replacement from `positions` of a pairs dataset."""
-    index, offset = pairs.index, pairs.offset
-    picked = np.random.default_rng(seed).choice(positions, size=min(n, len(positions)),
-                                                replace=False)
+def choose(pairs, positions, n, seed, how="exact"):
+    """n pair records from `positions` of a pairs dataset. exact: drawn uniformly without
+    replacement (a video weighs by its length). laq: as LAQ's loader draws them, one pair per
+    video: n videos drawn without replacement, then the first frame uniformly in the video
+    and the second at min(first + offset, last)."""
+    index, rng = pairs.index, np.random.default_rng(seed)
+    if how == "laq":
+        videos = np.unique(pairs.video[positions])
+        videos = rng.choice(videos, size=min(n, len(videos)), replace=False)
+        starts = np.searchsorted(pairs.video, videos)      # pairs are grouped by video
+        ends = np.searchsorted(pairs.video, videos, side="right")
+        picked = [int(rng.integers(s, e)) for s, e in zip(starts, ends)]
+    else:
+        picked = rng.choice(positions, size=min(n, len(positions)), replace=False)
     out = []
     for i in sorted(int(i) for i in picked):
         v, t = int(pairs.video[i]), int(pairs.pos[i])
+        second = pairs.second(v, t)
         number = lambda pos: int(index.numbers[index.offsets[v] + pos])  # noqa: E731
-        out.append(Pair(index.frame_path(v, t), index.frame_path(v, t + offset), index.videos[v],
-                        number(t), number(t + offset),
-                        lambda v=v, t=t: [index.read_bytes(v, t), index.read_bytes(v, t + offset)]))
+        out.append(Pair(index.frame_path(v, t), index.frame_path(v, second), index.videos[v],
+                        number(t), number(second),
+                        lambda v=v, t=t, s=second: [index.read_bytes(v, t), index.read_bytes(v, s)]))
     return out
 
 
 def frame_pairs(args, vae_config):
-    """(pairs, inputs): what is compared and a description of where it came from."""
+    """(pairs, inputs, frame index or None): what is compared and a description of where it
+    came from."""
     if args.image:
         return [Pair(args.image, args.image, "", -1, -1, lambda: [read_file(args.image)] * 2)], {
             "source": "image", "identity_clip": True,
             "note": "--image: the image is both the current and the target frame (identity "
-                    "clip), so LAQ's action codes carry no motion"}
+                    "clip), so LAQ's action codes carry no motion"}, None
     if args.frames:
         first, second = args.frames
         return [Pair(first, second, "", -1, -1, lambda: [read_file(first), read_file(second)])], {
-            "source": "frames", "identity_clip": False}
+            "source": "frames", "identity_clip": False}, None
     exclude = read_video_ids(args.laq_train_videos) if args.laq_train_videos else set()
     pairs, positions, dropped, dropped_videos = split_pairs(args, vae_config, args.split, exclude)
-    chosen = choose(pairs, positions, args.num_pairs, args.seed)
+    chosen = choose(pairs, positions, args.num_pairs, args.seed, args.pairs)
     overlap = ({"excluded": True, "file": os.path.abspath(args.laq_train_videos),
                 "dropped_pairs": dropped, "dropped_videos": dropped_videos,
                 "note": f"left out {dropped} pairs from {dropped_videos} videos that LAQ "
@@ -195,9 +219,10 @@ def frame_pairs(args, vae_config):
                {"excluded": False, "note": OVERLAP_NOTE.format(split=args.split)})
     return chosen, {"source": "data_path", "identity_clip": False, "data_path": args.data_path,
                     "split": args.split, "split_source": pairs.source, "offset": args.offset,
+                    "pairs": args.pairs, "pairs_note": PAIRS_NOTE[args.pairs],
                     "seed": args.seed, "available_pairs": len(positions),
                     "laq_training_overlap": overlap,
-                    "videos": sorted({p.video for p in chosen}, key=str)}
+                    "videos": sorted({p.video for p in chosen}, key=str)}, pairs.index
 
 
 def figure_picks(pairs, n=FIGURE_ROWS):
@@ -483,7 +508,7 @@ def probe(args, vae, runner, num_codes, extras, vae_config, geometry, device, te
     sets = {}
     for split, seed, skip in (("train", args.seed + 1, set()), ("val", args.seed + 2, exclude)):
         pairs_ds, positions, _, _ = split_pairs(args, vae_config, split, skip)
-        pairs = choose(pairs_ds, positions, args.probe_pairs, seed)
+        pairs = choose(pairs_ds, positions, args.probe_pairs, seed, args.pairs)
         cache = FeatureCache(os.path.join(args.output, "probe_cache"), {
             "vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
             "vae_mtime": os.path.getmtime(args.vae), "laq_mtime": os.path.getmtime(args.laq),
@@ -663,7 +688,7 @@ def main(args):
     vae, vae_ckpt = load_model(args.vae, device)
     extras, extra_files, extra_views = load_extra_models(args.model, device)
     laq, config, key_report = load_laq(args, device)
-    pairs, inputs = frame_pairs(args, vae_ckpt["config"])
+    pairs, inputs, index = frame_pairs(args, vae_ckpt["config"])
     vae_config = vae_ckpt["config"]
     geometry = Geometry({
         "vae": (vae_config["model_params"]["image_size"],
@@ -723,6 +748,13 @@ def main(args):
     if args.probe:
         report["probe"] = probe(args, vae, runner, config["codebook_size"], extras, vae_config,
                                 geometry, device, templates)
+    d = data_params_of(vae_config, data_path=args.data_path)
+    report["manifest"] = manifest(
+        files={"vae": args.vae, "laq": args.laq, **extra_files}, index=index,
+        labels_dir=(d.labels_path or d.data_path) if args.data_path else None,
+        laq_repo=os.path.dirname(find_laq_package(args.laq_repo)))
+    if report.get("probe"):
+        report["probe"]["manifest"] = report["manifest"]
     report["summary_lines"] = summary_lines(report)
     write_outputs(args, report, rows, examples, (vae_latent or {}).get("kl_per_dim"))
     if inputs.get("note"):

@@ -398,6 +398,8 @@ def apply_override(raw, assignment):
 def config_from_dict(raw, world_size=1, check_paths=True):
     if not isinstance(raw, dict):
         raise ConfigError("the config must be a mapping of sections")
+    # a run's config.yaml records what produced it; reading it back as a config ignores that
+    raw = {k: v for k, v in raw.items() if k != "manifest"}
     for section in raw:
         if section != "model_params" and section not in SECTIONS:
             raise ConfigError(f"{section}: unknown section (known: model_params, "

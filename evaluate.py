@@ -67,6 +67,7 @@ from dataset_sthv2 import build_split
 from errors import CheckpointError, DataError, exit_bad_input, run_main
 from files import atomic_write
 from image_datasets import ImageFiles
+from manifest import manifest
 from metrics import SSIM_SETTINGS, ImageMetrics, build_fid, latent_summary
 from models import build_model
 from parallel import progress
@@ -309,6 +310,11 @@ def main(args):
     else:
         report["generation"] = {"not_applicable": {"all": "skipped with --num-samples 0"}}
     report["latent"] = latent
+    d = data_params_of(ckpt["config"], data_path=args.data_path)
+    report["manifest"] = manifest(
+        files={"checkpoint": args.checkpoint} if os.path.isfile(args.checkpoint) else None,
+        index=getattr(dataset, "index", None),
+        labels_dir=(d.labels_path or d.data_path) if hasattr(dataset, "index") else None)
 
     write_report(args.output, report, rows, "per_image.csv")
     inputs, recons = zip(*grid)

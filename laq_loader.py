@@ -129,7 +129,7 @@ def laq_state_dict(path, weights="ema"):
     ema-pytorch EMA wrapper's state_dict (vae.{step}.ema.pt: every key as ema_model.<key> and
     online_model.<key>, plus initted and step), from which `weights` ("ema" or "online") picks."""
     try:
-        state = load_checkpoint(path)
+        state = load_checkpoint(path, mmap=True)       # read as the weights are used
     except CheckpointError as e:
         raise LaqError(str(e)) from None
     layout = "state_dict"
@@ -172,24 +172,29 @@ def load_laq(args, device):
     load is non-strict, so a deeper checkpoint would otherwise lose its extra layers silently."""
     laq_class = import_laq_class(find_laq_package(args.laq_repo))
     config = laq_config(args.laq_config, laq_class)
-    with RedirectCuda(device):
-        model = laq_class(**config)
+    built = (f"the model built with --laq-config {args.laq_config}" if args.laq_config else
+             "the model built with LAPA's SthV2 settings (no --laq-config given)")
+    fix = ("check --laq-config" if args.laq_config else
+           "pass the checkpoint's settings with --laq-config YAML")
+    # the keys first, at no cost: the checkpoint memory-mapped, the model on the meta device
     state, layout = laq_state_dict(args.laq, args.laq_weights)
-    own = model.state_dict()
+    with RedirectCuda("meta"), torch.device("meta"):
+        own = {k: v.shape for k, v in laq_class(**config).state_dict().items()}
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
-    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
-                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k].shape]
+    mismatched = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k])}"
+                  for k in sorted(set(own) & set(state)) if state[k].shape != own[k]]
     if missing or mismatched:
-        raise LaqError(f"LAQ checkpoint {args.laq} does not fit the model built with {config}: "
+        raise LaqError(f"LAQ checkpoint {args.laq} does not fit {built} ({config}): "
                        f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(mismatched)} "
-                       f"shape mismatches (e.g. {mismatched[:2]}); check --laq-config")
+                       f"shape mismatches (e.g. {mismatched[:2]}); {fix}")
     if unexpected and not args.laq_allow_unused_keys:
-        raise LaqError(f"LAQ checkpoint {args.laq} has {len(unexpected)} keys the model built with "
-                       f"--laq-config does not use, in {blocks_of(unexpected)}: a checkpoint of "
-                       f"a deeper model (more spatial_depth / temporal_depth layers?) would lose "
-                       f"them; pass the matching --laq-config, or --laq-allow-unused-keys to "
-                       f"load it anyway")
+        raise LaqError(f"LAQ checkpoint {args.laq} has {len(unexpected)} keys {built} does not "
+                       f"use, in {blocks_of(unexpected)}: a checkpoint of a deeper model (more "
+                       f"spatial_depth / temporal_depth layers?) would lose them; {fix}, or pass "
+                       f"--laq-allow-unused-keys to load it anyway")
+    with RedirectCuda(device):
+        model = laq_class(**config)
     torch.nn.Module.load_state_dict(model, {k: state[k] for k in own}, strict=True)
     with RedirectCuda(device):
         model = model.to(device).eval()

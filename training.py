@@ -26,6 +26,7 @@ from files import atomic_write
 from frame_files import JPEG_DECODER, describe_jpeg_decoder
 from frame_index import load_index
 from loaders import collate_frames, device_batches, make_loaders
+from manifest import manifest
 from metrics import ImageMetrics
 from models import reconstruction_target
 from parallel import logged_progress, progress
@@ -110,6 +111,9 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
                                           clamp_pairs=True) for split in ("train", "val"))
     log.info("data: %s (frame_stride %d)", describe(train_set, val_set), d.frame_stride)
+    # what produced the run (commit, versions, data hashes): in config.yaml and every checkpoint
+    run_manifest = manifest(labels_dir=(d.labels_path or d.data_path) if index else None,
+                            index=index)
     (log.warning if JPEG_DECODER == "pil" else log.info)(describe_jpeg_decoder())
     steps_per_epoch = len(train_set) // d.train_batch_size
     if steps_per_epoch == 0:
@@ -127,13 +131,13 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     if rt.is_main:
         log_to_file(cfg.run_dir)
         with atomic_write(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
-            yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+            yaml.safe_dump({**cfg.to_dict(), "manifest": run_manifest}, f, sort_keys=False)
     train_loader, val_loader = make_loaders(train_set, val_set, d, rt, e.seed, t.limit_val_batches)
 
     # --- model, optimizers, schedule, and the state to continue from ------------------
     trainer = Trainer(cfg, rt, steps_per_epoch)
     data = data_signature(train_set)
-    save = functools.partial(save_checkpoint, trainer, cfg, rt, data=data)
+    save = functools.partial(save_checkpoint, trainer, cfg, rt, data=data, manifest=run_manifest)
     step, epoch = 0, 0
     if state is not None:
         ck.check_same_data(state, data, allow_data_change, d.train_batch_size)
@@ -236,10 +240,11 @@ def warn_stop_latency(window, global_batch, world_size, bound):
     return worst > bound
 
 
-def save_checkpoint(trainer, cfg, rt, step, epoch, data, also=None):
+def save_checkpoint(trainer, cfg, rt, step, epoch, data, manifest=None, also=None):
     """Checkpoint the run at `step` (collective; see checkpoint.save_checkpoint)."""
     state = {"config": cfg.to_dict(), "step": step, "epoch": epoch, "data": data,
-             "steps_per_epoch": trainer.steps_per_epoch, **trainer.state_dict()}
+             "steps_per_epoch": trainer.steps_per_epoch, "manifest": manifest,
+             **trainer.state_dict()}
     return ck.save_checkpoint(os.path.join(cfg.run_dir, "checkpoints"), state, rt,
                               cfg.logging_params.keep_last_checkpoints, also)
 

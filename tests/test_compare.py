@@ -65,7 +65,7 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
     out = tmp_path / "cmp"
     result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
-                         "--data-path", demo_data, "--num-pairs", "6", "--offset", "4",
+                         "--data-path", demo_data, "--num-pairs", "6", "--offset", "4", "--pairs", "exact",
                          "--output", str(out), "--lpips-random-backbone", "--batch-size", "4",
                          "--fid-random-backbone", "--vae-resize", "stretch")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -126,6 +126,35 @@ def test_seed_one_line_form_with_an_installed_laq_model(trained_checkpoint, tmp_
     assert report["inputs"]["identity_clip"] is True and report["pairs"] == 1
     assert report["laq_config"] == laq_loader.LAPA_LAQ_CONFIG
     assert report["image_sizes"] == {"vae": 32, "laq": 256} and report["scoring_size"] == 32
+
+
+def test_laqs_own_pairs_are_one_per_video_with_the_second_frame_clamped(
+        trained_checkpoint, laq_checkpoint, demo_data, tmp_path):
+    """--pairs laq (the default): one pair per video, the first frame anywhere in it, the second
+    at min(first + offset, last frame), as LAQ's loader draws its training pairs."""
+    def run(name, *extra):
+        result = compare_cli("--vae", trained_checkpoint, "--laq",
+                             str(laq_checkpoint / "model.pt"), "--laq-repo", STANDIN, "--laq-config",
+                             str(laq_checkpoint / "laq.yaml"), "--data-path", demo_data,
+                             "--split", "train", "--offset", "6", "--output", str(tmp_path / name),
+                             "--lpips-net", "none", "--fid", "none", "--controllability", "none",
+                             *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return (json.loads((tmp_path / name / "metrics.json").read_text()),
+                list(csv.DictReader(open(tmp_path / name / "per_pair.csv"))))
+
+    report, rows = run("a")
+    train_ids = {str(e["id"]) for e in json.load(open(os.path.join(
+        demo_data, "something-something-v2-train.json")))}
+    assert report["inputs"]["pairs"] == "laq" and "min(first + offset" in \
+        report["inputs"]["pairs_note"]
+    assert sorted(r["video"] for r in rows) == sorted(train_ids)          # one per video
+    for r in rows:                                       # 10 frames a video, numbered from 1
+        assert int(r["target_frame"]) == min(int(r["current_frame"]) + 6, 10)
+    assert [r["current"] for r in run("b")[1]] == [r["current"] for r in rows]   # seeded
+    exact, exact_rows = run("c", "--pairs", "exact", "--num-pairs", "12")
+    assert exact["inputs"]["pairs"] == "exact"
+    assert all(int(r["target_frame"]) - int(r["current_frame"]) == 6 for r in exact_rows)
 
 
 def test_wrong_checkpoint_is_reported_with_its_missing_keys(trained_checkpoint, laq_checkpoint,
@@ -285,8 +314,26 @@ def test_a_deeper_checkpoint_is_refused_naming_its_extra_blocks(laq_checkpoint, 
     with pytest.raises(laq_loader.LaqError) as info:
         laq_loader.load_laq(laq_args(tmp_path / "deep.pt", config), "cpu")
     message = str(info.value)
-    assert "4 keys the model built with --laq-config does not use, in enc.2, enc.3" in message
+    assert f"4 keys the model built with --laq-config {config} does not use, in enc.2, enc.3" \
+        in message
     assert "--laq-allow-unused-keys" in message and "\n" not in message
+    # the keys are checked before any weight is read: the file is memory-mapped
+    loads = []
+    real_load = torch.load
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "load", lambda *a, **k: loads.append(k) or real_load(*a, **k))
+        with pytest.raises(laq_loader.LaqError):
+            laq_loader.load_laq(laq_args(tmp_path / "deep.pt", config), "cpu")
+    assert [k.get("mmap") for k in loads] == [True]
+    # without --laq-config the message says which settings the model was built with
+    small = build_standin({**SMALL_LAQ, "spatial_depth": 1}).state_dict()
+    torch.save(small, tmp_path / "small.pt")
+    args = laq_args(tmp_path / "small.pt", config)
+    args.laq_config = None
+    with pytest.raises(laq_loader.LaqError) as info:
+        laq_loader.load_laq(args, "cpu")
+    assert "LAPA's SthV2 settings (no --laq-config given)" in str(info.value)
+    assert "pass the checkpoint's settings with --laq-config YAML" in str(info.value)
     model, _, report = laq_loader.load_laq(laq_args(tmp_path / "deep.pt", config,
                                                     allow_unused=True), "cpu")
     assert len(report["unexpected_keys"]) == 4
@@ -303,7 +350,7 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
     out = tmp_path / "cmp"
     result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
-                         "--data-path", demo_data, "--num-pairs", "50", "--offset", "3",
+                         "--data-path", demo_data, "--num-pairs", "50", "--offset", "3", "--pairs", "exact",
                          "--laq-train-videos", str(tmp_path / "laq_train.txt"), "--probe",
                          "--probe-pairs", "40", "--output", str(out), "--lpips-net", "none",
                          "--fid", "none", "--tensorboard", str(tmp_path / "tb"))
@@ -328,6 +375,18 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
     assert report["rate"]["vae"]["kl_bits_mean"] == pytest.approx(kl_bits, rel=1e-6)
     assert report["rfid"] == {"backbone": "skipped with --fid none"}
     probe = json.loads((out / "probe.json").read_text())
+    import hashlib
+    manifest = report["manifest"]
+    assert probe["manifest"] == manifest
+    assert manifest["files"]["vae"]["sha256"] == \
+        hashlib.sha256(open(trained_checkpoint, "rb").read()).hexdigest()
+    assert manifest["files"]["laq"]["sha256"] == \
+        hashlib.sha256(open(laq_checkpoint / "model.pt", "rb").read()).hexdigest()
+    assert manifest["labels"]["something-something-v2-validation.json"] == hashlib.sha256(
+        open(os.path.join(demo_data, "something-something-v2-validation.json"), "rb").read()
+    ).hexdigest()
+    assert manifest["laq_checkout"]["path"] == STANDIN and "commit" in manifest["laq_checkout"]
+    assert manifest["frame_index"]["videos"] == 6
     assert set(probe["feature_sets"]) == {"vae_mu_current_future", "vae_mu_difference",
                                           "laq_codes_onehot", "laq_action_continuous",
                                           "vae_mu_current", "laq_current_tokens"}
@@ -373,7 +432,7 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
                          "--model", action_models["nsvq"], "--model", action_models["gaussian"],
-                         "--data-path", demo_data, "--num-pairs", "8", "--offset", "3",
+                         "--data-path", demo_data, "--num-pairs", "8", "--offset", "3", "--pairs", "exact",
                          "--vae-resize", "stretch", "--probe", "--probe-pairs", "20",
                          "--output", str(out), "--lpips-net", "none",
                          "--fid-random-backbone")

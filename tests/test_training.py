@@ -6,11 +6,12 @@ import sys
 
 import pytest
 import torch
+import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from checkpoint import REQUIRED_KEYS
 from config import config_from_dict
-from conftest import run_in_process, tiny_config, write_config
+from conftest import ROOT, run_in_process, tiny_config, write_config
 from errors import TrainingError
 from models import build_model
 from runtime import Runtime
@@ -53,6 +54,24 @@ def test_run_writes_the_contract_outputs(demo_data, tmp_path):
     model.load_state_dict(final["model"])                    # strict: every key matches
     assert final["config"]["exp_params"]["LR"] == 1e-3
     assert (run_dir / "config.yaml").exists() and (run_dir / "train.log").exists()
+    # the manifest: this repository's commit, the versions, the command, the data's hashes
+    import hashlib
+    import subprocess
+
+    from config import load_config
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    manifest = final["manifest"]
+    if head.returncode == 0:
+        assert manifest["git"]["commit"] == head.stdout.strip()
+    assert manifest["versions"]["torch"] == torch.__version__.split("+")[0]
+    assert manifest["command"].startswith("train_single_gpu.py --config")
+    label = os.path.join(demo_data, "something-something-v2-train.json")
+    assert manifest["labels"]["something-something-v2-train.json"] == \
+        hashlib.sha256(open(label, "rb").read()).hexdigest()
+    assert manifest["frame_index"]["videos"] == 6
+    written = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert written["manifest"] == manifest
+    assert load_config(str(run_dir / "config.yaml")).to_dict() == final["config"]   # re-usable
 
     events = EventAccumulator(str(run_dir), size_guidance={"images": 0, "scalars": 0})
     events.Reload()
@@ -62,6 +81,11 @@ def test_run_writes_the_contract_outputs(demo_data, tmp_path):
     assert all(e.value > 0 for e in events.Scalars("train/kld"))
     assert len(events.Scalars("val/loss")) == 3               # once per epoch
     assert glob.glob(str(run_dir / "images" / "reconstructions_*.png"))
+
+
+def test_a_run_outside_a_git_checkout_says_so(tmp_path):
+    from manifest import git_state
+    assert git_state(str(tmp_path)) == {"commit": None, "note": "not a git checkout"}
 
 
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(demo_data, tmp_path):
