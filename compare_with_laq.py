@@ -105,7 +105,7 @@ from evaluate import load_model, section, write_report
 from files import atomic_write
 from frame_files import DECODE_ERRORS, decode_rgb, read_file, resize_frame
 from labels import LABEL_FILES
-from laq_loader import LaqRunner, find_laq_package, load_laq
+from laq_loader import LaqRunner, load_laq
 from manifest import manifest
 from metrics import ImageMetrics, build_fid, codebook_diagnostics, latent_summary
 from parallel import progress
@@ -652,14 +652,15 @@ def write_outputs(args, report, rows, examples, kl_per_dim):
 
 RESERVED_NAMES = {"vae", "laq", "pairs", "inputs", "rate", "latent", "rfid", "models", "probe",
                   "checkpoints", "laq_config", "device", "resize", "image_sizes", "baselines",
-                  "paired", "controllability", "beats_copy_current", "manifest", *BASELINES}
+                  "paired", "controllability", "beats_copy_current", "manifest", "settings",
+                  *BASELINES}
 
 
 def load_extra_models(paths, device):
     """{name: model} for --model checkpoints, each a latent action model trained here, named by
     its run (logging_params.name), made unique; {name: path}; {name: (image size, resize)} as
-    each was trained."""
-    extras, files, views = {}, {}, {}
+    each was trained; {name: settings (run_settings)}."""
+    extras, files, views, settings = {}, {}, {}, {}
     for path in paths:
         model, ckpt = load_model(path, device)
         if not model.takes_pairs:
@@ -672,7 +673,18 @@ def load_extra_models(paths, device):
             name, k = f"{base}_{k}", k + 1
         extras[name], files[name] = model, os.path.abspath(path)
         views[name] = (model.image_size, data_params_of(ckpt["config"]).resize)
-    return extras, files, views
+        settings[name] = run_settings(ckpt["config"])
+    return extras, files, views, settings
+
+
+def run_settings(config):
+    """What report.py groups runs by: the model family and every training setting that
+    changes the result, with the seed apart (runs that differ only in it are one point)."""
+    m, e = config["model_params"], config.get("exp_params", {})
+    family = m["name"] + (f" ({m['bottleneck']})" if "bottleneck" in m else "")
+    return {"family": family, "seed": e.get("seed"),
+            "settings": {**{k: v for k, v in m.items() if k != "name"},
+                         **{k: e[k] for k in ("kld_weight", "LR") if k in e}}}
 
 
 def main(args):
@@ -686,7 +698,7 @@ def main(args):
     metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fail fast
     fid = build_fid(args, device)
     vae, vae_ckpt = load_model(args.vae, device)
-    extras, extra_files, extra_views = load_extra_models(args.model, device)
+    extras, extra_files, extra_views, extra_settings = load_extra_models(args.model, device)
     laq, config, key_report = load_laq(args, device)
     pairs, inputs, index = frame_pairs(args, vae_ckpt["config"])
     vae_config = vae_ckpt["config"]
@@ -727,6 +739,9 @@ def main(args):
                               "laq_keys": key_report, "laq_weights": args.laq_weights,
                               "models": extra_files},
               "laq_config": config, "device": str(device), "laq_passes": runner.passes,
+              "settings": {"vae": run_settings(vae_config),
+                           "laq": {"family": "LAQ", "seed": None, "settings": config},
+                           **extra_settings},
               "pairs_per_sec": len(rows) / seconds}
     for name, model in extras.items():
         report["rate"][name], report["latent"][name] = model_rate_latent(model, latents[name])
@@ -752,7 +767,7 @@ def main(args):
     report["manifest"] = manifest(
         files={"vae": args.vae, "laq": args.laq, **extra_files}, index=index,
         labels_dir=(d.labels_path or d.data_path) if args.data_path else None,
-        laq_repo=os.path.dirname(find_laq_package(args.laq_repo)))
+        laq_repo=os.path.dirname(key_report["package"]))
     if report.get("probe"):
         report["probe"]["manifest"] = report["manifest"]
     report["summary_lines"] = summary_lines(report)

@@ -170,7 +170,8 @@ def load_laq(args, device):
     """(LAQ model in eval mode, its config, key report). Every model key must be found, and a
     checkpoint key the model does not use is an error unless --laq-allow-unused-keys: LAQ's own
     load is non-strict, so a deeper checkpoint would otherwise lose its extra layers silently."""
-    laq_class = import_laq_class(find_laq_package(args.laq_repo))
+    package = find_laq_package(args.laq_repo)
+    laq_class = import_laq_class(package)
     config = laq_config(args.laq_config, laq_class)
     built = (f"the model built with --laq-config {args.laq_config}" if args.laq_config else
              "the model built with LAPA's SthV2 settings (no --laq-config given)")
@@ -202,7 +203,7 @@ def load_laq(args, device):
         print(f"warning: --laq-allow-unused-keys: ignoring {len(unexpected)} LAQ checkpoint keys "
               f"in {blocks_of(unexpected)}", file=sys.stderr)
     return model, config, {"layout": layout, "missing_keys": missing,
-                           "unexpected_keys": unexpected}
+                           "unexpected_keys": unexpected, "package": package}
 
 
 class LaqRunner:

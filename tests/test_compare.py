@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -76,7 +77,8 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
         for name in ("mse", "psnr", "ssim", "gmsd", "lpips"):
             assert {"mean", "std", "ci95"} <= set(report[model][name]), (model, name)
     assert report["checkpoints"]["laq_keys"] == {"layout": "state_dict", "missing_keys": [],
-                                                 "unexpected_keys": []}
+                                                 "unexpected_keys": [],
+                                                 "package": os.path.join(STANDIN, "laq_model")}
     laq_latent = report["latent"]["laq"]
     assert sum(laq_latent["histogram"]) == 6 * SMALL_LAQ["code_seq_len"]
     assert 1 <= laq_latent["unique_codes"] <= 8 and report["latent"]["vae"]["latent_dim"] == 8
@@ -126,6 +128,11 @@ def test_seed_one_line_form_with_an_installed_laq_model(trained_checkpoint, tmp_
     assert report["inputs"]["identity_clip"] is True and report["pairs"] == 1
     assert report["laq_config"] == laq_loader.LAPA_LAQ_CONFIG
     assert report["image_sizes"] == {"vae": 32, "laq": 256} and report["scoring_size"] == 32
+    # one image: no claim about active units (a variance over one image), no rFID
+    assert report["latent"]["vae"]["active_units"] is None
+    assert not re.search(r"\d+/\d+ active units", result.stdout)
+    assert "active units need more than one image" in result.stdout
+    assert report["rfid"] == {"backbone": "skipped with --fid none"}
 
 
 def test_laqs_own_pairs_are_one_per_video_with_the_second_frame_clamped(
@@ -426,9 +433,12 @@ def action_models(demo_data, tmp_path_factory):
     return paths
 
 
-def test_latent_action_models_are_extra_rows_of_the_same_comparison(
-        trained_checkpoint, laq_checkpoint, action_models, demo_data, tmp_path):
-    out = tmp_path / "cmp"
+@pytest.fixture(scope="module")
+def lam_comparison(trained_checkpoint, laq_checkpoint, action_models, demo_data,
+                   tmp_path_factory):
+    """(output folder, CompletedProcess) of a comparison of the VAE, LAQ and both latent
+    action models on 8 pairs, with the probe."""
+    out = tmp_path_factory.mktemp("lam_comparison") / "cmp"
     result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
                          "--model", action_models["nsvq"], "--model", action_models["gaussian"],
@@ -437,6 +447,12 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
                          "--output", str(out), "--lpips-net", "none",
                          "--fid-random-backbone")
     assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_latent_action_models_are_extra_rows_of_the_same_comparison(
+        trained_checkpoint, laq_checkpoint, action_models, lam_comparison, tmp_path):
+    out, result = lam_comparison
     report = json.loads((out / "metrics.json").read_text())
     assert report["models"] == {"vae": "VAE", "laq": "LAQ", "lam_nsvq": "lam_nsvq",
                                 "lam_gaussian": "lam_gaussian"}
@@ -444,6 +460,8 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     for name in ("lam_nsvq", "lam_gaussian"):
         assert {"mean", "std", "ci95"} <= set(report[name]["psnr"]), name
         assert report["rfid"][name] is not None and name in result.stdout
+    assert "8 images cannot estimate" in report["rfid"]["warning"]      # 8 pairs, not 1,000
+    assert f"warning: {report['rfid']['warning']}" in result.stdout
     nsvq_rate, gaussian_rate = report["rate"]["lam_nsvq"], report["rate"]["lam_gaussian"]
     assert nsvq_rate["bound_bits"] == 12 and \
         0 <= nsvq_rate["code_entropy_joint_bits"] <= nsvq_rate["code_entropy_bits"] + 1e-9 <= 12
@@ -502,3 +520,61 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
                         "--output", str(tmp_path / "wrong"), "--lpips-net", "none", "--fid", "none")
     assert wrong.returncode == 2 and "a VAE goes to --vae" in wrong.stderr
     assert not (tmp_path / "wrong").exists()
+
+
+def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
+        lam_comparison, tmp_path):
+    """Four comparisons made from one real output: the same settings at seeds 1 and 2 (PSNR
+    moved by -1 / +1 dB), another kld_weight, and a second LAQ checkpoint."""
+    import shutil
+    out, _ = lam_comparison
+    base = json.loads((out / "metrics.json").read_text())
+
+    def variant(name, change):
+        folder = tmp_path / name
+        shutil.copytree(out, folder)
+        report = json.loads((folder / "metrics.json").read_text())
+        change(report)
+        (folder / "metrics.json").write_text(json.dumps(report))
+        return str(folder)
+
+    def seed(k, shift):
+        def change(report):
+            for m in report["settings"]:
+                if report["settings"][m]["seed"] is not None:
+                    report["settings"][m]["seed"] = k
+            for m in report["models"]:
+                report[m]["psnr"]["mean"] += shift
+        return change
+
+    def kld(report):
+        report["settings"]["vae"]["settings"]["kld_weight"] = 0.5
+        report["rate"]["vae"]["kl_bits_mean"] = 1.0
+
+    folders = [variant("s1", seed(1, -1.0)), variant("s2", seed(2, 1.0)), variant("kld", kld)]
+    result = run_in_process("report.py", *folders, "--output", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "report" / "report.csv")))
+    vae = sorted((r for r in rows if r["family"] == "VanillaVAE"), key=lambda r: r["runs"])
+    assert [r["runs"] for r in vae] == ["1", "2"]       # kld 0.5 alone; seeds 1 and 2 together
+    pair = vae[1]
+    assert pair["seeds"] == "1 2"
+    assert float(pair["psnr"]) == pytest.approx(base["vae"]["psnr"]["mean"])       # -1 and +1
+    assert float(pair["psnr_sd"]) == pytest.approx(math.sqrt(2))                    # sd of +-1
+    assert float(pair["rate_bits"]) == pytest.approx(base["rate"]["vae"]["kl_bits_mean"])
+    assert float(vae[0]["rate_bits"]) == 1.0
+    laq = [r for r in rows if r["family"] == "LAQ"]
+    assert len(laq) == 1 and laq[0]["runs"] == "3"        # LAQ has no seed: one point
+    assert float(laq[0]["rate_bits"]) == pytest.approx(
+        base["rate"]["laq"]["code_entropy_joint_bits"])
+    families = {r["family"] for r in rows}
+    assert {"LatentActionModel (nsvq)", "LatentActionModel (gaussian)"} <= families
+    probe = json.loads((out / "probe.json").read_text())["feature_sets"]
+    gaussian = next(r for r in rows if r["family"] == "LatentActionModel (gaussian)")
+    assert float(gaussian["probe_top1"]) == pytest.approx(
+        probe["lam_gaussian_action_mu"]["top1"]["mean"])
+    table = (tmp_path / "report" / "report.md").read_text()
+    assert "| VanillaVAE |" in table and "## Manifest" in table
+    assert (tmp_path / "report" / "rate_distortion.png").stat().st_size > 20_000
+    stale = run_in_process("report.py", str(tmp_path), "--output", str(tmp_path / "r2"))
+    assert stale.returncode == 2 and "holds no metrics.json" in stale.stderr
