@@ -153,7 +153,10 @@ def print_probe(report):
     print(f"{'majority class':<{w}} " + " ".join(f"{cell(majority[k]):>24}" for k in ks))
     print(f"{'chance':<{w}} " + " ".join(f"{chance[k]:>24.3f}" for k in ks))
     tests = report.get("mcnemar", {})
-    different = [(pair, m) for pair, m in tests.items() if m["p_value"] < 0.05]
-    print(f"McNemar's test, {len(tests)} couples of feature sets: " + (
-        "; ".join(f"{pair.replace('_vs_', ' vs ')} p={m['p_value']:.3g}" for pair, m in different)
-        if different else "no couple differs at p < 0.05"))
+    different = sorted(((m["p_value"], pair) for pair, m in tests.items() if m["p_value"] < 0.05))
+    print(f"McNemar's test on the val pairs: {len(different)} of {len(tests)} couples of feature "
+          f"sets differ at p < 0.05" + (", the strongest:" if different else ""))
+    for p, pair in different[:5]:
+        print(f"  {pair.replace('_vs_', ' vs ')}  p={p:.3g}")
+    if len(different) > 5:
+        print(f"  and {len(different) - 5} more (probe.json: mcnemar)")
