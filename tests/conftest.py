@@ -97,3 +97,41 @@ def trained_checkpoint(demo_data, tmp_path_factory):
     save_dir = str(tmp_path_factory.mktemp("trained"))
     cfg = config_from_dict(tiny_config(demo_data, save_dir, **{"trainer_params.max_steps": 6}))
     return train(cfg, Runtime())
+
+
+TRAINER_HOOK = '''
+"""Test-only: patch(module) runs on the project's trainer module right after it is imported."""
+import importlib.machinery, sys
+
+
+def patch(module):
+{body}
+
+
+class PatchTrainer(importlib.machinery.PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name != "trainer":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            patch(module)
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, PatchTrainer)
+'''
+
+
+def trainer_hook(folder, body):
+    """A folder to put on PYTHONPATH: every Python process started with it runs `body` (the
+    indented body of `def patch(module)`) on trainer.py's module once imported, e.g. to slow
+    each step or to keep each rank's weights. Returns the folder."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "sitecustomize.py"), "w") as f:
+        f.write(TRAINER_HOOK.replace("{body}", body))
+    return str(folder)

@@ -13,7 +13,8 @@ import time
 import pytest
 import torch
 
-from conftest import HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, write_config
+from conftest import (HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, trainer_hook,
+                      write_config)
 
 
 def cli(*args):
@@ -75,7 +76,7 @@ def test_stop_signal_saves_exits_75_and_resumes_exactly(sig, reference, demo_dat
     assert f"stopping on {sig.name}" in out
     stopped_at = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"]
     assert 13 <= stopped_at < 40
-    result = run_script(*cli("--config", path, "--resume", "auto")[1:])
+    result = run_in_process(*cli("--config", path, "--resume", "auto")[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same(final_weights(str(tmp_path), "run"), reference)
 
@@ -86,7 +87,7 @@ def test_kill_9_while_writing_a_checkpoint_loses_nothing(demo_data, tmp_path):
                  "data_params.image_size": 64, "logging_params.save_every_n_steps": 3,
                  "trainer_params.max_steps": 12, "logging_params.keep_last_checkpoints": 0}
     ref_path = write_config(tmp_path / "ref.yaml", config_dict(demo_data, str(tmp_path), "ref", **overrides))
-    assert run_script(*cli("--config", ref_path)[1:]).returncode == 0
+    assert run_in_process(*cli("--config", ref_path)[1:]).returncode == 0
     path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run", **overrides))
     ckpt_dir = tmp_path / "run" / "checkpoints"
     kills = 0
@@ -184,7 +185,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_pat
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{"trainer_params.max_steps": 10}))
-    assert run_script(*cli("--config", path)[1:]).returncode == 0
+    assert run_in_process(*cli("--config", path)[1:]).returncode == 0
     last = tmp_path / "run/checkpoints/last.pt"
     size = last.stat().st_size
 
@@ -274,7 +275,7 @@ def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_d
     assert proc.returncode == 75, out[-3000:]
     assert "stopping on SIGINT" in out and "Traceback" not in out
     assert json.loads((tmp_path / "run" / "stopped.json").read_text())["signal"] == "SIGINT"
-    result = run_script(*cli("--config", path, "--resume", "auto")[1:])
+    result = run_in_process(*cli("--config", path, "--resume", "auto")[1:])
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (tmp_path / "run" / "stopped.json").exists()
     assert_same(final_weights(str(tmp_path), "run"), reference)
@@ -306,13 +307,13 @@ def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_d
     wait_for_line(first, "step 3 ")
     in_flight = tmp_path / "run" / "checkpoints" / "step_0000010.pt.tmp.99999"
     in_flight.write_bytes(b"being written")
-    second = run_script(*cli("--config", path, "--resume", "auto")[1:])
+    second = run_in_process(*cli("--config", path, "--resume", "auto")[1:])
     assert second.returncode == 2, second.stderr[-3000:]
     assert f"is in use by pid {first.pid} on" in second.stderr
     assert len(second.stderr.strip().splitlines()) == 1 and in_flight.exists()
     os.killpg(first.pid, signal.SIGKILL)                       # a crash: the lock goes with it
     first.communicate(timeout=HANG_GUARD)
-    third = run_script(*cli("--config", path, "--resume", "auto", "--set",
+    third = run_in_process(*cli("--config", path, "--resume", "auto", "--set",
                             "trainer_params.max_steps=12")[1:])
     assert third.returncode == 0, third.stderr[-3000:]
     assert not in_flight.exists()                              # the holder cleans up
@@ -350,7 +351,7 @@ def test_resume_refuses_changed_data_corrupt_checkpoints_and_strangers(demo_data
 
     path = write_config(tmp_path / "c.yaml", raw)
     (tmp_path / "notes.txt").write_bytes(b"hello, not weights")
-    result = run_script(*cli("--config", path, "--resume", str(tmp_path / "notes.txt"))[1:])
+    result = run_in_process(*cli("--config", path, "--resume", str(tmp_path / "notes.txt"))[1:])
     assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert "is not a PyTorch checkpoint (it holds text)" in result.stderr
     (tmp_path / "frame.png").write_bytes(b"\x89PNG\r\n\x1a\n....")
@@ -390,33 +391,14 @@ def test_a_worker_that_hangs_is_reported_not_waited_for(demo_data, tmp_path):
     assert time.monotonic() - started < 120
 
 
-SLOW_STEPS = '''
-"""Test-only: every training step sleeps SLOW_STEP_S seconds more (a slow model or node)."""
-import importlib.machinery, os, sys, time
+SLOW_STEPS = """\
+    import os, time
+    step = module.Trainer.step
 
-
-class SlowTrainer(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name != "trainer":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            step = module.Trainer.step
-
-            def slow_step(self, images):
-                time.sleep(float(os.environ["SLOW_STEP_S"]))
-                return step(self, images)
-            module.Trainer.step = slow_step
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, SlowTrainer)
-'''
+    def slow_step(self, images):        # a slow model or node: every step SLOW_STEP_S longer
+        time.sleep(float(os.environ["SLOW_STEP_S"]))
+        return step(self, images)
+    module.Trainer.step = slow_step"""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
@@ -426,11 +408,8 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
     sends it: saved and exit 75 within a few steps of the signal, so within seconds here
     (ranks used to exchange the flag every 10 steps: 15-30 s). Counted in steps, not seconds,
     so that a slower or busier machine does not fail it."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_STEPS)
     env = {"RUN_TRAIN_NPROC": "2", "OMP_NUM_THREADS": "1", "SLOW_STEP_S": "1.0",
-           "PYTHONPATH": str(hook)}
+           "PYTHONPATH": trainer_hook(tmp_path / "hook", SLOW_STEPS)}
     path = write_config(tmp_path / "run.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{
             **DDP, "data_params.num_workers": 2, "trainer_params.max_steps": 200,

@@ -6,7 +6,8 @@ import sys
 
 import torch
 
-from conftest import HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, write_config
+from conftest import (HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, trainer_hook,
+                      write_config)
 from test_model_family import family_config
 
 
@@ -65,35 +66,16 @@ def test_test_setup_passes_on_a_good_setup_and_names_the_fix_otherwise(demo_data
     assert " ✗  config" in bad.stdout and "fix:" in bad.stdout
 
 
-RANK_STATES = '''
-"""Test-only: each rank saves its model's weights at exit to $RANK_STATE_DIR/rank<RANK>.pt."""
-import atexit, importlib.machinery, os, sys
+RANK_STATES = """\
+    import atexit, os
+    init = module.Trainer.__init__
 
-
-class KeepTrainer(importlib.machinery.PathFinder):
-    @classmethod
-    def find_spec(cls, name, path=None, target=None):
-        if name != "trainer":
-            return None
-        spec = importlib.machinery.PathFinder.find_spec(name, path)
-        run = spec.loader.exec_module
-
-        def exec_module(module):
-            run(module)
-            init = module.Trainer.__init__
-
-            def keep(self, *args, **kwargs):
-                init(self, *args, **kwargs)
-                atexit.register(lambda: __import__("torch").save(
-                    self.bare.state_dict(),
-                    os.path.join(os.environ["RANK_STATE_DIR"], f"rank{os.environ['RANK']}.pt")))
-            module.Trainer.__init__ = keep
-        spec.loader.exec_module = exec_module
-        return spec
-
-
-sys.meta_path.insert(0, KeepTrainer)
-'''
+    def keep(self, *args, **kwargs):    # each rank saves its weights at exit
+        init(self, *args, **kwargs)
+        atexit.register(lambda: __import__("torch").save(
+            self.bare.state_dict(),
+            os.path.join(os.environ["RANK_STATE_DIR"], f"rank{os.environ['RANK']}.pt")))
+    module.Trainer.__init__ = keep"""
 
 
 # Each rank's BatchNorm statistics are those of its own batches (DDP hands rank 0's to every
@@ -106,9 +88,7 @@ def test_vq_vae_and_vae_gan_train_under_torchrun_with_the_same_weights_on_every_
     """VQ-VAE syncs its EMA codebook inside forward; VAE-GAN's three groups are averaged over
     ranks by the step engine and its equilibrium rules decided on rank-averaged losses: after
     training, both ranks hold the same weights, bit for bit, and the checkpoint is rank 0's."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(RANK_STATES)
+    hook = trainer_hook(tmp_path / "hook", RANK_STATES)
     for name, extra in (("VQVAE", {"model_params.ema": True, "model_params.dead_code_steps": 2}),
                         ("VAEGAN", {})):
         raw = family_config(demo_data, str(tmp_path / "logs"), name, **{
@@ -121,7 +101,7 @@ def test_vq_vae_and_vae_gan_train_under_torchrun_with_the_same_weights_on_every_
         states.mkdir()
         result = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                             "train_ddp.py", "--config", path, "--device", "cpu",
-                            env={"OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook),
+                            env={"OMP_NUM_THREADS": "1", "PYTHONPATH": hook,
                                  "RANK_STATE_DIR": str(states)})
         assert result.returncode == 0, result.stderr[-3000:]
         ckpt = torch.load(tmp_path / "logs" / name / "checkpoints" / "vae_final.pt",

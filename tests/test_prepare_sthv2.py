@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import HANG_GUARD, ROOT, run_script, tiny_config
+from conftest import HANG_GUARD, ROOT, run_in_process, tiny_config
 
 av = pytest.importorskip("av", reason="PyAV (requirements.txt) decodes the .webm videos")
 
@@ -110,8 +110,8 @@ def test_frames_match_ffmpegs_own_extraction(tmp_path):
 
 
 def run_prepare(download, out, *args):
-    return run_script("prepare_sthv2.py", "--videos", download["videos"], "--labels",
-                      download["labels"], "--out", str(out), *args)
+    return run_in_process("prepare_sthv2.py", "--videos", download["videos"], "--labels",
+                          download["labels"], "--out", str(out), *args)
 
 
 def test_frames_tree_names_unreadable_videos_and_trains_like_extracted_frames(download, tmp_path):
