@@ -9,11 +9,16 @@ the WORLD_SIZE processes. Run without torchrun it trains as a single process.
 import os
 from datetime import timedelta
 
+from options import parse_training_args
+
+if __name__ == "__main__":
+    ARGS = parse_training_args(__doc__.splitlines()[0])   # --help answers before torch loads
+
+# The heavy imports, once the command line is known to be good.
 import torch
 import torch.distributed as dist
 
 from config import load_config
-from options import parse_training_args
 from runtime import Runtime, pick_device
 from training import run
 
@@ -62,4 +67,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(parse_training_args(__doc__.splitlines()[0]))
+    main(ARGS)
