@@ -319,7 +319,8 @@ def save_checkpoint(ckpt_dir, state, rt, keep, also=None):
     path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
     if rt.is_main:
         try:
-            save_atomic({**state, "rng": rngs, "world_size": rt.world_size}, path)
+            save_atomic({**state, "rng": rngs, "world_size": rt.world_size,
+                         "threads": torch.get_num_threads()}, path)
             for name in ["last.pt"] + ([also] if also else []):
                 link_atomic(path, os.path.join(ckpt_dir, name))
         except (OSError, RuntimeError) as err:   # torch.save reports short writes as RuntimeError
@@ -335,7 +336,14 @@ def save_checkpoint(ckpt_dir, state, rt, keep, also=None):
 
 
 def restore_rng(state, rt):
-    """This rank's saved RNG states, when the checkpoint was written by as many ranks."""
+    """This rank's saved RNG states, when the checkpoint was written by as many ranks. A CPU
+    run resumed with another number of threads continues, with a warning: float sums are
+    split over threads, so the weights then drift from an uninterrupted run's."""
+    threads = state.get("threads")
+    if rt.device.type == "cpu" and threads and threads != torch.get_num_threads():
+        log.warning("the checkpoint was written with %d CPU threads per process and this run "
+                    "has %d: training continues, but not bit-exactly (set OMP_NUM_THREADS=%d "
+                    "to resume exactly)", threads, torch.get_num_threads(), threads)
     if len(state["rng"]) == rt.world_size:
         set_rng_state(state["rng"][rt.rank])
     else:

@@ -170,7 +170,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     stats = StepStats(rt.device, d.train_batch_size, step, not trainer.scaler.is_enabled())
     bar = progress(total=max_steps, initial=step, main=rt.is_main, desc="training",
                    unit="step")
-    seen_bad, stop_warned = set(), False
+    seen_bad, stop_warned, saved_at = set(), False, None
     while step < max_steps:
         train_loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch)
                                        * train_loader.batch_size)
@@ -199,8 +199,10 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                 log_images(trainer.bare, fixed_images, tracker, cfg.run_dir, step, e.seed + 2)
             if step % lg.save_every_n_steps == 0 and step < max_steps:
                 save(step, epoch)
+                saved_at = step
             if stop.agreed(step):
-                save(step, epoch)
+                if saved_at != step:              # not twice at a periodic save's step
+                    save(step, epoch)
                 if rt.is_main:
                     ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
                 log.info("stopping on %s at step %d; resume with --resume auto",

@@ -457,3 +457,55 @@ def test_a_resume_on_fewer_videos_makes_progress_and_one_on_another_batch_is_ref
     assert result.returncode == 0, result.stderr[-3000:]
     final = torch.load(tmp_path / "run" / "checkpoints" / "vae_final.pt", weights_only=True)
     assert final["step"] == 9 and final["steps_per_epoch"] == 2 and final["epoch"] == 4
+
+
+def test_a_stop_at_a_periodic_save_step_writes_one_checkpoint(demo_data, tmp_path, monkeypatch):
+    """The signal arrives during step 4, a periodic save step: one checkpoint at step 4, not
+    two (at full size, another ~760 MB inside the grace window)."""
+    import checkpoint as ck
+    import trainer
+    from config import config_from_dict
+    from errors import Preempted
+    from runtime import Runtime
+    from training import train
+    steps, saves = trainer.Trainer.step, []
+
+    def step_then_signal(self, images):
+        out = steps(self, images)
+        if self.steps_done == 4:
+            signal.raise_signal(signal.SIGUSR1)
+        return out
+    real_save = ck.save_checkpoint
+    monkeypatch.setattr(trainer.Trainer, "step", step_then_signal)
+    monkeypatch.setattr(ck, "save_checkpoint",
+                        lambda d, state, *a, **k: saves.append(state["step"]) or
+                        real_save(d, state, *a, **k))
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{
+        "logging_params.save_every_n_steps": 4}))
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        with pytest.raises(Preempted):
+            train(cfg, Runtime())
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert saves == [4]
+    assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 4
+
+
+def test_a_cpu_resume_with_another_thread_count_says_it_is_not_exact(demo_data, tmp_path):
+    from config import config_from_dict
+    from runtime import Runtime
+    from training import train
+    cfg = lambda steps: config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{  # noqa: E731
+        "trainer_params.max_steps": steps}))
+    first = train(cfg(4), Runtime())
+    assert torch.load(first, weights_only=True)["threads"] == torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    try:
+        train(cfg(6), Runtime(), resume="auto")
+    finally:
+        torch.set_num_threads(1)
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "written with 1 CPU threads per process and this run has 2" in log
+    assert "OMP_NUM_THREADS=1 to resume exactly" in log
