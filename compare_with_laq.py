@@ -193,7 +193,8 @@ def choose(pairs, positions, n, seed, how="exact"):
         number = lambda pos: int(index.numbers[index.offsets[v] + pos])  # noqa: E731
         out.append(Pair(index.frame_path(v, t), index.frame_path(v, second), index.videos[v],
                         number(t), number(second),
-                        lambda v=v, t=t, s=second: [index.read_bytes(v, t), index.read_bytes(v, s)]))
+                        lambda v=v, t=t, s=second: [index.read_bytes(v, t),
+                                                    index.read_bytes(v, s)]))
     return out
 
 
@@ -513,7 +514,7 @@ def probe(args, vae, runner, num_codes, extras, vae_config, geometry, device, te
             "vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
             "vae_mtime": os.path.getmtime(args.vae), "laq_mtime": os.path.getmtime(args.laq),
             "pairs": [(p.current, p.target) for p in pairs], "geometry": geometry.describe(),
-            "laq_weights": args.laq_weights, "features": 2,
+            "laq_weights": args.laq_weights, "features": 2, "batch_size": args.batch_size,
             "models": [(os.path.abspath(p), os.path.getmtime(p)) for p in args.model]})
         features, kept = probe_features(vae, runner, num_codes, extras, pairs, geometry,
                                         args.batch_size, device, cache, split)

@@ -401,6 +401,20 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
     assert (out / "plots.png").stat().st_size > 20_000 and (out / "comparison.png").exists()
     assert os.listdir(tmp_path / "tb") and os.listdir(out / "probe_cache")
     assert report["laq_passes"] == 1 and report["pairs_per_sec"] > 0
+    # the same comparison in chunks of another size, into the same folder: the cached chunks
+    # of the first run are not reused under another chunking, and the probe agrees
+    rechunked = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
+                            "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                            "--data-path", demo_data, "--num-pairs", "50", "--offset", "3",
+                            "--pairs", "exact", "--laq-train-videos", str(tmp_path / "laq_train.txt"),
+                            "--probe", "--probe-pairs", "40", "--output", str(out), "--lpips-net",
+                            "none", "--fid", "none", "--batch-size", "3",
+                            "--controllability", "none")
+    assert rechunked.returncode == 0, rechunked.stderr[-3000:]
+    again = json.loads((out / "probe.json").read_text())
+    assert {n: s["top1"] for n, s in again["feature_sets"].items()} == \
+        {n: s["top1"] for n, s in probe["feature_sets"].items()}
+    assert len({name.split("_")[1] for name in os.listdir(out / "probe_cache")}) == 4  # 2 x 2 splits
 
     again = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
                         "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
