@@ -101,7 +101,7 @@ import torch.nn.functional as F
 from config import data_params_of
 from dataset_sthv2 import build_split
 from errors import CheckpointError, DataError, exit_bad_input, run_main
-from evaluate import load_model, section, write_report
+from evaluate import load_model, section, start_outputs, write_report
 from files import atomic_write
 from frame_files import DECODE_ERRORS, decode_rgb, read_file, resize_frame
 from labels import LABEL_FILES
@@ -115,6 +115,7 @@ from vanilla_vae_model import VanillaVAE
 
 FIGURE_ROWS = 8
 FID_MIN_IMAGES = 1000
+OUTPUTS = ("metrics.json", "per_pair.csv", "probe.json", "comparison.png", "plots.png")
 PAIRS_NOTE = {
     "laq": "LAQ's sampling: one pair per video, the first frame uniform over the video, the "
            "second at min(first + offset, last frame) (pairs near a video's end are closer)",
@@ -622,7 +623,6 @@ def summary_lines(report):
 
 
 def write_outputs(args, report, rows, examples, kl_per_dim):
-    os.makedirs(args.output, exist_ok=True)
     write_report(args.output, report, rows, "per_pair.csv")        # the numbers first
     from plots import comparison_figure, summary_figure
     shown = ("psnr", "ssim", "lpips")
@@ -708,6 +708,7 @@ def main(args):
                 args.vae_resize or data_params_of(vae_config).resize),
         "laq": (config["image_size"], args.laq_resize), **extra_views})
     runner = LaqRunner(laq)
+    start_outputs(args.output, OUTPUTS)       # an interrupted run leaves no mix of two runs
     start = time.perf_counter()
     rows, latents, codes, examples = compare(vae, runner, extras, pairs, metrics, fid, geometry,
                                              args.batch_size, device, figure_picks(pairs),

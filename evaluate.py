@@ -10,6 +10,7 @@ DIR/samples.png and, with --save-reconstructions, DIR/reconstructions/{index:06d
 and _recon.png. Metric definitions: metrics.py.
 """
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -65,7 +66,7 @@ from checkpoint import load_checkpoint
 from config import data_params_of
 from dataset_sthv2 import build_split
 from errors import CheckpointError, DataError, exit_bad_input, run_main
-from files import atomic_write
+from files import atomic_write, remove_orphaned_temps
 from image_datasets import ImageFiles
 from manifest import manifest
 from metrics import SSIM_SETTINGS, ImageMetrics, build_fid, latent_summary
@@ -134,6 +135,17 @@ def to_uint8(x01):
 
 def save_png(tensor_uint8, path):
     Image.fromarray(tensor_uint8.permute(1, 2, 0).cpu().numpy()).save(path)
+
+
+def start_outputs(folder, reports):
+    """Make the output folder ready: the reports of an earlier run go first, so that a run
+    interrupted part way never leaves them beside its own new files (they are written last),
+    and temps of a killed run are removed."""
+    os.makedirs(folder, exist_ok=True)
+    remove_orphaned_temps(folder)
+    for name in reports:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
 
 
 def write_report(folder, report, rows, csv_name):
@@ -267,7 +279,7 @@ def main(args):
     positions = list(range(len(dataset)))
     if args.max_images and args.max_images < len(positions):
         positions = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, args.max_images)})
-    os.makedirs(args.output, exist_ok=True)
+    start_outputs(args.output, ("metrics.json", "per_image.csv"))
 
     start = time.perf_counter()
     rows, latent, grid, unreadable = evaluate(model, dataset, positions, metrics, args, device,

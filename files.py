@@ -7,6 +7,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 
 
 @contextlib.contextmanager
@@ -56,6 +57,44 @@ def remove_stale_temps(folder):
             else:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path)
+
+
+def remove_orphaned_temps(folder, min_age_s=600):
+    """Remove what a killed writer left in a folder other processes may be writing to (an
+    output or cache folder without a lock): a temp whose writer is not running on this machine
+    and that nothing has written for `min_age_s` seconds (a live writer on another node keeps
+    its temp fresh). Returns the names removed."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        match = re.search(r"\.tmp\.(\d+)$", name)
+        path = os.path.join(folder, name)
+        if not match or _running(int(match[1])):
+            continue
+        try:
+            if time.time() - os.lstat(path).st_mtime < min_age_s:
+                continue
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+            removed.append(name)
+        except OSError:
+            continue
+    return removed
+
+
+def _running(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:               # someone else's live process
+        return True
+    return True
 
 
 def copy_atomic(src, dst):

@@ -16,7 +16,7 @@ import zipfile
 import numpy as np
 
 from errors import DataError
-from files import atomic_write
+from files import atomic_write, remove_orphaned_temps
 from frame_files import read_file
 from parallel import progress
 
@@ -239,6 +239,7 @@ def load_index(root, cache_dir=""):
         index = FrameIndex.build(root)
         try:
             os.makedirs(cache_dir, exist_ok=True)
+            remove_orphaned_temps(cache_dir)
             index.save(cache, {"signature": signature})
         except OSError as e:
             log.warning("could not cache the frame index in %s (%s); it is rebuilt next time",

@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from errors import DataError, run_main
-from files import atomic_write, copy_atomic
+from files import atomic_write, copy_atomic, remove_orphaned_temps
 from frame_files import DECODE_ERRORS, decode_rgb, resize_frame
 from frame_index import PACKED_INDEX, load_index
 from labels import LABEL_FILES
@@ -93,6 +93,7 @@ def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="c
     if getattr(index, "prepared", None):
         raise DataError(f"{data_path} holds frames already resized; pack the frames tree")
     os.makedirs(out, exist_ok=True)
+    remove_orphaned_temps(out)            # shards a killed run left half-written
     n = len(index)
     shard = np.zeros(n, dtype=np.int32)
     start = np.zeros(n, dtype=np.int64)

@@ -31,7 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from errors import ReportedError, run_main
-from files import atomic_write
+from files import atomic_write, remove_orphaned_temps
 from parallel import progress
 
 SPLITS = {"train": {0}, "valid": {1}, "test": {2}, "valid+test": {1, 2}}
@@ -142,6 +142,8 @@ def prepare(args):
     os.makedirs(args.out, exist_ok=True)
     chunk_dir = args.checkpoint_dir or os.path.join(args.out, ".chunks")
     os.makedirs(chunk_dir, exist_ok=True)
+    for folder in (args.out, chunk_dir):  # arrays and chunks a killed run left half-written
+        remove_orphaned_temps(folder)
     report = {"source": os.path.abspath(args.src), "image_size": args.image_size,
               "crop": args.crop, "eval_split": args.eval_split, "splits": {}}
     splits = {"train": SPLITS["train"], "eval": SPLITS[args.eval_split]}

@@ -1,6 +1,7 @@
 """Checkpoint helpers: copies without hard links, RNG state round trip."""
 import os
 import random
+import time
 
 import numpy as np
 import pytest
@@ -119,3 +120,24 @@ def test_a_folder_appears_whole_and_a_killed_writers_temps_are_removed(tmp_path)
     (tmp_path / "keep.tmp").write_bytes(b"a user's file")
     remove_stale_temps(str(tmp_path))
     assert sorted(os.listdir(tmp_path)) == ["keep.tmp", "video"]
+
+
+def dead_pid():
+    import subprocess
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_orphaned_temps_go_and_live_or_fresh_ones_stay(tmp_path):
+    """In folders other jobs may write to (outputs, caches): a temp whose writer is gone and
+    that is older than the limit is removed; a live writer's, or a fresh one, stays."""
+    old = time.time() - 3600
+    gone, fresh, live = (f"shard_00000.bin.tmp.{dead_pid()}", f"metrics.json.tmp.{dead_pid()}",
+                         f"index.npz.tmp.{os.getpid()}")
+    for name in (gone, fresh, live, "notes.tmp"):
+        (tmp_path / name).write_bytes(b"half")
+    for name in (gone, live, "notes.tmp"):
+        os.utime(tmp_path / name, (old, old))
+    assert files.remove_orphaned_temps(str(tmp_path)) == [gone]
+    assert sorted(os.listdir(tmp_path)) == sorted([fresh, live, "notes.tmp"])

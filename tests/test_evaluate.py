@@ -176,3 +176,36 @@ def test_a_model_with_nan_weights_is_reported_not_a_traceback(trained_checkpoint
     assert "Traceback" not in result.stderr
     report = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert report["reconstruction"]["psnr"]["mean"] is None
+
+
+def test_an_interrupted_evaluation_leaves_no_report_of_an_earlier_run(trained_checkpoint,
+                                                                     demo_data, tmp_path,
+                                                                     monkeypatch):
+    """Into a folder that holds an earlier run's metrics.json: interrupted before its own
+    report is written, the run leaves its reconstructions and no report at all, never the old
+    report beside the new pictures; a killed writer's temp there is cleaned up."""
+    import subprocess
+
+    import files
+    out = tmp_path / "e"
+    out.mkdir()
+    (out / "metrics.json").write_text('{"num_images": 1}')
+    (out / "per_image.csv").write_text("index\n0\n")
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    orphan = out / f"metrics.json.tmp.{proc.pid}"
+    orphan.write_text("{")
+    os.utime(orphan, (0, 0))
+
+    real = files.atomic_write
+
+    def interrupted(path, *args, **kwargs):        # Ctrl-C as the report is being written
+        if path.endswith("metrics.json"):
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(files, "atomic_write", interrupted)
+    result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(out), "--data-path",
+                          demo_data, "--lpips-net", "none", "--num-samples", "0",
+                          "--save-reconstructions", "--max-images", "4")
+    assert result.returncode == 130
+    assert sorted(os.listdir(out)) == ["reconstructions"]

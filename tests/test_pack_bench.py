@@ -18,9 +18,18 @@ from training import train
 
 
 def test_shards_round_trip_every_byte_and_serve_the_same_dataset(demo_data, tmp_path):
+    """Also: the half-written shard a killed packer left in the folder is removed."""
+    import subprocess
     tree = frame_index.load_index(demo_data, str(tmp_path / "cache"))
+    killed = subprocess.Popen(["true"])
+    killed.wait()
+    orphan = tmp_path / "packed" / f"shard_00000.bin.tmp.{killed.pid}"
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"half a shard")
+    os.utime(orphan, (0, 0))
     report = pack(demo_data, str(tmp_path / "packed"), shard_size=50_000,
                   index_cache_dir=str(tmp_path / "cache"))
+    assert not orphan.exists()
     assert report["frames"] == len(tree) and report["shards"] > 1
     packed = frame_index.load_index(str(tmp_path / "packed"))
     assert isinstance(packed, frame_index.PackedFrameIndex) and packed.videos == tree.videos
