@@ -292,6 +292,18 @@ def _build_model_params(raw):
     return params
 
 
+def model_params_of(config):
+    """The model_params of a checkpoint's config (a plain dict), checked as a run's are: the
+    family's keys and types, and built on the meta device. Raises ConfigError naming the key."""
+    from models import completed
+    raw = config.get("model_params") if isinstance(config, dict) else None
+    if not isinstance(raw, dict):
+        raise ConfigError("model_params: missing, or not a mapping of keys")
+    params = _build_model_params(completed(raw))
+    _try_build(params)
+    return params
+
+
 def _try_build(params):
     """Build the model on the meta device (no memory, no time), as the run will build it, so
     that a value only the model's constructor checks is a ConfigError before anything is

@@ -63,9 +63,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.utils import make_grid, save_image
 
 from checkpoint import load_checkpoint
-from config import data_params_of
+from config import data_params_of, model_params_of
 from dataset_sthv2 import build_split
-from errors import CheckpointError, DataError, exit_bad_input, run_main
+from errors import CheckpointError, ConfigError, DataError, exit_bad_input, run_main
 from files import atomic_write, remove_orphaned_temps
 from image_datasets import ImageFiles
 from manifest import manifest
@@ -103,12 +103,29 @@ def collate_readable(batch):
 
 
 def load_model(path, device):
-    """(model in eval mode on device, checkpoint dict) from a weights_only checkpoint."""
+    """(model in eval mode on device, checkpoint dict) from a weights_only checkpoint whose
+    config is checked as a run's is and whose weights must fit the model it describes."""
     ckpt = load_checkpoint(path)
     if "model" not in ckpt or "config" not in ckpt:
         raise CheckpointError(f"{path} has no 'model'/'config': not a checkpoint of this project")
-    model = build_model(ckpt["config"]["model_params"])
-    model.load_state_dict(ckpt["model"])
+    config = ckpt["config"]
+    try:
+        params = model_params_of(config)
+        kld_weight = (config.get("exp_params") or {}).get("kld_weight")
+        if isinstance(kld_weight, bool) or not isinstance(kld_weight, (int, float)):
+            raise ConfigError(f"exp_params.kld_weight: missing or not a number ({kld_weight!r})")
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {path} holds a config this version cannot use: "
+                              f"{e}") from None
+    model = build_model(params)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except (RuntimeError, TypeError, AttributeError) as e:
+        first = str(e).strip().splitlines()
+        detail = next((line.strip() for line in first[1:] if line.strip()), first[0] if first
+                      else type(e).__name__)
+        raise CheckpointError(f"checkpoint {path}: its weights do not fit the "
+                              f"{params['name']} its config describes ({detail[:300]})") from None
     return model.to(device).eval(), ckpt
 
 

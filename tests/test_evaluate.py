@@ -209,3 +209,31 @@ def test_an_interrupted_evaluation_leaves_no_report_of_an_earlier_run(trained_ch
                           "--save-reconstructions", "--max-images", "4")
     assert result.returncode == 130
     assert sorted(os.listdir(out)) == ["reconstructions"]
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (lambda c: c["config"]["model_params"].update(latent_dim=16),
+     "its weights do not fit the VanillaVAE its config describes"),
+    (lambda c: c["config"]["model_params"].update(name="NoSuchVAE"),
+     "model_params.name: unknown model"),
+    (lambda c: c["config"].pop("model_params"), "model_params: missing"),
+    (lambda c: c.update(config="a string"), "model_params: missing"),
+    (lambda c: c["config"]["model_params"].update(name="VQVAE", num_embeddings=8,
+                                                  embedding_dim=4),
+     "model_params.latent_dim: unknown key for VQVAE"),
+    (lambda c: c["config"]["model_params"].update(image_size=30),
+     "holds a config this version cannot use: model_params"),
+    (lambda c: c["config"].pop("exp_params"), "exp_params.kld_weight: missing"),
+], ids=["latent_dim", "unknown_name", "no_model_params", "string_config", "other_family",
+        "image_size_30", "no_exp_params"])
+def test_a_checkpoint_whose_config_was_edited_is_one_line_exit_2(edit, expected, demo_data,
+                                                                 trained_checkpoint, tmp_path):
+    ckpt = torch.load(trained_checkpoint, weights_only=True)
+    edit(ckpt)
+    torch.save(ckpt, tmp_path / "edited.pt")
+    result = evaluate_cli("--checkpoint", str(tmp_path / "edited.pt"), "--output",
+                          str(tmp_path / "e"), "--lpips-net", "none", "--data-path", demo_data)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert len(result.stderr.strip().splitlines()) == 1 and expected in result.stderr, \
+        result.stderr
+    assert not (tmp_path / "e").exists()
