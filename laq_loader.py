@@ -94,11 +94,27 @@ class RedirectCuda(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+# What a LAQ config may hold: the type of each argument and a range that builds a model in
+# reasonable memory (LAPA's: dim 1024, depth 8, heads 16; the bounds leave room for larger).
+LAQ_ARGUMENTS = {"dim": (int, 1, 16384), "quant_dim": (int, 1, 4096),
+                 "codebook_size": (int, 1, 1 << 20), "image_size": (int, 1, 4096),
+                 "patch_size": (int, 1, 4096), "spatial_depth": (int, 1, 128),
+                 "temporal_depth": (int, 1, 128), "dim_head": (int, 1, 1024),
+                 "heads": (int, 1, 256), "channels": (int, 1, 16),
+                 "code_seq_len": (int, 1, 256), "attn_dropout": (float, 0.0, 1.0),
+                 "ff_dropout": (float, 0.0, 1.0)}
+MAX_CONFIG_BYTES = 1 << 16
+
+
 def laq_config(path, laq_class):
-    """LAPA's hyperparameters, overridden by a YAML mapping; keys must be constructor args."""
+    """LAPA's hyperparameters, overridden by a YAML mapping; keys must be constructor args,
+    each of its type and in a range that builds (checked before anything is built)."""
     config = dict(LAPA_LAQ_CONFIG)
     if path:
         try:
+            if os.path.getsize(path) > MAX_CONFIG_BYTES:
+                raise LaqError(f"--laq-config {path} is {os.path.getsize(path)} bytes: a LAQ "
+                               f"config is a few lines of constructor arguments")
             with open(path) as f:
                 override = yaml.safe_load(f) or {}
         except (OSError, yaml.YAMLError) as e:
@@ -111,6 +127,19 @@ def laq_config(path, laq_class):
                 raise LaqError(f"--laq-config {path}: {key} is not an argument of "
                                f"LatentActionQuantization (known: {', '.join(sorted(known))})")
             config[key] = value
+    where = f"--laq-config {path}" if path else "LAQ config"
+    for key, value in config.items():
+        if key not in LAQ_ARGUMENTS:
+            continue
+        kind, low, high = LAQ_ARGUMENTS[key]
+        ok_type = (isinstance(value, (int, float)) if kind is float else isinstance(value, int)) \
+            and not isinstance(value, bool)
+        if not ok_type:
+            shown = repr(value) if isinstance(value, (int, float, str)) else type(value).__name__
+            raise LaqError(f"{where}: {key} must be {'a number' if kind is float else 'an int'}, "
+                           f"got {shown[:40]}")
+        if not low <= value <= high:
+            raise LaqError(f"{where}: {key} {value} is outside {low}..{high}")
     if config["image_size"] % config["patch_size"]:
         raise LaqError(f"LAQ image_size {config['image_size']} is not a multiple of "
                        f"patch_size {config['patch_size']}")

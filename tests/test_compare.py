@@ -592,3 +592,27 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
     assert (tmp_path / "report" / "rate_distortion.png").stat().st_size > 20_000
     stale = run_in_process("report.py", str(tmp_path), "--output", str(tmp_path / "r2"))
     assert stale.returncode == 2 and "holds no metrics.json" in stale.stderr
+
+
+BOMB = "dim: [" + ", ".join(["&l0 [x, x, x, x, x, x, x, x, x]"] + [
+    f"&l{k} [{', '.join([f'*l{k - 1}'] * 9)}]" for k in range(1, 10)]) + "]\n"   # 9^10 if expanded
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("dim: big\n", "dim must be an int, got 'big'"),
+    ("dim: [1, 2]\n", "dim must be an int, got list"),
+    ("patch_size: 0\n", "patch_size 0 is outside 1..4096"),
+    ("dim: 1e7\n", "dim must be an int, got '1e7'"),
+    ("dim: 10000000.0\n", "dim must be an int, got 10000000.0"),
+    ("spatial_depth: 1000000\n", "spatial_depth 1000000 is outside 1..128"),
+    ("attn_dropout: 2\n", "attn_dropout 2 is outside 0.0..1.0"),
+    (BOMB, "dim must be an int, got list"),
+    ("# " + "x" * 70000 + "\n", "a LAQ config is a few lines"),
+], ids=["string", "list", "zero_patch", "exponent", "float_dim", "deep", "dropout", "alias_bomb",
+        "huge"])
+def test_laq_config_values_are_checked_before_anything_is_built(text, expected, tmp_path):
+    (tmp_path / "laq.yaml").write_text(text)
+    cls = laq_loader.import_laq_class(os.path.join(STANDIN, "laq_model"))
+    with pytest.raises(laq_loader.LaqError) as info:
+        laq_loader.laq_config(str(tmp_path / "laq.yaml"), cls)
+    assert expected in str(info.value) and "\n" not in str(info.value)
