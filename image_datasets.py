@@ -52,7 +52,12 @@ class CelebAArrays(Dataset):
     def __init__(self, path, image_size=None):
         if not os.path.isfile(path):
             raise DataError(f"{path} does not exist: run prepare_celeba.py -o {os.path.dirname(path)}")
-        array = np.load(path, mmap_mode="r")
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:      # truncated, not .npy, pickled objects
+            raise DataError(f"{path} is not a readable uint8 array ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else 'empty'}); re-run "
+                            f"prepare_celeba.py -o {os.path.dirname(path)}") from None
         if array.ndim != 4 or array.shape[1] != 3 or array.dtype != np.uint8:
             raise DataError(f"{path} holds {array.dtype} {array.shape}, not uint8 N x 3 x H x W")
         if image_size and array.shape[2:] != (image_size, image_size):

@@ -135,3 +135,20 @@ def test_trains_and_evaluates_on_celeba_arrays(celeba, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert report["dataset"] == "celeba" and report["num_images"] == 4
+
+
+def test_a_truncated_or_object_array_is_one_line_naming_the_file(tmp_path):
+    from errors import DataError
+    from image_datasets import CelebAArrays
+    good = tmp_path / "train_data.npy"
+    np.save(good, np.zeros((4, 3, 8, 8), np.uint8))
+    data = good.read_bytes()
+    (tmp_path / "truncated.npy").write_bytes(data[:len(data) // 2])
+    np.save(tmp_path / "objects.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    assert len(CelebAArrays(str(good), 8)) == 4
+    for name in ("truncated.npy", "objects.npy"):
+        with pytest.raises(DataError) as info:
+            CelebAArrays(str(tmp_path / name), 8)
+        message = str(info.value)
+        assert str(tmp_path / name) in message and "re-run prepare_celeba.py" in message
+        assert "\n" not in message
