@@ -21,6 +21,7 @@ downloaded with the gdown package first (needs the network; --skip-download forb
 """
 import argparse
 import io
+import hashlib
 import json
 import os
 import zipfile
@@ -150,7 +151,8 @@ def prepare(args):
     for split, partitions in splits.items():
         names = [n for n, p in entries if p in partitions]
         chunks = [names[i:i + args.chunk_size] for i in range(0, len(names), args.chunk_size)]
-        chunk_path = lambda k: _chunk_path(chunk_dir, split, k, args.image_size, args.crop)  # noqa: E731
+        chunk_path = lambda k: _chunk_path(chunk_dir, split, k, args.image_size, args.crop,  # noqa: E731
+                                           args.src, chunks[k])
         todo = [k for k in range(len(chunks)) if not os.path.exists(chunk_path(k))]
         with ProcessPoolExecutor(args.workers, initializer=_init_worker,
                                  initargs=(args.src,)) as pool, \
@@ -170,9 +172,12 @@ def prepare(args):
     return report
 
 
-def _chunk_path(chunk_dir, split, k, size, crop):
-    """Finished chunk k; named by the settings so a run with other settings never reuses it."""
-    return os.path.join(chunk_dir, f"{split}_{size}px_crop{crop}_{k:05d}.npz")
+def _chunk_path(chunk_dir, split, k, size, crop, src, names):
+    """Finished chunk k, named by everything that decides its content (the settings, the
+    source, and the image names it holds, which the partition, the eval split and the chunk
+    size decide): a run with anything else never reuses it."""
+    digest = hashlib.sha1(json.dumps([os.path.abspath(src), names]).encode()).hexdigest()[:12]
+    return os.path.join(chunk_dir, f"{split}_{size}px_crop{crop}_{k:05d}_{digest}.npz")
 
 
 def write_split(chunk_paths, out, split, size, partitions):

@@ -77,9 +77,10 @@ def test_interrupted_run_resumes_from_finished_chunks(celeba, tmp_path):
     assert prepare(*args).returncode == 0
     reference = np.load(out / "train_data.npy")
     # as if killed after the first chunks: later chunks and the outputs are gone ...
-    for name in ("train_32px_crop148_00002.npz", "train_32px_crop148_00003.npz",
-                 "eval_32px_crop148_00000.npz"):
-        (chunks / name).unlink()
+    for name in ("train_32px_crop148_00002", "train_32px_crop148_00003",
+                 "eval_32px_crop148_00000"):
+        (only,) = chunks.glob(f"{name}_*.npz")                 # named by their content too
+        only.unlink()
     for name in os.listdir(out):
         os.remove(out / name)
     # ... and a finished chunk's source changed: a resumed run must not redo that chunk
@@ -95,6 +96,16 @@ def test_interrupted_run_resumes_from_finished_chunks(celeba, tmp_path):
     with np.load(out / "train_data.npz") as z:
         first = z["images"][list(z["filenames"]).index("000001.jpg")]
     assert np.array_equal(first, expected_image(src / "000001.jpg", crop=120))
+    # nor another eval split, chunk size or partition: the eval arrays are those of a fresh run
+    for other in (["--eval-split", "test"], ["--eval-split", "test", "--chunk-size", "2"]):
+        again = [*args[:-4], "--chunk-size", "5", "--checkpoint-dir", str(chunks), *other]
+        assert prepare(*again).returncode == 0
+        fresh = tmp_path / f"fresh_{len(other)}"
+        assert prepare("--src", str(celeba), "-o", str(fresh), "--image-size", "32",
+                       *other).returncode == 0
+        with np.load(out / "eval_data.npz") as a, np.load(fresh / "eval_data.npz") as b:
+            assert np.array_equal(a["images"], b["images"]) and len(a["images"]) > 0
+        assert json.loads((out / "report.json").read_text())["eval_split"] == "test"
 
 
 def test_zip_source_gives_the_same_arrays(celeba, tmp_path):
