@@ -247,6 +247,22 @@ def prepare_run_dir(run_dir, rt):
 STOPPED_FILE = "stopped.json"
 
 
+def stopped_before_restart(run_dir):
+    """What stopped.json says when this process is an elastic restart of a run that stopped on
+    a signal (torchrun --max-restarts takes exit 75 for a failure and restarts), else None:
+    such a restart must stay stopped, not train on."""
+    import json
+    path = os.path.join(run_dir, STOPPED_FILE)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) == 0 or \
+            not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"step": None, "signal": "a signal"}
+
+
 def mark_stopped(run_dir, step, reason):
     """run_dir/stopped.json: the run stopped on a signal after saving step `step`.
     run_train.sh reads it to exit with PREEMPTED_EXIT_CODE when torchrun cannot pass the

@@ -127,6 +127,11 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         return final
 
     # --- the run directory: locked, then the config and the log -----------------------
+    stopped = ck.stopped_before_restart(cfg.run_dir)
+    if stopped:
+        log.info("the run stopped on %s at step %s before this restart: it stays stopped "
+                 "(resume with --resume auto)", stopped.get("signal"), stopped.get("step"))
+        raise Preempted()
     ckpt_dir, lock = ck.prepare_run_dir(cfg.run_dir, rt)
     if rt.is_main:
         log_to_file(cfg.run_dir)

@@ -509,3 +509,26 @@ def test_a_cpu_resume_with_another_thread_count_says_it_is_not_exact(demo_data, 
     log = (tmp_path / "run" / "train.log").read_text()
     assert "written with 1 CPU threads per process and this run has 2" in log
     assert "OMP_NUM_THREADS=1 to resume exactly" in log
+
+
+def test_an_elastic_restart_after_a_stop_stays_stopped(demo_data, tmp_path, monkeypatch):
+    """torchrun --max-restarts takes the ranks' exit 75 for a failure and restarts them; the
+    restart used to delete stopped.json and train to the end. It now exits 75 again at once,
+    and stopped.json stays for run_train.sh."""
+    import checkpoint as ck
+    from config import config_from_dict
+    from errors import Preempted
+    from runtime import Runtime
+    from training import train
+    cfg = lambda steps: config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{  # noqa: E731
+        "trainer_params.max_steps": steps}))
+    train(cfg(4), Runtime())
+    ck.mark_stopped(str(tmp_path / "run"), 4, "SIGTERM")          # what the stopped ranks wrote
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(Preempted):
+        train(cfg(40), Runtime(), resume="auto")
+    assert (tmp_path / "run" / "stopped.json").exists()
+    assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 4
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")       # a new job resumes as before
+    train(cfg(6), Runtime(), resume="auto")
+    assert not (tmp_path / "run" / "stopped.json").exists()
