@@ -125,9 +125,12 @@ class BlockBatchSampler:
 
     def __init__(self, indices, global_batch, rank, world_size):
         self.items = len(indices)                 # over all ranks
-        self.blocks = [indices[s:s + global_batch][rank::world_size]
-                       for s in range(0, len(indices), global_batch)]
+        starts = range(0, len(indices), global_batch)
+        self.blocks = [indices[s:s + global_batch][rank::world_size] for s in starts]
         self.blocks = [b for b in self.blocks if len(b)]
+        # batches every rank has (a last block smaller than the world leaves some ranks
+        # without it): how often the ranks can exchange anything batch by batch
+        self.common = sum(len(indices[s:s + global_batch]) >= world_size for s in starts)
 
     def __iter__(self):
         return iter(self.blocks)

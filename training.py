@@ -176,6 +176,30 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     bar = progress(total=max_steps, initial=step, main=rt.is_main, desc="training",
                    unit="step")
     seen_bad, stop_warned, saved_at = set(), False, None
+
+    def stop_now(step, epoch, saved=False, pending_validation=None):
+        """Save (unless this step's checkpoint is written), leave stopped.json, exit 75."""
+        if not saved:
+            save(step, epoch, pending_validation=pending_validation)
+        if rt.is_main:
+            ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
+        log.info("stopping on %s at step %d%s; resume with --resume auto",
+                 stop.received or "a peer's signal", step,
+                 " (the validation under way runs again after the resume)"
+                 if pending_validation else "")
+        raise Preempted()
+
+    def run_validation(title):
+        """Validate and log; a stop signal during validation stops within a batch or two, and
+        the validation runs after the resume (the checkpoint says it is pending)."""
+        val, val_bad = validate(trainer.bare, val_loader, rt, cfg, stop, step)
+        if val is None:
+            stop_now(step, epoch, pending_validation=title)
+        log_scalars(tracker, "val", val, step, f"validation at step {step} ({title})")
+        return val_bad
+
+    if state is not None and state.get("pending_validation"):
+        report_bad_frames(run_validation(state["pending_validation"]), seen_bad, tracker, step)
     while step < max_steps:
         train_loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch)
                                        * train_loader.batch_size)
@@ -206,23 +230,15 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                 save(step, epoch)
                 saved_at = step
             if stop.agreed(step):
-                if saved_at != step:              # not twice at a periodic save's step
-                    save(step, epoch)
-                if rt.is_main:
-                    ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
-                log.info("stopping on %s at step %d; resume with --resume auto",
-                         stop.received or "a peer's signal", step)
-                raise Preempted()
+                stop_now(step, epoch, saved=saved_at == step)   # not twice at a save's step
             if step >= max_steps:
                 break
         epoch_done = step == (epoch + 1) * steps_per_epoch
         if epoch_done:
             epoch += 1
         if (epoch_done and epoch % t.check_val_every_n_epoch == 0) or step >= max_steps:
-            val, val_bad = validate(trainer.bare, val_loader, rt, cfg)
-            epoch_bad += val_bad
-            log_scalars(tracker, "val", val, step, f"validation at step {step} ("
-                        + (f"end of epoch {epoch})" if epoch_done else f"in epoch {epoch + 1})"))
+            epoch_bad += run_validation(f"end of epoch {epoch}" if epoch_done
+                                        else f"in epoch {epoch + 1}")
         report_bad_frames(epoch_bad, seen_bad, tracker, step)
     bar.close()
     save(step, epoch, also="vae_final.pt")
@@ -247,11 +263,12 @@ def warn_stop_latency(window, global_batch, world_size, bound):
     return worst > bound
 
 
-def save_checkpoint(trainer, cfg, rt, step, epoch, data, manifest=None, also=None):
+def save_checkpoint(trainer, cfg, rt, step, epoch, data, manifest=None, also=None,
+                    pending_validation=None):
     """Checkpoint the run at `step` (collective; see checkpoint.save_checkpoint)."""
     state = {"config": cfg.to_dict(), "step": step, "epoch": epoch, "data": data,
              "steps_per_epoch": trainer.steps_per_epoch, "manifest": manifest,
-             **trainer.state_dict()}
+             "pending_validation": pending_validation, **trainer.state_dict()}
     return ck.save_checkpoint(os.path.join(cfg.run_dir, "checkpoints"), state, rt,
                               cfg.logging_params.keep_last_checkpoints, also)
 
@@ -264,9 +281,10 @@ def log_scalars(tracker, prefix, values, step, title):
 
 
 @torch.no_grad()
-def validate(model, loader, rt, cfg):
+def validate(model, loader, rt, cfg, stop=None, step=0):
     """Mean of the training objective over the validation split, reduced over ranks, and the
-    image quality of model.reconstruct (as evaluate.py reports it)."""
+    image quality of model.reconstruct (as evaluate.py reports it); (None, unreadable) when
+    the ranks agree on a stop signal (`stop`) part way."""
     model.eval()
     gen = torch.Generator(device=rt.device).manual_seed(cfg.exp_params.seed + 1)
     keys, sums, unreadable = None, None, []
@@ -274,7 +292,7 @@ def validate(model, loader, rt, cfg):
              "pairs" if getattr(loader.dataset, "offset", None) else "frames")
     bar = progress(total=len(loader), main=rt.is_main, desc="validation", unit="batch",
                    leave=False)
-    for images, bad in device_batches(loader, rt.device):
+    for batch, (images, bad) in enumerate(device_batches(loader, rt.device)):
         bar.update(1)
         unreadable += bad
         noise = draw_noise(model, cfg.data_params.val_batch_size, gen, rt)
@@ -290,6 +308,10 @@ def validate(model, loader, rt, cfg):
             sums = torch.zeros(len(keys) + 1, device=rt.device, dtype=torch.float64)
         sums += torch.stack([values[k] for k in keys]                    # last: image count
                             + [torch.tensor(float(len(x)), device=rt.device, dtype=torch.float64)])
+        if stop is not None and batch < loader.batch_sampler.common and stop.agreed(step):
+            bar.close()
+            model.train()
+            return None, unreadable
     bar.close()
     all_reduce(sums)
     model.train()

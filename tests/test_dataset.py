@@ -333,3 +333,12 @@ def test_the_jpeg_decoder_is_chosen_in_order_and_a_pil_fallback_is_announced(
         "trainer_params.max_steps": 1})), Runtime())
     captured = capsys.readouterr()
     assert "JPEG frames are decoded by PIL, about half the speed" in captured.out + captured.err
+
+
+def test_validation_batches_every_rank_shares_are_counted():
+    """13 items in global batches of 6 over 2 ranks: the last block (1 item) exists on rank 0
+    only, so the ranks can exchange a stop flag over 2 batches, not 3."""
+    from loaders import BlockBatchSampler
+    ranks = [BlockBatchSampler(list(range(13)), 6, r, 2) for r in (0, 1)]
+    assert [len(s) for s in ranks] == [3, 2] and [s.common for s in ranks] == [2, 2]
+    assert sorted(i for s in ranks for b in s for i in b) == list(range(13))

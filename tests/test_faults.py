@@ -532,3 +532,40 @@ def test_an_elastic_restart_after_a_stop_stays_stopped(demo_data, tmp_path, monk
     monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")       # a new job resumes as before
     train(cfg(6), Runtime(), resume="auto")
     assert not (tmp_path / "run" / "stopped.json").exists()
+
+
+def test_a_stop_during_validation_is_saved_within_a_batch_and_validation_runs_after_resume(
+        demo_data, tmp_path, monkeypatch):
+    """The signal arrives in the first validation batch: the run saves and stops there, not
+    after the whole pass (which can outlast torchrun's 30 s grace), and the resumed run
+    validates first."""
+    import training
+    from config import config_from_dict
+    from errors import Preempted
+    from runtime import Runtime
+    batches, real_metrics = [], training.image_metrics
+
+    def metrics_then_signal(*args, **kwargs):
+        batches.append(1)
+        if len(batches) == 1:
+            signal.raise_signal(signal.SIGTERM)
+        return real_metrics(*args, **kwargs)
+    monkeypatch.setattr(training, "image_metrics", metrics_then_signal)
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{
+        "trainer_params.max_steps": 5, "data_params.val_batch_size": 2}))   # 5 val batches
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    try:
+        with pytest.raises(Preempted):
+            training.train(cfg, Runtime())
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert len(batches) == 1                                    # not the whole pass
+    saved = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    assert saved["step"] == 5 and saved["pending_validation"] == "end of epoch 1"
+    assert (tmp_path / "run" / "stopped.json").exists()
+    monkeypatch.setattr(training, "image_metrics", real_metrics)
+    final = training.train(cfg, Runtime(), resume="auto")
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("validation at step 5 (end of epoch 1)") == 1     # run after the resume
+    assert torch.load(final, weights_only=True)["pending_validation"] is None
