@@ -183,10 +183,9 @@ def train(cfg, rt, resume=None, allow_data_change=False):
             save(step, epoch, pending_validation=pending_validation)
         if rt.is_main:
             ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
-        log.info("stopping on %s at step %d%s; resume with --resume auto",
+        log.info("stopping on %s at step %d; resume with --resume auto%s",
                  stop.received or "a peer's signal", step,
-                 " (the validation under way runs again after the resume)"
-                 if pending_validation else "")
+                 " (the validation under way runs again then)" if pending_validation else "")
         raise Preempted()
 
     def run_validation(title):

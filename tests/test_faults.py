@@ -177,7 +177,9 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_pat
     stopped = [line for line in out.splitlines() if "stopping on a peer's signal" in line]
     assert len(stopped) == 1, out[-4000:]                     # rank 0 logs, rank 1 got it
     step = int(stopped[0].split(" at step ")[1].split(";")[0])
-    assert 12 < step < 30               # within a few steps of the signal, on every rank
+    # within a few steps of the signal, on every rank; the step itself when the signal came
+    # during the validation that follows it (the run then stops within that validation)
+    assert 12 <= step < 30
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == step and len(ckpt["rng"]) == 2     # both ranks reached the save
 
@@ -424,7 +426,9 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
     out = seen + proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-4000:]
     stopped = int(out.split("stopping on SIGTERM at step ")[1].split(";")[0])
-    assert 4 < stopped <= 8, (latency, out[-3000:])   # the step under way, and two to agree
+    # the step under way and two to agree; step 4 itself when the signal came during the
+    # validation after it (the run stops within that validation)
+    assert 4 <= stopped <= 8, (latency, out[-3000:])
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == stopped
 
 
