@@ -19,7 +19,7 @@ import torch
 
 from collectives import all_gather_object, barrier
 from errors import CheckpointError, ConfigError, TrainingError
-from files import atomic_write, link_atomic
+from files import atomic_write, link_atomic, remove_stale_temps
 from models import completed
 
 log = logging.getLogger("vae")
@@ -231,8 +231,7 @@ def prepare_run_dir(run_dir, rt):
             with open(os.path.join(run_dir, ".write_test"), "w"):
                 pass
             os.remove(os.path.join(run_dir, ".write_test"))
-            for stale in glob.glob(os.path.join(ckpt_dir, "*.tmp.*")):
-                os.remove(stale)
+            remove_stale_temps(ckpt_dir)          # what a killed writer left, as we hold the lock
             with contextlib.suppress(FileNotFoundError):
                 os.remove(os.path.join(run_dir, STOPPED_FILE))
         except OSError as err:

@@ -46,15 +46,11 @@ def rate_bits(rate):
 
 
 def probe_feature(key, settings, feature_sets):
-    """The probe feature set that stands for a model: the action latent of an action model,
-    the difference of the VAE's means of the two frames."""
-    family = settings["family"]
-    for name in ("vae_mu_difference" if key == "vae" else
-                 "laq_codes_onehot" if key == "laq" else
-                 f"{key}_action_mu" if "gaussian" in family else f"{key}_codes_onehot",):
-        if name in feature_sets:
-            return feature_sets[name]["top1"]["mean"]
-    return None
+    """The probe top-1 of the feature set that stands for a model: the action latent of an
+    action model, the difference of the VAE's means of the two frames; None without it."""
+    name = ("vae_mu_difference" if key == "vae" else "laq_codes_onehot" if key == "laq" else
+            f"{key}_action_mu" if "gaussian" in settings["family"] else f"{key}_codes_onehot")
+    return feature_sets[name]["top1"]["mean"] if name in feature_sets else None
 
 
 def runs_of(folder):
