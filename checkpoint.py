@@ -326,13 +326,17 @@ def check_same_data(state, data, allow_change, global_batch=None):
                 "(--allow-data-change)", change)
 
 
-def save_checkpoint(ckpt_dir, state, rt, keep, also=None):
+def save_checkpoint(ckpt_dir, state, rt, keep, also=None, alone=False):
     """Write step_{step}.pt and last.pt (and `also`, e.g. vae_final.pt) from rank 0 with every
     rank's RNG states, prune old step files, then wait for rank 0. Collective: every rank
-    calls it at the same step. Returns the step file's path."""
-    rngs = all_gather_object(rng_state())
+    calls it at the same step. Returns the step file's path.
+
+    `alone`: this rank writes, without the others (which may be waiting in a step for it);
+    between steps every rank holds the same weights and optimizer state, and only the other
+    ranks' RNG states are missing (restore_rng says so on resume)."""
+    rngs = [rng_state()] if alone else all_gather_object(rng_state())
     path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
-    if rt.is_main:
+    if rt.is_main or alone:
         try:
             save_atomic({**state, "rng": rngs, "world_size": rt.world_size,
                          "threads": torch.get_num_threads()}, path)
@@ -346,7 +350,8 @@ def save_checkpoint(ckpt_dir, state, rt, keep, also=None):
                                 f"are intact") from None
         prune_step_checkpoints(ckpt_dir, keep)
         log.info("step %d: saved %s", state["step"], path)
-    barrier()
+    if not alone:
+        barrier()
     return path
 
 

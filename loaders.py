@@ -4,13 +4,70 @@ sampler and the rank-independent validation batches, the DataLoaders, and the wo
 """
 import atexit
 import os
+import re
+import signal
+import threading
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, default_collate, get_worker_info
 
-from errors import DataError
+from errors import DataError, TrainingError
 from runtime import ignore_stop_signals
+
+
+class WorkerDied(TrainingError):
+    """A DataLoader worker process ended while the run needed it (one line: which, and why)."""
+
+
+def worker_died(message, exit_codes=()):
+    """The WorkerDied for DataLoader's own error text about a dead worker, else None;
+    `exit_codes` of the dead workers name the signal where the text does not."""
+    found = re.search(r"DataLoader worker \(pid(?:\(s\))? ([\d, ]+)\) (is killed by signal: "
+                      r"([^.]*)|exited unexpectedly)", message)
+    if not found:
+        return None
+    pids, killed_by = found.group(1).strip(), found.group(3)
+    signals = [signal.Signals(-code) for code in exit_codes if code and code < 0]
+    if not killed_by and signals:
+        killed_by = "Killed" if signal.SIGKILL in signals else signal.strsignal(signals[0])
+    if killed_by == "Killed":
+        how = ("was killed (SIGKILL), most likely by the kernel's out-of-memory killer: use "
+               "fewer data_params.num_workers or a smaller batch, or ask the job for more memory")
+    elif killed_by:
+        how = (f"died of signal {killed_by!r} (a crash in a decoder, or /dev/shm too small for "
+               f"the batches: see docs/faults.md)")
+    else:
+        how = "exited unexpectedly (killed, or out of memory)"
+    return WorkerDied(f"data loader worker (pid {pids}) {how}")
+
+
+# A worker's death is noticed by DataLoader's SIGCHLD handler, which raises at whatever line
+# the main process is running: inside a step or a checkpoint write, whose state would then be
+# half-made. Here it is noticed the same way but raised only where the run waits for a batch.
+_dead = None                          # a WorkerDied not yet raised
+_fetching = False                     # the main thread is waiting for a batch
+
+
+def _on_child_exit(signum, frame):
+    global _dead, _fetching
+    try:
+        torch._C._error_if_any_worker_fails()
+    except RuntimeError as err:
+        _dead = _dead or worker_died(str(err)) or WorkerDied(str(err).strip())
+        if _fetching:
+            _fetching, died, _dead = False, _dead, None
+            raise died
+
+
+def _watch_workers():
+    """Put _on_child_exit in place of DataLoader's SIGCHLD handler (installed with the first
+    iterator that has workers)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    handler = signal.getsignal(signal.SIGCHLD)
+    if getattr(handler, "__module__", "").startswith("torch.utils.data"):
+        signal.signal(signal.SIGCHLD, _on_child_exit)
 
 
 def _split(batch):
@@ -84,14 +141,25 @@ class PooledCollate:
 
 
 def _reported(loader):
-    """Iterate a DataLoader, turning its worker failures into one-line DataErrors."""
+    """Iterate a DataLoader, turning its worker failures into one-line errors (a stalled worker
+    a DataError, a dead one WorkerDied)."""
+    global _dead, _fetching
     it = iter(loader)
+    _watch_workers()
     while True:
+        if _dead:
+            died, _dead = _dead, None
+            raise died
+        _fetching = True
         try:
             batch = next(it)
         except StopIteration:
             return
         except RuntimeError as e:
+            died = e.__cause__ if isinstance(e.__cause__, WorkerDied) else worker_died(
+                str(e), [w.exitcode for w in getattr(it, "_workers", ())])
+            if died:
+                raise died from None
             if "timed out" in str(e):
                 raise DataError(f"a data loader worker gave no batch for {loader.timeout:g} s "
                                 f"(a file read that hangs? a FIFO or a network filesystem "
@@ -100,6 +168,8 @@ def _reported(loader):
             raise
         except DataError as e:        # raised in a worker: keep the message, not its traceback
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        finally:
+            _fetching = False
         yield batch
 
 

@@ -97,6 +97,10 @@ def ignore_stop_signals(worker_id=None):
         signal.signal(sig, signal.SIG_IGN)
 
 
+class StopWhileWaiting(Exception):
+    """Raised by the stop signal's handler inside StopSignal.waiting()."""
+
+
 class StopSignal:
     """Remember SIGTERM / SIGUSR1 (SLURM's warning before the time limit) / SIGINT (Ctrl-C)
     instead of dying: the run finishes its step, saves and exits with PREEMPTED_EXIT_CODE.
@@ -105,13 +109,43 @@ class StopSignal:
     def __init__(self, device):
         self.device, self.received = device, None
         self._pending = None                  # the previous step's exchange: (flag, wait)
+        self._saved = False                   # the stop checkpoint is written: signals ignored
+        self._waiting = False                 # in an interruptible wait (see waiting())
         for sig in STOP_SIGNALS:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self._saved:
+            return                            # saved and on the way out: nothing to abort
         if signum == signal.SIGINT and self.received == "SIGINT":
             raise KeyboardInterrupt           # the second Ctrl-C: stop now, without saving
         self.received = signal.Signals(signum).name
+        if self._waiting:
+            self._waiting = False
+            raise StopWhileWaiting()
+
+    def saved(self):
+        """The stop checkpoint is on disk: later signals (a second Ctrl-C, torchrun's repeated
+        SIGTERM) no longer interrupt the exit, which would print a traceback or end without
+        the stop's exit code."""
+        self._saved = True
+
+    @contextlib.contextmanager
+    def waiting(self):
+        """A wait between steps (a DataLoader starting its workers, a slow first read) that a
+        stop signal ends at once by raising StopWhileWaiting: the run's state is that of the
+        last step. A single process only: under DDP the ranks must agree on the step
+        (agreed()), so a distributed run acts on the signal after the next step."""
+        if distributed():
+            yield
+            return
+        if self.received:
+            raise StopWhileWaiting()
+        self._waiting = True
+        try:
+            yield
+        finally:
+            self._waiting = False
 
     def agreed(self, step):
         """True on every rank once any rank got a signal, at the same step on every rank.

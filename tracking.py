@@ -8,7 +8,9 @@ last log line logs the steps after the checkpoint again, as TensorBoard shows th
 nodes without internet, `WANDB_MODE=offline` (or `logging_params.wandb_mode: offline`) writes
 the run under RUN_DIR/wandb/, and `wandb sync RUN_DIR/wandb/offline-run-*` uploads it later.
 """
+import logging
 import os
+import threading
 import uuid
 
 import yaml
@@ -17,35 +19,94 @@ from errors import TrainingError
 from files import atomic_write
 
 STEP_KEY = "trainer/step"
+log = logging.getLogger("vae")
+
+
+def _quiet_writer_threads(hook=threading.excepthook):
+    """TensorBoard writes events from a thread that dies on a write error (a full disk) and
+    prints its traceback; the error comes back at the next write, where Tracker handles it."""
+    def excepthook(args):
+        if not (type(args.thread).__name__ == "_AsyncWriterThread"
+                and isinstance(args.exc_value, OSError)):
+            hook(args)
+    threading.excepthook = excepthook
+
+
+_quiet_writer_threads()
 
 
 class Tracker:
+    """Scalars, image grids and PNGs of a run. Logging never stops training: a write that fails
+    (a full disk, a quota) is warned about once, TensorBoard gets a new event file at the next
+    write that succeeds, and what came in between is lost; checkpoint failures stay errors
+    (checkpoint.py)."""
+
     def __init__(self, cfg, step):
-        from torch.utils.tensorboard import SummaryWriter
+        self.run_dir, self.wandb, self.writer, self.failing = cfg.run_dir, None, None, False
         self.wandb = start_wandb(cfg) if cfg.logging_params.wandb else None
-        self.writer = SummaryWriter(cfg.run_dir, purge_step=step + 1 if step else None)
+        self._open(step + 1 if step else None)
         config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-        self.writer.add_text("config", f"```\n{config_text}```", step)
+        self._attempt("TensorBoard events", step,
+                      lambda: self.writer.add_text("config", f"```\n{config_text}```", step))
+
+    def _open(self, purge_step=None):
+        from torch.utils.tensorboard import SummaryWriter
+        self.writer = SummaryWriter(self.run_dir, purge_step=purge_step)
+
+    def _attempt(self, what, step, write):
+        """Run `write`; on a failure warn (once) and carry on."""
+        try:
+            if self.writer is None:           # a failed writer: start a new event file
+                self._open()
+                log.info("step %d: writing TensorBoard events again (a new event file)", step)
+            write()
+            self.failing = False
+        except (OSError, RuntimeError) as err:
+            if self.writer is not None and what == "TensorBoard events":
+                writer, self.writer = self.writer, None
+                try:
+                    writer.close()
+                except (OSError, RuntimeError):
+                    pass
+            if not self.failing:
+                log.warning("step %d: cannot write %s in %s (%s); training goes on, and this "
+                            "is said again only after a write has succeeded", step, what,
+                            self.run_dir, getattr(err, "strerror", None) or err)
+            self.failing = True
 
     def scalars(self, values, step):
         """values: {"prefix/name": number}."""
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        def write():
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, value, step)
+        self._attempt("TensorBoard events", step, write)
         if self.wandb:
             self.wandb.log({**values, STEP_KEY: step})
 
     def images(self, grids, step):
         """grids: {"tag": float (3, H, W) tensor in [0, 1]}."""
-        for tag, grid in grids.items():
-            self.writer.add_image(tag, grid, step)
+        def write():
+            for tag, grid in grids.items():
+                self.writer.add_image(tag, grid, step)
+        self._attempt("TensorBoard events", step, write)
         if self.wandb:
             import wandb
             pictures = {tag: wandb.Image(grid.mul(255).round().byte().permute(1, 2, 0).cpu()
                                          .numpy()) for tag, grid in grids.items()}
             self.wandb.log({**pictures, STEP_KEY: step})
 
-    def close(self):
-        self.writer.close()
+    def png(self, grid, path, step):
+        """`grid` saved as the PNG `path`, whole or not at all."""
+        from torchvision.utils import save_image
+
+        def write():
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with atomic_write(path) as f:
+                save_image(grid, f, format="png")
+        self._attempt("image grids", step, write)
+
+    def close(self, step):
+        self._attempt("TensorBoard events", step, lambda: self.writer.close())
         if self.wandb:
             self.wandb.finish()
 

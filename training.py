@@ -7,6 +7,7 @@ fixed by the config, and the latent noise and flips are drawn for the whole glob
 one generator and sliced per rank, so 1 process and N processes see the same samples with the
 same noise. Checkpoints (checkpoint.py) carry everything needed to continue bit-exactly.
 """
+import contextlib
 import functools
 import logging
 import os
@@ -16,7 +17,7 @@ import time
 import numpy as np
 import torch
 import yaml
-from torchvision.utils import make_grid, save_image
+from torchvision.utils import make_grid
 
 import checkpoint as ck
 from collectives import all_gather_object, all_reduce, all_reduce_mean
@@ -25,12 +26,12 @@ from errors import CheckpointError, Preempted, TrainingError, run_main
 from files import atomic_write
 from frame_files import JPEG_DECODER, describe_jpeg_decoder
 from frame_index import load_index
-from loaders import collate_frames, device_batches, make_loaders
+from loaders import WorkerDied, collate_frames, device_batches, make_loaders
 from manifest import manifest
 from metrics import ImageMetrics
 from models import reconstruction_target
 from parallel import logged_progress, progress
-from runtime import StopSignal, log_to_file, setup_logging
+from runtime import StopSignal, StopWhileWaiting, log_to_file, setup_logging
 from tracking import Tracker
 from trainer import Trainer, draw_noise, to_model_input
 
@@ -175,12 +176,13 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     stats = StepStats(rt.device, d.train_batch_size, step, not trainer.scaler.is_enabled())
     bar = progress(total=max_steps, initial=step, main=rt.is_main, desc="training",
                    unit="step")
-    seen_bad, stop_warned, saved_at = set(), False, None
+    seen_bad, stop_warned, saved_at, validating = set(), False, None, None
 
     def stop_now(step, epoch, saved=False, pending_validation=None):
         """Save (unless this step's checkpoint is written), leave stopped.json, exit 75."""
         if not saved:
             save(step, epoch, pending_validation=pending_validation)
+        stop.saved()
         if rt.is_main:
             ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
         log.info("stopping on %s at step %d; resume with --resume auto%s",
@@ -191,19 +193,24 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     def run_validation(title):
         """Validate and log; a stop signal during validation stops within a batch or two, and
         the validation runs after the resume (the checkpoint says it is pending)."""
+        nonlocal validating
+        validating = title
         val, val_bad = validate(trainer.bare, val_loader, rt, cfg, stop, step)
+        validating = None
         if val is None:
             stop_now(step, epoch, pending_validation=title)
         log_scalars(tracker, "val", val, step, f"validation at step {step} ({title})")
         return val_bad
 
-    if state is not None and state.get("pending_validation"):
-        report_bad_frames(run_validation(state["pending_validation"]), seen_bad, tracker, step)
-    while step < max_steps:
+    def train_epoch():
+        """The rest of the epoch from the current step, then its validation when due."""
+        nonlocal step, epoch, saved_at, stop_warned
+        if stop.agreed(step):             # also before the epoch's first batch is waited for
+            stop_now(step, epoch, saved=saved_at == step)
         train_loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch)
                                        * train_loader.batch_size)
-        epoch_bad = []
-        for images, bad in device_batches(train_loader, rt.device):
+        epoch_bad, first = [], step
+        for images, bad in interruptible_batches(train_loader, rt.device, stop):
             losses, grad_norm, finite = trainer.step(images)
             stats.add({**losses, "grad_norm": grad_norm}, finite)
             epoch_bad += bad
@@ -239,10 +246,25 @@ def train(cfg, rt, resume=None, allow_data_change=False):
             epoch_bad += run_validation(f"end of epoch {epoch}" if epoch_done
                                         else f"in epoch {epoch + 1}")
         report_bad_frames(epoch_bad, seen_bad, tracker, step)
+        if step == first:                 # never spin on an epoch that gives no batch
+            raise TrainingError(f"epoch {epoch + 1} gave no batch at step {step} (the resume "
+                                f"position is past the end of the epoch's data)")
+    try:
+        if state is not None and state.get("pending_validation"):
+            report_bad_frames(run_validation(state["pending_validation"]), seen_bad, tracker,
+                              step)
+        while step < max_steps:
+            train_epoch()
+    except StopWhileWaiting:           # a single process waiting for data: the last step's state
+        stop_now(step, epoch, saved=saved_at == step, pending_validation=validating)
+    except WorkerDied as err:           # save what the steps since the last checkpoint made
+        path = save(step, epoch, pending_validation=validating, alone=True)
+        raise TrainingError(f"{err}; the state at step {step} is saved in {path} (resume with "
+                            f"--resume auto)") from None
     bar.close()
     save(step, epoch, also="vae_final.pt")
     if tracker:
-        tracker.close()
+        tracker.close(step)
     if lock:
         lock.release()
     return final
@@ -263,13 +285,26 @@ def warn_stop_latency(window, global_batch, world_size, bound):
 
 
 def save_checkpoint(trainer, cfg, rt, step, epoch, data, manifest=None, also=None,
-                    pending_validation=None):
-    """Checkpoint the run at `step` (collective; see checkpoint.save_checkpoint)."""
+                    pending_validation=None, alone=False):
+    """Checkpoint the run at `step` (collective unless `alone`; see
+    checkpoint.save_checkpoint)."""
     state = {"config": cfg.to_dict(), "step": step, "epoch": epoch, "data": data,
              "steps_per_epoch": trainer.steps_per_epoch, "manifest": manifest,
              "pending_validation": pending_validation, **trainer.state_dict()}
     return ck.save_checkpoint(os.path.join(cfg.run_dir, "checkpoints"), state, rt,
-                              cfg.logging_params.keep_last_checkpoints, also)
+                              cfg.logging_params.keep_last_checkpoints, also, alone)
+
+
+def interruptible_batches(loader, device, stop=None):
+    """device_batches(loader, device), where a stop signal ends each wait for a batch at once
+    (StopSignal.waiting)."""
+    batches = device_batches(loader, device)
+    while True:
+        with stop.waiting() if stop else contextlib.nullcontext():
+            item = next(batches, None)
+        if item is None:
+            return
+        yield item
 
 
 def log_scalars(tracker, prefix, values, step, title):
@@ -291,7 +326,7 @@ def validate(model, loader, rt, cfg, stop=None, step=0):
              "pairs" if getattr(loader.dataset, "offset", None) else "frames")
     bar = progress(total=len(loader), main=rt.is_main, desc="validation", unit="batch",
                    leave=False)
-    for batch, (images, bad) in enumerate(device_batches(loader, rt.device)):
+    for batch, (images, bad) in enumerate(interruptible_batches(loader, rt.device, stop)):
         bar.update(1)
         unreadable += bad
         noise = draw_noise(model, cfg.data_params.val_batch_size, gen, rt)
@@ -336,9 +371,8 @@ def log_images(model, images, tracker, run_dir, step, seed):
     grid = lambda t: make_grid(t.float().add(1).div(2).clamp(0, 1), nrow=len(x))  # noqa: E731
     pairs, samples = grid(torch.cat(rows)), grid(generated)
     tracker.images({"images/reconstructions": pairs, "images/samples": samples}, step)
-    os.makedirs(os.path.join(run_dir, "images"), exist_ok=True)
-    save_image(pairs, os.path.join(run_dir, "images", f"reconstructions_{step:07d}.png"))
-    save_image(samples, os.path.join(run_dir, "images", f"samples_{step:07d}.png"))
+    tracker.png(pairs, os.path.join(run_dir, "images", f"reconstructions_{step:07d}.png"), step)
+    tracker.png(samples, os.path.join(run_dir, "images", f"samples_{step:07d}.png"), step)
 
 
 def report_bad_frames(bad, seen, tracker, step):

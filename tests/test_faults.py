@@ -15,6 +15,7 @@ import torch
 
 from conftest import (HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, trainer_hook,
                       write_config)
+from runtime import Runtime
 
 
 def cli(*args):
@@ -285,9 +286,10 @@ def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_d
 
 def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(
         ddp_reference, demo_data, tmp_path):
+    """The run's name ends in a space: run_train.sh finds its stopped.json all the same."""
     env = {"RUN_TRAIN_NPROC": "2", "OMP_NUM_THREADS": "1"}
     path = write_config(tmp_path / "run.yaml", config_dict(
-        demo_data, str(tmp_path), "run", **DDP, **{"data_params.num_workers": 2}))
+        demo_data, str(tmp_path), "run ", **DDP, **{"data_params.num_workers": 2}))
     run_train = ["bash", "run_train.sh", "--config", path, "--device", "cpu"]
     proc = start(run_train, env=env)
     wait_for_line(proc, "step 12 ")
@@ -295,11 +297,11 @@ def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(
     out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-4000:]
     assert "stopping on SIGTERM" in out and "killed by signal" not in out
-    assert len(torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["rng"]) == 2
+    assert len(torch.load(tmp_path / "run /checkpoints/last.pt", weights_only=True)["rng"]) == 2
     resumed = subprocess.run(run_train + ["--resume", "auto"], cwd=ROOT, capture_output=True,
                              text=True, env={**os.environ, **env}, timeout=HANG_GUARD)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert_same(final_weights(str(tmp_path), "run"), ddp_reference)
+    assert_same(final_weights(str(tmp_path), "run "), ddp_reference)
 
 
 def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_data, tmp_path):
@@ -573,3 +575,167 @@ def test_a_stop_during_validation_is_saved_within_a_batch_and_validation_runs_af
     log = (tmp_path / "run" / "train.log").read_text()
     assert log.count("validation at step 5 (end of epoch 1)") == 1     # run after the resume
     assert torch.load(final, weights_only=True)["pending_validation"] is None
+
+
+@pytest.fixture
+def own_signal_handlers():
+    """train() installs the stop-signal handlers in this process: put the test's back after."""
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
+    yield
+    for s, h in handlers.items():
+        signal.signal(s, h)
+
+
+def test_a_stop_while_waiting_for_a_batch_is_saved_at_once_and_resumes_exactly(
+        reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
+    """The signal arrives while the run waits for the first batch of epoch 2 (workers starting
+    on a slow filesystem, here a wait that never ends): saved at once at step 5, exit 75, and
+    the resumed run ends with the uninterrupted run's weights."""
+    import loaders
+    import training
+    from config import config_from_dict
+    from errors import Preempted
+    real, epochs = training.device_batches, []
+
+    def a_wait_that_never_ends(loader, device):
+        epochs.append(isinstance(loader.sampler, loaders.ResumableSampler))
+        if sum(epochs) == 2 and epochs[-1]:                       # epoch 2's training batches
+            signal.raise_signal(signal.SIGTERM)
+            time.sleep(HANG_GUARD)
+        yield from real(loader, device)
+    monkeypatch.setattr(training, "device_batches", a_wait_that_never_ends)
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run"))
+    with pytest.raises(Preempted):
+        training.train(cfg, Runtime())
+    assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 5
+    assert json.loads((tmp_path / "run" / "stopped.json").read_text())["step"] == 5
+    monkeypatch.setattr(training, "device_batches", real)
+    training.train(cfg, Runtime(), resume="auto")
+    assert_same(final_weights(str(tmp_path), "run"), reference)
+
+
+def test_an_epoch_that_gives_no_batch_is_an_error_not_a_spin(demo_data, tmp_path, monkeypatch,
+                                                             own_signal_handlers):
+    import loaders
+    import training
+    from config import config_from_dict
+    from errors import TrainingError
+    monkeypatch.setattr(loaders.ResumableSampler, "__iter__", lambda self: iter([]))
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run"))
+    with pytest.raises(TrainingError, match="epoch 1 gave no batch at step 0"):
+        training.train(cfg, Runtime())
+
+
+def test_a_second_ctrl_c_after_the_save_does_not_abort_the_stop(demo_data, tmp_path, monkeypatch,
+                                                                own_signal_handlers):
+    """Ctrl-C, then Ctrl-C again while the run is on its way out: the stop still ends as a stop
+    (stopped.json, exit 75), not as an abort (exit -2, or a traceback from DataLoader.__del__)."""
+    import checkpoint as ck
+    import trainer
+    import training
+    from config import config_from_dict
+    from errors import Preempted
+    steps, mark = trainer.Trainer.step, ck.mark_stopped
+
+    def step_then_ctrl_c(self, images):
+        out = steps(self, images)
+        if self.steps_done == 3:
+            signal.raise_signal(signal.SIGINT)
+        return out
+
+    def ctrl_c_again(*args):
+        signal.raise_signal(signal.SIGINT)
+        return mark(*args)
+    monkeypatch.setattr(trainer.Trainer, "step", step_then_ctrl_c)
+    monkeypatch.setattr(ck, "mark_stopped", ctrl_c_again)
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run"))
+    with pytest.raises(Preempted):
+        training.train(cfg, Runtime())
+    assert json.loads((tmp_path / "run" / "stopped.json").read_text())["step"] == 3
+
+
+def test_a_data_worker_killed_by_the_kernel_saves_and_says_so_in_one_line(
+        reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
+    """SIGKILL to the DataLoader workers (what the OOM killer sends) after step 3: the run saves
+    the steps since its last checkpoint, names the worker and the likely cause, and exits 1;
+    the resumed run ends with the uninterrupted run's weights."""
+    import multiprocessing
+    import trainer
+    import training
+    from config import config_from_dict
+    from errors import FAILED_EXIT_CODE, TrainingError
+    steps = trainer.Trainer.step
+
+    def step_then_oom_kill(self, images):
+        out = steps(self, images)
+        if self.steps_done == 3:
+            for child in multiprocessing.active_children():
+                os.kill(child.pid, signal.SIGKILL)
+        return out
+    monkeypatch.setattr(trainer.Trainer, "step", step_then_oom_kill)
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{
+        "data_params.num_workers": 2}))
+    with pytest.raises(TrainingError) as raised:
+        training.train(cfg, Runtime())
+    message = str(raised.value)
+    assert raised.value.exit_code == FAILED_EXIT_CODE and "\n" not in message
+    assert "data loader worker (pid " in message and "out-of-memory killer" in message
+    assert "num_workers" in message and "resume with --resume auto" in message
+    saved = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"]
+    assert 3 <= saved < 10 and f"state at step {saved} is saved" in message  # not the step-0 one
+    monkeypatch.setattr(trainer.Trainer, "step", steps)
+    training.train(cfg, Runtime(), resume="auto")
+    assert_same(final_weights(str(tmp_path), "run"), reference)
+
+
+def test_a_full_disk_for_tensorboard_and_image_grids_warns_once_and_training_goes_on(
+        demo_data, tmp_path, monkeypatch, own_signal_handlers):
+    """Every event and PNG write fails with ENOSPC from step 3 to step 8: one warning, no
+    traceback, no half-written PNG, training ends, and TensorBoard has the steps after the
+    disk had room again (the writer thread is not left dead)."""
+    import errno
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.summary.writer.record_writer import RecordWriter
+    import tracking
+    import training
+    from config import config_from_dict
+    import torchvision.utils
+    full, write, save_image = [False], RecordWriter.write, torchvision.utils.save_image
+
+    def event_write(self, data):
+        if full[0]:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, data)
+
+    def png_write(grid, f, **kwargs):
+        if full[0]:
+            f.write(b"\x89PNG half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save_image(grid, f, **kwargs)
+    steps = training.Trainer.step
+
+    def step(self, images):
+        full[0] = 3 <= self.steps_done < 8
+        return steps(self, images)
+    monkeypatch.setattr(RecordWriter, "write", event_write)
+    monkeypatch.setattr(torchvision.utils, "save_image", png_write)
+    monkeypatch.setattr(training.Trainer, "step", step)
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{
+        "trainer_params.max_steps": 12, "logging_params.log_images_every_n_steps": 2}))
+    assert training.train(cfg, Runtime())
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert log.count("cannot write") == 1 and "No space left on device" in log, log
+    assert "Traceback" not in log
+    images = sorted(os.listdir(tmp_path / "run" / "images"))
+    assert "samples_0000006.png" not in images and "samples_0000012.png" in images
+    assert not [n for n in images if not n.endswith(".png")]           # no temp left behind
+    from PIL import Image
+    for name in images:
+        Image.open(tmp_path / "run" / "images" / name).verify()
+    logged = set()
+    for name in glob.glob(str(tmp_path / "run" / "events.out.tfevents.*")):
+        events = EventAccumulator(name)
+        events.Reload()
+        logged |= {e.step for e in events.Scalars("train/loss")} if "train/loss" in \
+            events.Tags()["scalars"] else set()
+    assert {1, 2, 10, 11, 12} <= logged, logged
