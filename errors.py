@@ -51,6 +51,11 @@ class TrainingError(ReportedError, RuntimeError):
     exit_code = FAILED_EXIT_CODE
 
 
+class WriteFailed(ReportedError, OSError):
+    """The output could not be written (a full disk, a quota): one line naming the file."""
+    exit_code = FAILED_EXIT_CODE
+
+
 class Preempted(ReportedError):
     """A stop signal arrived; a checkpoint was written and the job can be resumed."""
     exit_code = PREEMPTED_EXIT_CODE

@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import zipfile
+import zlib
 
 import numpy as np
 
@@ -162,17 +163,20 @@ class PackedFrameIndex(FrameIndex):
 
     Same videos, order and names as the tree it was packed from (frame_path still names the
     original file, for reports); read_bytes reads the JPEG bytes at an offset in a shard, so
-    a job opens tens of files instead of millions. Training-ready shards (`prepared`: image
+    a job opens tens of files instead of millions. Each frame's CRC-32 is checked as it is
+    read: a damaged frame is an unreadable frame, not other pixels. Training-ready shards (`prepared`: image
     size, resize mode and JPEG quality) hold every frame already resized for training; a frame
     that could not be decoded when packing is stored empty and reported when read.
     """
 
-    def __init__(self, tree, source_root, shard_names, shard, start, length, prepared=None):
+    def __init__(self, tree, source_root, shard_names, shard, start, length, prepared=None,
+                 crc32=None):
         super().__init__(tree.root, tree.videos, tree.patterns, tree.numbers, tree.offsets,
                          tree.fallback, [])
         self.source_root, self.shard_names = source_root, shard_names
         self.shard, self.start, self.length = shard, start, length
         self.prepared = prepared
+        self.crc32 = crc32                    # per frame (uint32); None in shards packed before
         self._files = {}                      # per process: opened on first use (fork-safe)
 
     def frame_path(self, v, pos):
@@ -188,6 +192,10 @@ class PackedFrameIndex(FrameIndex):
         data = os.pread(self._files[key].fileno(), int(self.length[i]), int(self.start[i]))
         if len(data) != self.length[i]:
             raise OSError(f"{self.shard_names[key[1]]} is shorter than its index says")
+        if self.crc32 is not None and zlib.crc32(data) != self.crc32[i]:
+            raise ValueError(f"checksum mismatch: {self.shard_names[key[1]]} is damaged at bytes "
+                             f"{self.start[i]}..{self.start[i] + self.length[i] - 1} (restore "
+                             f"it or pack again)")
         return data
 
     @classmethod
@@ -197,7 +205,7 @@ class PackedFrameIndex(FrameIndex):
             meta, arrays = FrameIndex.read(path)
             return cls(FrameIndex.from_meta(root, meta, arrays), meta["source_root"],
                        meta["shards"], arrays["shard"], arrays["start"], arrays["length"],
-                       meta.get("prepared"))
+                       meta.get("prepared"), arrays.get("crc32"))
         except INDEX_ERRORS as e:
             raise DataError(f"packed index {path} is unreadable ({_first_line(e)}); re-run "
                             f"pack_frames.py") from None

@@ -6,7 +6,8 @@
 
 Writes OUT/shard_00000.bin, ... (the frames' JPEG bytes back to back, in index order, so an
 epoch reads each shard sequentially) and OUT/packed_index.npz (videos, frame numbers, shard,
-offset and length of every frame). The SthV2 label JSONs are copied along. Point
+offset, length and CRC-32 of every frame, checked on every read). The SthV2 label JSONs are
+copied along. Point
 data_params.data_path at OUT: the dataset, splits and frame pairs work the same way, and a job
 opens tens of files instead of millions.
 
@@ -17,16 +18,19 @@ whose image_size or resize differs is refused. A frame that cannot be decoded is
 and reported, by its original name, when training reads it.
 """
 import argparse
+import errno
 import functools
 import io
 import json
 import os
+import re
 import time
+import zlib
 
 import numpy as np
 from PIL import Image
 
-from errors import DataError, run_main
+from errors import DataError, WriteFailed, run_main
 from files import atomic_write, copy_atomic, remove_orphaned_temps
 from frame_files import DECODE_ERRORS, decode_rgb, resize_frame
 from frame_index import PACKED_INDEX, load_index
@@ -34,6 +38,7 @@ from labels import LABEL_FILES
 from parallel import ordered_map, process_pool, progress
 
 CHUNK = 256                                   # frames per task of a packing worker
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)   # no room to write
 
 
 def prepare(data, image_size, resize, quality):
@@ -92,12 +97,34 @@ def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="c
         raise DataError("--out must differ from --data-path")
     if getattr(index, "prepared", None):
         raise DataError(f"{data_path} holds frames already resized; pack the frames tree")
+    if os.path.isfile(os.path.join(out, PACKED_INDEX)):
+        # new shards under the old index would read as other frames until the new index is
+        # written (and for ever if the run is killed): an index and its shards change together
+        raise DataError(f"{out} already holds packed frames ({PACKED_INDEX}); pack into a new "
+                        f"folder and point data_params.data_path at it, or remove {out} first")
     os.makedirs(out, exist_ok=True)
     remove_orphaned_temps(out)            # shards a killed run left half-written
+    try:
+        return write_packed(index, out, shard_size, index_cache_dir, image_size, resize, quality,
+                            workers)
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        removed = [name for name in os.listdir(out) if re.fullmatch(r"shard_\d{5}\.bin", name)]
+        for name in removed:                  # shards without their index are of no use
+            os.remove(os.path.join(out, name))
+        raise WriteFailed(f"cannot write {getattr(err, 'filename', None) or out} "
+                          f"({err.strerror or err}); the {len(removed)} shards written so far "
+                          f"were removed: free space or pack elsewhere") from None
+
+
+def write_packed(index, out, shard_size, index_cache_dir, image_size, resize, quality, workers):
+    """pack()'s writing: the shards, then the index, then the label files."""
     n = len(index)
     shard = np.zeros(n, dtype=np.int32)
     start = np.zeros(n, dtype=np.int64)
     length = np.zeros(n, dtype=np.int64)
+    crc32 = np.zeros(n, dtype=np.uint32)
     frames = frame_bytes(index, index_cache_dir, image_size, resize, quality, workers)
     shards, k = [], 0
     with progress(total=n, unit="frame") as bar:
@@ -108,6 +135,7 @@ def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="c
                 while k < n and written < shard_size:
                     data = next(frames)
                     shard[k], start[k], length[k] = len(shards), written, len(data)
+                    crc32[k] = zlib.crc32(data)
                     handle.write(data)
                     written += len(data)
                     k += 1
@@ -115,14 +143,13 @@ def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="c
             shards.append(name)
     prepared = ({"image_size": image_size, "resize": resize, "quality": quality}
                 if image_size else None)
+    for name in LABEL_FILES.values():
+        if os.path.isfile(os.path.join(index.root, name)):
+            copy_atomic(os.path.join(index.root, name), os.path.join(out, name))
     # written last: the shards are a packed tree only once their index exists
     index.save(os.path.join(out, PACKED_INDEX),
                {"source_root": index.root, "shards": shards, "prepared": prepared},
-               shard=shard, start=start, length=length)
-    labels_dir = index.root
-    for name in LABEL_FILES.values():
-        if os.path.isfile(os.path.join(labels_dir, name)):
-            copy_atomic(os.path.join(labels_dir, name), os.path.join(out, name))
+               shard=shard, start=start, length=length, crc32=crc32)
     report = {"frames": n, "videos": len(index.videos), "shards": len(shards),
               "bytes": int(length.sum()), "empty_videos_skipped": len(index.empty_videos)}
     if prepared:

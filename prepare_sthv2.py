@@ -29,6 +29,7 @@ import re
 import shutil
 import sys
 import time
+import zlib
 
 import numpy as np
 from PIL import Image
@@ -249,7 +250,8 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
         results = ordered_map(pool, work, todo, 4 * workers)
         pending = next(results, None)
         while pending is not None:                    # one shard of whole videos per round
-            record = {"name": f"shard_{len(shards):05d}.bin", "frames": {}, "unreadable": {}}
+            record = {"name": f"shard_{len(shards):05d}.bin", "frames": {}, "crc32": {},
+                      "unreadable": {}}
             with atomic_write(os.path.join(out, record["name"])) as f:
                 written = 0
                 while pending is not None and written < shard_size:
@@ -260,6 +262,7 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
                         for data in jpegs:
                             f.write(data)
                         record["frames"][vid] = [len(data) for data in jpegs]
+                        record["crc32"][vid] = [zlib.crc32(data) for data in jpegs]
                         written += sum(record["frames"][vid])
                     bar.update(0 if reason else len(jpegs))
                     pending = next(results, None)
@@ -276,13 +279,16 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
 
 def write_packed_index(out, shards, videos, fps, image_size, resize, quality):
     """OUT/packed_index.npz in pack_frames.py's format: videos in id order, frames numbered
-    from 1, each frame's shard, offset and length."""
-    order, counts, shard, start, length = [], [], [], [], []
+    from 1, each frame's shard, offset, length and CRC-32 (where every shard record has
+    them: a run resumed from records written before CRCs were kept has none)."""
+    order, counts, shard, start, length, crc32 = [], [], [], [], [], []
+    checked = all("crc32" in s for s in shards)
     for k, s in enumerate(shards):
         offset = 0
         for vid, lengths in s["frames"].items():
             order.append(vid)
             counts.append(len(lengths))
+            crc32 += s["crc32"][vid] if checked else []
             for n in lengths:
                 shard.append(k)
                 start.append(offset)
@@ -301,7 +307,8 @@ def write_packed_index(out, shards, videos, fps, image_size, resize, quality):
                 "shards": [s["name"] for s in shards], "prepared": prepared,
                 "decoded_at_fps": fps},
                shard=np.asarray(shard, np.int32), start=np.asarray(start, np.int64),
-               length=np.asarray(length, np.int64))
+               length=np.asarray(length, np.int64),
+               **({"crc32": np.asarray(crc32, np.uint32)} if checked else {}))
 
 
 def check_settings(out, settings):

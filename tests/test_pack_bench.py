@@ -4,6 +4,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,6 +59,64 @@ def test_a_corrupt_frame_inside_a_shard_is_reported_by_its_source_name(demo_data
     frames = ds.SthV2Frames(packed, [0], 32)
     image, bad = frames[0]
     assert image is not None and bad and bad[0].startswith(packed.frame_path(0, 0))
+
+
+def test_a_bit_flipped_in_a_shard_is_an_unreadable_frame_not_other_pixels(demo_data, tmp_path):
+    """One bit flipped in the middle of each frame of video 0 (where a JPEG still decodes, to
+    other pixels): every one is caught by its CRC-32 and reported by its source name; the other
+    videos' frames read as before."""
+    import binascii
+    pack(demo_data, str(tmp_path / "packed"), shard_size=10 ** 9,
+         index_cache_dir=str(tmp_path / "cache"))
+    packed = frame_index.load_index(str(tmp_path / "packed"))
+    tree = frame_index.load_index(demo_data, str(tmp_path / "cache"))
+    for i in range(len(tree)):                  # the stored CRC is the frame file's own
+        v = int(np.searchsorted(tree.offsets, i, side="right")) - 1
+        with open(tree.frame_path(v, i - int(tree.offsets[v])), "rb") as f:
+            assert int(packed.crc32[i]) == binascii.crc32(f.read())
+    shard = tmp_path / "packed" / packed.shard_names[0]
+    data = bytearray(shard.read_bytes())
+    for pos in range(packed.num_frames(0)):
+        data[int(packed.start[pos]) + int(packed.length[pos]) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    frames = ds.SthV2Frames(frame_index.load_index(str(tmp_path / "packed")), [0, 1], 32)
+    for pos in range(packed.num_frames(0)):
+        _, bad = frames.load(0, pos)
+        assert bad[0].startswith(packed.frame_path(0, pos)) and "checksum mismatch" in bad[0]
+    assert all(not frames.load(1, pos)[1] for pos in range(packed.num_frames(1)))
+
+
+def test_packing_into_a_packed_folder_is_refused_and_touches_nothing(demo_data, tmp_path):
+    """A re-pack killed half way used to leave the old index over new shards (other frames'
+    bytes): an index and its shards now change together."""
+    out = tmp_path / "packed"
+    pack(demo_data, str(out), shard_size=50_000, index_cache_dir=str(tmp_path / "cache"))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(errors.DataError, match="already holds packed frames"):
+        pack(demo_data, str(out), shard_size=20_000, index_cache_dir=str(tmp_path / "cache"))
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_packing_onto_a_full_disk_is_one_line_and_leaves_no_shards_without_an_index(
+        demo_data, tmp_path, monkeypatch):
+    import errno
+    import pack_frames
+    real, calls = pack_frames.atomic_write, []
+
+    def third_write_finds_the_disk_full(path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(path, *args, **kwargs)
+    monkeypatch.setattr(pack_frames, "atomic_write", third_write_finds_the_disk_full)
+    with pytest.raises(errors.WriteFailed) as raised:
+        pack(demo_data, str(tmp_path / "packed"), shard_size=20_000,
+             index_cache_dir=str(tmp_path / "cache"))
+    message = str(raised.value)
+    assert raised.value.exit_code == 1 and "\n" not in message
+    assert "No space left on device" in message and calls[2] in message
+    assert "2 shards written so far were removed" in message
+    assert not [n for n in os.listdir(tmp_path / "packed") if n.startswith(("shard_", "packed"))]
 
 
 def test_training_ready_shards_serve_the_frames_the_tree_path_produces(demo_data, tmp_path):

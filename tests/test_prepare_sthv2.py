@@ -142,7 +142,8 @@ def test_frames_tree_names_unreadable_videos_and_trains_like_extracted_frames(do
                        tmp_path / "packed" / "shard_00000.bin", shallow=False)
     _, a = FrameIndex.read(str(tmp_path / "shards" / PACKED_INDEX))
     _, b = FrameIndex.read(str(tmp_path / "packed" / PACKED_INDEX))
-    assert all(np.array_equal(a[k], b[k]) for k in ("numbers", "offsets", "start", "length"))
+    assert all(np.array_equal(a[k], b[k])
+               for k in ("numbers", "offsets", "start", "length", "crc32"))
 
 
 def test_webm_to_training_ready_shards_to_training(download, tmp_path):
