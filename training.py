@@ -239,16 +239,16 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                 stop_now(step, epoch, saved=saved_at == step)   # not twice at a save's step
             if step >= max_steps:
                 break
-        epoch_done = step == (epoch + 1) * steps_per_epoch
+        epoch_done = step == (epoch + 1) * steps_per_epoch    # also at once, resumed at its end
+        if step == first and not epoch_done:  # never spin on an epoch that gives no batch
+            raise TrainingError(f"epoch {epoch + 1} gave no batch at step {step} (the resume "
+                                f"position is past the end of the epoch's data)")
         if epoch_done:
             epoch += 1
         if (epoch_done and epoch % t.check_val_every_n_epoch == 0) or step >= max_steps:
             epoch_bad += run_validation(f"end of epoch {epoch}" if epoch_done
                                         else f"in epoch {epoch + 1}")
         report_bad_frames(epoch_bad, seen_bad, tracker, step)
-        if step == first:                 # never spin on an epoch that gives no batch
-            raise TrainingError(f"epoch {epoch + 1} gave no batch at step {step} (the resume "
-                                f"position is past the end of the epoch's data)")
     try:
         if state is not None and state.get("pending_validation"):
             report_bad_frames(run_validation(state["pending_validation"]), seen_bad, tracker,

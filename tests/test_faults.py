@@ -739,3 +739,30 @@ def test_a_full_disk_for_tensorboard_and_image_grids_warns_once_and_training_goe
         logged |= {e.step for e in events.Scalars("train/loss")} if "train/loss" in \
             events.Tags()["scalars"] else set()
     assert {1, 2, 10, 11, 12} <= logged, logged
+
+
+def test_a_resume_from_a_checkpoint_at_an_epoch_end_goes_on_exactly(
+        reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
+    """Saved at step 5, the last of epoch 1 (5 steps an epoch), before the epoch is counted
+    done: the resumed run finds epoch 1 with nothing left, moves on, and ends exactly."""
+    import trainer
+    import training
+    from config import config_from_dict
+    from errors import Preempted
+    steps = trainer.Trainer.step
+
+    def step_then_signal(self, images):
+        out = steps(self, images)
+        if self.steps_done == 5:
+            signal.raise_signal(signal.SIGUSR1)
+        return out
+    monkeypatch.setattr(trainer.Trainer, "step", step_then_signal)
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{
+        "logging_params.save_every_n_steps": 5}))
+    with pytest.raises(Preempted):
+        training.train(cfg, Runtime())
+    saved = torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)
+    assert (saved["step"], saved["epoch"]) == (5, 0)
+    monkeypatch.setattr(trainer.Trainer, "step", steps)
+    training.train(cfg, Runtime(), resume="auto")
+    assert_same(final_weights(str(tmp_path), "run"), reference)
