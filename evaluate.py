@@ -29,8 +29,11 @@ def parse_args(argv=None):
                              "Hub, from its local cache or downloaded)")
     parser.add_argument("--output", required=True, help="folder for the results")
     parser.add_argument("--data-path", help="default: data_params.data_path of the checkpoint")
-    parser.add_argument("--dataset", choices=["sthv2", "images", "celeba"], default="sthv2",
-                        help="SthV2 frames, a folder of images, or prepare_celeba.py arrays")
+    parser.add_argument("--dataset", choices=["sthv2", "images", "celeba", "mnist", "dsprites"],
+                        default="sthv2",
+                        help="SthV2 frames, a folder of images (grey for a 1-channel model), "
+                             "prepare_celeba.py arrays (3 or 1 channels), MNIST in "
+                             "torchvision's folder layout, or dSprites' .npz")
     parser.add_argument("--split", choices=["val", "train"], default="val", help="which split")
     parser.add_argument("--max-images", type=int, default=0,
                         help="evenly spaced subset of the split (0 = all)")
@@ -67,7 +70,7 @@ from config import data_params_of, model_params_of
 from dataset_sthv2 import build_split
 from errors import CheckpointError, ConfigError, DataError, exit_bad_input, run_main
 from files import atomic_write, remove_orphaned_temps
-from image_datasets import ImageFiles
+from image_datasets import DSpritesImages, ImageFiles, MNISTImages
 from manifest import manifest
 from metrics import SSIM_SETTINGS, ImageMetrics, build_fid, latent_summary
 from models import build_model
@@ -129,21 +132,50 @@ def load_model(path, device):
     return model.to(device).eval(), ckpt
 
 
-def build_eval_dataset(args, config, image_size):
-    """The images to score: a folder (--dataset images), or the split of the checkpoint's own
-    data settings (its labels, val_fraction, frame_stride; dataset_sthv2.build_split)."""
-    d = data_params_of(config, data_path=args.data_path, dataset=args.dataset)
-    if args.dataset == "images":
+def build_eval_dataset(args, config, image_size, channels=3):
+    """The images to score: a folder (--dataset images), MNIST or dSprites, or the split of the
+    checkpoint's own data settings (its labels, val_fraction, frame_stride;
+    dataset_sthv2.build_split). A data set whose images are not the model's shape is one
+    line naming both."""
+    if args.dataset in ("mnist", "dsprites"):
         if not args.data_path:
-            raise DataError("--dataset images needs --data-path FOLDER")
-        return ImageFiles(args.data_path, image_size, d.resize), {
-            "data_path": args.data_path, "resize": d.resize}
-    if not d.data_path:
-        raise DataError("--data-path is needed: the checkpoint names no dataset")
-    dataset = build_split(d, args.split, image_size, neighbour_tries=0)
-    info = {"data_path": d.data_path, "split": args.split, "split_source": dataset.source}
-    return dataset, info if d.dataset == "celeba" else {**info, "frame_stride": d.frame_stride,
-                                                        "resize": d.resize}
+            raise DataError(f"--dataset {args.dataset} needs --data-path "
+                            f"{'FOLDER' if args.dataset == 'mnist' else 'FILE.npz'}")
+        dataset = MNISTImages(args.data_path, args.split) if args.dataset == "mnist" else \
+            DSpritesImages(args.data_path)
+        info = {"data_path": args.data_path, "split": dataset.split,
+                "split_source": dataset.source}
+    else:
+        d = data_params_of(config, data_path=args.data_path, dataset=args.dataset)
+        if args.dataset == "images":
+            if not args.data_path:
+                raise DataError("--dataset images needs --data-path FOLDER")
+            return ImageFiles(args.data_path, image_size, d.resize, channels), {
+                "data_path": args.data_path, "resize": d.resize}
+        if not d.data_path:
+            raise DataError("--data-path is needed: the checkpoint names no dataset")
+        dataset = build_split(d, args.split, image_size, neighbour_tries=0)
+        info = {"data_path": d.data_path, "split": args.split, "split_source": dataset.source}
+        if d.dataset != "celeba":
+            info.update(frame_stride=d.frame_stride, resize=d.resize)
+    shape = getattr(dataset, "item_shape", (3, image_size, image_size))
+    wanted = (channels, image_size, image_size)
+    if tuple(shape) != wanted:
+        raise DataError(f"the model takes {'x'.join(map(str, wanted))} images and "
+                        f"{info['data_path']} holds {'x'.join(map(str, shape))}: evaluate it on "
+                        f"data of its own shape")
+    return dataset, info
+
+
+ONE_CHANNEL = ("the grey images repeated to 3 channels for every image metric, rFID, the "
+               "pictures and PNGs: MSE, BCE, PSNR, SSIM and GMSD equal their 1-channel values "
+               "(GMSD's luminance of a grey RGB image is the grey image); LPIPS and rFID see "
+               "grey RGB images, the usual convention for networks trained on colour")
+
+
+def as_rgb(images):
+    """1-channel images repeated to 3 channels (ONE_CHANNEL); others as they are."""
+    return images.repeat(1, 3, 1, 1) if images.shape[1] == 1 else images
 
 
 def to_uint8(x01):
@@ -203,6 +235,7 @@ def evaluate(model, dataset, positions, metrics, args, device, fid=None):
         recon, model_metrics, latents = model.evaluate_batch(x01 * 2 - 1, generator,
                                                              args.kld_weight)
         recon01 = (recon.float() + 1) / 2
+        x01, recon01, images = (as_rgb(t) for t in (x01, recon01, images))   # see as_rgb
         if fid:
             fid.add("input", x01)
             fid.add("recon", recon01)
@@ -232,7 +265,8 @@ def generation_consistency(model, metrics, num_samples, batch_size, device):
         n = min(batch_size, num_samples - start)
         generated01 = (model.sample(n, device=device, generator=generator).float() + 1) / 2
         generated01 = generated01.clamp(0, 1)
-        again01 = (model.reconstruct(generated01 * 2 - 1).float() + 1) / 2
+        again01 = as_rgb((model.reconstruct(generated01 * 2 - 1).float() + 1) / 2)
+        generated01 = as_rgb(generated01)
         for name, v in metrics(generated01, again01).items():
             per_image.setdefault(name, []).append(v)
         samples.append(generated01.cpu())
@@ -261,13 +295,16 @@ def print_table(report):
                 "colour; a model that learned scores well above it)")
         if "all" in report[title]["not_applicable"]:
             print(f"(none: {report[title]['not_applicable']['all']})")
+    if report.get("model_reconstruction_loss"):
+        print(f"(the model's own reconstruction likelihood: "
+              f"{report['model_reconstruction_loss']}; compare models on it)")
     if report["rfid"]["value"] is not None:
         print(f"{'rfid':<18} {report['rfid']['value']:>10.4g}   (set-level, "
               f"{report['rfid']['images']} images; {report['rfid']['backbone']})")
     lat = report["latent"]
     if lat and "active_units" in lat:
-        print(f"-- latent: {lat['active_units']}/{lat['latent_dim']} active units, "
-              f"KL {lat['kl_total']:.2f} nats")
+        print(f"-- latent: {lat['active_units']}/{lat['latent_dim']} active units"
+              + (f", KL {lat['kl_total']:.2f} nats" if lat["kl_total"] is not None else ""))
         if lat["posterior_collapse_warning"]:
             print(f"warning: {lat['posterior_collapse_warning']}")
     elif lat:
@@ -291,8 +328,9 @@ def main(args):
                 f"predicts a future frame from a frame pair, not an image from itself; "
                 f"score it with compare_with_laq.py --model {args.checkpoint}")
     image_size = ckpt["config"]["model_params"]["image_size"]
+    channels = ckpt["config"]["model_params"].get("in_channels", 3)
     args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
-    dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size)
+    dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size, channels)
     positions = list(range(len(dataset)))
     if args.max_images and args.max_images < len(positions):
         positions = sorted({int(i) for i in np.linspace(0, len(dataset) - 1, args.max_images)})
@@ -316,9 +354,15 @@ def main(args):
                    and not k.startswith("mean_colour_")]
     per_image = {k: [r[k] for r in rows] for k in metrics.names + model_names}
     skipped = {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"}
+    source = ckpt["config"].get("source", {})
     report = {"model": ckpt["config"]["model_params"]["name"],
-              "checkpoint": os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
-              "dataset": args.dataset, **data_info, "num_images": len(rows),
+              "checkpoint": args.checkpoint if "repo_id" in source else
+              os.path.abspath(args.checkpoint), "step": ckpt.get("step"),
+              **({"hub": source} if "repo_id" in source else {}),
+              "dataset": args.dataset, **data_info, "num_images": len(rows), "channels": channels,
+              **({"one_channel": ONE_CHANNEL} if channels == 1 else {}),
+              **({"model_reconstruction_loss": ckpt["config"]["reconstruction_loss"]}
+                 if ckpt["config"].get("reconstruction_loss") else {}),
               "unreadable_images": unreadable, "lpips_net": lpips_label(args),
               "num_samples": args.num_samples, "ci_method": CI_METHOD,
               "ssim_settings": SSIM_SETTINGS,

@@ -196,29 +196,37 @@ def build_fid(args, device):
     return None if args.fid == "none" else FidFeatures(device, args.fid_random_backbone)
 
 
-def latent_diagnostics(mu, logvar, active_threshold=0.01):
-    """Posterior statistics over a dataset: mu, logvar (N, D) float tensors.
+def latent_diagnostics(mu, logvar=None, active_threshold=0.01):
+    """Posterior statistics over a dataset: mu, logvar (N, D) float tensors. Without logvar
+    (an encoder that is not a diagonal Gaussian: its output, or its location parameter, as mu)
+    only the activity: the KL and sigma entries are None.
 
     A unit u is active when Cov_x(E[z_u | x]) = Var_x(mu_u) > active_threshold (Burda et al.).
     """
-    mu, logvar = mu.double(), logvar.double()
+    mu = mu.double()
     n, dim = mu.shape
-    kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)
     activity = mu.var(0, unbiased=False) if n > 1 else torch.zeros(dim, dtype=torch.float64)
     active = int((activity > active_threshold).sum())
-    sigma = (0.5 * logvar).exp()
+    kl_per_dim = sigma = None
+    if logvar is not None:
+        logvar = logvar.double()
+        kl_per_dim = 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).mean(0)
+        sigma = (0.5 * logvar).exp()
     out = {"latent_dim": dim, "num_images": n,
-           "kl_per_dim": kl_per_dim.tolist(), "kl_total": float(kl_per_dim.sum()),
+           "kl_per_dim": None if kl_per_dim is None else kl_per_dim.tolist(),
+           "kl_total": None if kl_per_dim is None else float(kl_per_dim.sum()),
            "active_units": active, "active_threshold": active_threshold,
            "activity_per_dim": activity.tolist(),
            "mu_mean": float(mu.mean()), "mu_std": float(mu.std()) if mu.numel() > 1 else 0.0,
-           "sigma_mean": float(sigma.mean()),
-           "sigma_std": float(sigma.std()) if sigma.numel() > 1 else 0.0,
+           "sigma_mean": None if sigma is None else float(sigma.mean()),
+           "sigma_std": None if sigma is None else (float(sigma.std()) if sigma.numel() > 1
+                                                     else 0.0),
            "posterior_collapse_warning": None}
     if active < max(1, math.ceil(0.1 * dim)):
         out["posterior_collapse_warning"] = (
             f"only {active} of {dim} latent units are active (Var_x(mu) > {active_threshold}): "
-            f"the posterior has largely collapsed to the prior")
+            + ("the posterior has largely collapsed to the prior" if logvar is not None else
+               "the encoder's output hardly varies over the data"))
     return out
 
 
@@ -227,7 +235,8 @@ def latent_summary(batches, codebook_size=None):
     Gaussian (mu, logvar) or codebook (codes); None when the model reports neither."""
     if batches and "mu" in batches[0]:
         return latent_diagnostics(torch.cat([b["mu"] for b in batches]),
-                                  torch.cat([b["logvar"] for b in batches]))
+                                  torch.cat([b["logvar"] for b in batches])
+                                  if "logvar" in batches[0] else None)
     if batches and "codes" in batches[0]:
         return codebook_diagnostics(torch.cat([b["codes"] for b in batches]), codebook_size)
     return None

@@ -3,8 +3,12 @@
 A pythae model is a folder (model_config.json, model.pt, and .pkl files when it has custom
 networks, a discriminator or a metric) or `hf:OWNER/NAME[@REVISION]`, a model on the Hugging
 Face Hub, read from the local Hub cache (HF_HUB_OFFLINE=1 on compute nodes) or downloaded where
-the network allows. Pickled files run code when loaded: a folder holding any is refused, naming
-them, before anything in it is unpickled, unless --allow-pickle says it is trusted.
+the network allows. Pickled files run code when loaded. Without --allow-pickle a folder is refused
+when an entry is named like a pickle (encoder.pkl, ...: whatever it is, FIFO or dangling link
+included, listed and never opened), a regular file begins with a pickle header, or its
+model_config.json asks pythae to unpickle a part (`uses_default_encoder: false`, ...); pythae
+then reads a private copy holding only the checked config and model.pt, never the folder.
+A Hub file is checked against the hash the Hub names it by before it is used.
 
 Each model type is scored under its own model, as pythae defines it (PYTHAE_MODELS): the
 reconstruction decodes the posterior's own mean (the normalised direction for SVAE, the
@@ -14,9 +18,13 @@ model's prior. A metric that cannot be computed under the model is null, with th
 pythae models take images in [0, 1]; the adapter presents them with the interface evaluate.py
 uses for this project's models ([-1, 1] images).
 """
+import hashlib
 import json
 import os
 import re
+import shutil
+import stat
+import tempfile
 import zipfile
 
 import torch
@@ -73,69 +81,157 @@ SAMPLE_REASONS = {
 
 def is_pythae_source(path):
     return path.startswith(HUB_PREFIX) or (
-        os.path.isdir(path) and os.path.isfile(os.path.join(path, "model_config.json")))
+        os.path.isdir(path) and os.path.lexists(os.path.join(path, "model_config.json")))
+
+
+# What pythae's load_from_folder unpickles: the file named here when the config says False.
+PICKLED_PARTS = {"uses_default_encoder": "encoder.pkl", "uses_default_decoder": "decoder.pkl",
+                 "uses_default_discriminator": "discriminator.pkl",
+                 "uses_default_metric": "metric.pkl"}
+
+
+def parse_hub_spec(spec):
+    """(repo id, revision or None) of hf:OWNER/NAME[@REVISION]."""
+    repo, _, revision = spec[len(HUB_PREFIX):].partition("@")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo) or (_ and not revision):
+        raise PythaeError(f"{spec}: expected hf:OWNER/NAME or hf:OWNER/NAME@REVISION")
+    return repo, revision or None
 
 
 def hub_folder(spec):
-    """The local folder of hf:OWNER/NAME[@REVISION], from the cache or downloaded."""
-    repo, _, revision = spec[len(HUB_PREFIX):].partition("@")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise PythaeError(f"{spec}: expected hf:OWNER/NAME or hf:OWNER/NAME@REVISION")
+    """(local snapshot folder, provenance) of hf:OWNER/NAME[@REVISION], from the cache or
+    downloaded; each cause of failure has its own message."""
+    repo, revision = parse_hub_spec(spec)
     try:
-        from huggingface_hub import constants, snapshot_download
+        import huggingface_hub
+        from huggingface_hub import constants, errors
     except ImportError:
         raise PythaeError(f"{spec} needs the huggingface_hub package: "
                           f"pip install huggingface_hub==2.4.0") from None
+    named = f"{repo}{'@' + revision if revision else ''}"
+    fetch = (f"fetch it where there is internet with `hf download {repo}"
+             f"{' --revision ' + revision if revision else ''}` and copy the cache folder "
+             f"({constants.HF_HUB_CACHE}) here, or set HF_HUB_CACHE to where it is")
     try:
-        return snapshot_download(repo, revision=revision or None)
-    except Exception as e:       # offline and not cached, no network, no such repo / revision
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise PythaeError(
-            f"{repo}{'@' + revision if revision else ''} is not in the Hugging Face cache "
-            f"({constants.HF_HUB_CACHE}) and could not be downloaded ({type(e).__name__}: "
-            f"{reason[:200]}); fetch it where there is internet with `hf download {repo}"
-            f"{' --revision ' + revision if revision else ''}` and copy the cache folder here "
-            f"(or set HF_HUB_CACHE)") from None
+        folder = huggingface_hub.snapshot_download(repo, revision=revision)
+    except errors.GatedRepoError:
+        raise PythaeError(f"{named} is gated: accept its terms on huggingface.co and log in "
+                          f"with `hf auth login`") from None
+    except errors.RepositoryNotFoundError:
+        raise PythaeError(f"{repo} is not on the Hugging Face Hub, or it is private: check "
+                          f"the name (e.g. hf:clementchadebec/reproduced_vae), or log in with "
+                          f"`hf auth login` if it is yours") from None
+    except errors.RevisionNotFoundError:
+        raise PythaeError(f"{repo} has no revision {revision!r} (a branch, tag or commit "
+                          f"hash)") from None
+    except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
+        offline = constants.HF_HUB_OFFLINE
+        raise PythaeError(f"{named} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
+                          f"{' and HF_HUB_OFFLINE is set' if offline else ' and the Hub cannot be reached'}: "
+                          f"{fetch}") from None
+    except (OSError, ValueError, errors.HfHubHTTPError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise PythaeError(f"{named} could not be downloaded ({type(e).__name__}: {reason}); "
+                          f"{fetch}") from None
+    return folder, {"repo_id": repo, "revision_requested": revision or "main",
+                    "commit": os.path.basename(os.path.normpath(folder))}
 
 
-def pickled_files(folder):
-    """Files of the folder that pickle would run: by suffix, or by a pickle header."""
+def check_hub_blob(path):
+    """A file of a Hub snapshot is a link to blobs/<hash>: the sha256 of an LFS file, the git
+    blob hash of a small one. Refuse a file whose bytes no longer have its hash."""
+    if not os.path.islink(path):
+        return
+    blob = os.path.realpath(path)
+    name = os.path.basename(blob)
+    with open_regular(blob) as f:
+        data_hash = hashlib.sha256() if len(name) == 64 else hashlib.sha1(
+            f"blob {os.fstat(f.fileno()).st_size}\0".encode())
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            data_hash.update(chunk)
+    if re.fullmatch(r"[0-9a-f]{40}|[0-9a-f]{64}", name) and data_hash.hexdigest() != name:
+        raise PythaeError(f"{path}: the cached file is damaged (its content no longer has the "
+                          f"hash {name} the Hub named it by); delete {blob} and fetch it again")
+
+
+def open_regular(path):
+    """`path` opened for reading if it is a regular file (after links); a FIFO or a device is
+    refused without blocking on it."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        raise PythaeError(f"{path} cannot be read ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise PythaeError(f"{path} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def pickled_entries(folder):
+    """Entries of the folder named like pickles, whatever they are (files, FIFOs, links,
+    dangling links): listed, never opened; plus regular files with a pickle header (protocol
+    2 and later begin with 0x80 and the protocol number)."""
     found = []
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
-        if not os.path.isfile(path) or name == "model.pt":
-            continue
-        try:
-            with open(path, "rb") as f:
-                head = f.read(2)
-        except OSError:                       # unreadable: pythae could not unpickle it either
-            head = b""
-        if name.lower().endswith(PICKLE_SUFFIXES) or (head[:1] == b"\x80" and head[1:2] in
-                                                      (b"\x02", b"\x03", b"\x04", b"\x05")):
+        if name.lower().endswith(PICKLE_SUFFIXES):
             found.append(name)
+        elif name != "model.pt" and os.path.isfile(path):
+            try:
+                with open_regular(path) as f:
+                    head = f.read(2)
+            except PythaeError:
+                continue
+            if head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"):
+                found.append(name)
     return found
 
 
-def check_folder(folder, allow_pickle):
-    """Refuse what cannot be loaded safely or at all, before pythae reads anything."""
-    pickles = pickled_files(folder)
-    if pickles and not allow_pickle:
+def check_folder(folder, allow_pickle, hub=False):
+    """The model's config after refusing what cannot be loaded safely or at all. Without
+    --allow-pickle nothing pythae would unpickle may be there, and the config may not ask for
+    any (uses_default_*: false), before any file of the folder is opened."""
+    pickles = pickled_entries(folder) if not allow_pickle else []
+    if pickles:
         raise PythaeError(f"{folder} holds {', '.join(pickles)}: pickled code that runs when "
                           f"loaded; pass --allow-pickle only if you trust its origin")
+    path = os.path.join(folder, "model_config.json")
+    if hub:
+        check_hub_blob(path)
     try:
-        with open(os.path.join(folder, "model_config.json")) as f:
-            config = json.load(f)
+        with open_regular(path) as f:
+            config = json.loads(f.read(1 << 20).decode())
     except (OSError, ValueError) as e:
-        raise PythaeError(f"{folder}/model_config.json is not readable JSON "
-                          f"({str(e).splitlines()[0]})") from None
+        raise PythaeError(f"{path} is not readable JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(config, dict) or not isinstance(config.get("name"), str):
-        raise PythaeError(f"{folder}/model_config.json has no model name (a pythae config "
-                          f"holds e.g. \"name\": \"VAEConfig\")")
+        raise PythaeError(f"{path} has no model name (a pythae config holds e.g. "
+                          f"\"name\": \"VAEConfig\")")
+    wanted = [f"{PICKLED_PARTS[key]} ({key}: false)" for key in PICKLED_PARTS
+              if config.get(key) is False]
+    if wanted and not allow_pickle:
+        raise PythaeError(f"{path} asks for custom networks pythae loads by unpickling "
+                          f"{', '.join(wanted)}: code that runs when loaded; pass "
+                          f"--allow-pickle only if you trust its origin")
+    return config
+
+
+def private_copy(folder, config, into, hub=False):
+    """What pythae reads, copied into `into`: the config as checked and model.pt as a regular
+    file (checked against its Hub hash); pythae never opens the folder itself, so nothing put
+    there after the check (a pickle, a FIFO, a swapped link) is read."""
     weights = os.path.join(folder, "model.pt")
-    if not os.path.isfile(weights):
+    if not os.path.lexists(weights):
         raise PythaeError(f"{folder} has no model.pt")
+    if hub:
+        check_hub_blob(weights)
+    with open_regular(weights) as src, open(os.path.join(into, "model.pt"), "wb") as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)
+    with open(os.path.join(into, "model_config.json"), "w") as f:
+        json.dump(config, f)
     try:
-        state = torch.load(weights, map_location="cpu", weights_only=True)
+        state = torch.load(os.path.join(into, "model.pt"), map_location="cpu",
+                           weights_only=True)
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
         raise PythaeError(f"{weights} is truncated or not a torch file ({type(e).__name__})") \
             from None
@@ -144,24 +240,32 @@ def check_folder(folder, allow_pickle):
                           f"({type(e).__name__}); refused") from None
     if not isinstance(state, dict) or "model_state_dict" not in state:
         raise PythaeError(f"{weights} has no model_state_dict: not a pythae model.pt")
-    return config
 
 
 def load_pythae(source, device, allow_pickle=False):
-    """(adapter in eval mode, a config-like dict for evaluate.py)."""
-    folder = hub_folder(source) if source.startswith(HUB_PREFIX) else source
-    check_folder(folder, allow_pickle)
+    """(adapter in eval mode, a config-like dict for evaluate.py, with `source`: where the
+    model came from)."""
+    hub = source.startswith(HUB_PREFIX)
+    folder, provenance = hub_folder(source) if hub else (source, {"folder": os.path.abspath(
+        source)})
+    config = check_folder(folder, allow_pickle, hub)
     try:
         from pythae.models import AutoModel
     except ImportError:
         raise PythaeError("evaluating a pythae model needs the pythae package: "
                           "pip install pythae==0.1.2") from None
-    try:
-        model = AutoModel.load_from_folder(folder)
-    except (OSError, ValueError, KeyError, RuntimeError, NameError, AttributeError,
-            TypeError) as e:
-        raise PythaeError(f"pythae could not load {folder}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:300] if str(e) else ''}") from None
+    with tempfile.TemporaryDirectory(prefix="pythae_model_") as private:
+        if not allow_pickle:
+            private_copy(folder, config, private, hub)
+        elif not os.path.lexists(os.path.join(folder, "model.pt")):
+            raise PythaeError(f"{folder} has no model.pt")
+        try:
+            model = AutoModel.load_from_folder(folder if allow_pickle else private)
+        except (OSError, ValueError, KeyError, RuntimeError, NameError, AttributeError,
+                TypeError, EOFError) as e:
+            reason = " ".join(str(e).split())
+            raise PythaeError(f"pythae could not load {folder}: {type(e).__name__}"
+                              f"{': ' + reason if reason else ''}") from None
     name = model.model_name
     if name not in PYTHAE_MODELS:
         raise PythaeError(f"pythae model {name} is not supported here (supported: "
@@ -172,7 +276,9 @@ def load_pythae(source, device, allow_pickle=False):
     adapter = PythaeAdapter(model, name).to(device).eval()
     config = {"model_params": {"name": f"pythae:{name}", "image_size": shape[1],
                                "in_channels": shape[0]},
-              "exp_params": {"kld_weight": 1.0}, "data_params": {}}
+              "exp_params": {"kld_weight": 1.0}, "data_params": {},
+              "reconstruction_loss": getattr(model.model_config, "reconstruction_loss", None),
+              "source": provenance}
     return adapter, config
 
 
@@ -238,12 +344,14 @@ class PythaeAdapter(Autoencoder):
         z, out, q = self._code(x01)
         metrics, latents = {}, {}
         log_var = out.get("log_covariance")
-        if self.posterior == "gaussian" and log_var is None:
+        if self.posterior == "gaussian" and log_var is None and "kl" not in self.not_applicable:
             self.not_applicable["kl"] = f"{self.name}'s encoder gives no variance"
         if "kl" not in self.not_applicable:   # the latent diagnostics too assume N(0, I)
             mu = out.embedding.flatten(1).float()
             latents = {"mu": mu, "logvar": log_var.flatten(1).float()}
             metrics["kl"] = gaussian_kl(mu, latents["logvar"])
+        else:                                  # activity of the encoder's output, any type
+            latents = {"mu": out.embedding.flatten(1).float()}
         if q is not None:
             metrics["vq_loss"] = self._per_image_vq_loss(out.embedding, q)
             latents = {"codes": q.quantized_indices.flatten(1)}

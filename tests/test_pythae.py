@@ -314,3 +314,210 @@ def test_hub_models_load_from_the_cache_offline_and_say_how_to_fetch_otherwise(v
                       str(tmp_path / "out3"), *common, env=offline)
     assert evil.returncode == 2 and "discriminator.pkl" in evil.stderr
     assert not (tmp_path / "ran").exists()
+
+
+# --- 1-channel models on their own data ------------------------------------------------------
+
+def mnist_folder(root, n=12, seed=0):
+    """MNIST's t10k files in torchvision's layout (idx format), grey digits-like blobs."""
+    import struct
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    low = torch.from_numpy(rng.random((n, 1, 7, 7)).astype(np.float32))
+    images = (torch.nn.functional.interpolate(low, size=28, mode="bilinear") * 255).round() \
+        .byte().squeeze(1).numpy()
+    (raw / "t10k-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 2051, n, 28, 28)
+                                                 + images.tobytes())
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(struct.pack(">II", 2049, n)
+                                                 + rng.integers(0, 10, n).astype(np.uint8).tobytes())
+    return str(root), images
+
+
+def build_one_channel(name, size=28, **extra):
+    config = getattr(pythae, f"{name}Config")
+    return getattr(pythae, name)(config(input_dim=(1, size, size), latent_dim=4, **extra))
+
+
+def score(tmp_path, folder, *args):
+    result = run_in_process("evaluate.py", "--checkpoint", folder, "--output",
+                            str(tmp_path / "out"), "--lpips-net", "none", "--fid", "none",
+                            "--device", "cpu", "--workers", "0", "--num-samples", "4", *args)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads((tmp_path / "out" / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize("name,extra", [("VAE", {"reconstruction_loss": "bce"}),
+                                        ("VAMP", {"number_components": 3}), ("SVAE", {}),
+                                        ("IWAE", {"number_samples": 2}), ("HVAE", {})])
+def test_one_channel_models_score_on_mnist_read_offline(name, extra, tmp_path):
+    data, raw = mnist_folder(tmp_path / "mnist")
+    torch.manual_seed(9)
+    model = build_one_channel(name, **extra).eval()
+    model.save(str(tmp_path / name))
+    report = score(tmp_path, str(tmp_path / name), "--dataset", "mnist", "--data-path", data)
+    assert report["channels"] == 1 and report["num_images"] == len(raw)
+    assert "repeated to 3 channels" in report["one_channel"]
+    assert report["split_source"] == "MNIST test (t10k)"
+    assert report["latent"]["active_units"] >= 0 and len(report["latent"]["activity_per_dim"]) == 4
+    x = torch.from_numpy(raw).float()[:, None] / 255
+    with torch.no_grad():                  # the model's own reconstruction, through pythae
+        out = model.encoder(x)
+        z = out.embedding / out.embedding.norm(dim=-1, keepdim=True) if name == "SVAE" \
+            else out.embedding
+        recon = model.decoder(z).reconstruction
+    rows = per_image(str(tmp_path / "out"))
+    expected = (recon - x).pow(2).flatten(1).mean(1)
+    assert np.allclose([float(r["mse"]) for r in sorted(rows, key=lambda r: int(r["index"]))],
+                       expected.numpy(), rtol=1e-5, atol=1e-7)
+    if name == "VAE":                      # binarised-MNIST models: BCE is their likelihood
+        assert report["model_reconstruction_loss"] == "bce"
+        per_pixel = torch.nn.functional.binary_cross_entropy(
+            recon.clamp(1e-6, 1 - 1e-6), x, reduction="none").flatten(1)
+        _, own_recon, _ = model.loss_function(recon[:1], x[:1], out.embedding[:1],
+                                              out.log_covariance[:1], out.embedding[:1])
+        first = sorted(rows, key=lambda r: int(r["index"]))[0]
+        assert float(first["bce"]) * 28 * 28 == pytest.approx(float(own_recon), rel=1e-4)
+        assert float(first["bce"]) == pytest.approx(float(per_pixel[0].mean()), rel=1e-5)
+
+
+def test_one_channel_ssim_and_gmsd_equal_their_values_on_the_repeated_image():
+    """What metrics.json's `one_channel` says, checked against piq on the 1-channel images."""
+    import piq
+    from metrics import ImageMetrics
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(3, 1, 40, 40, generator=g)
+    y = (x + 0.2 * torch.rand(3, 1, 40, 40, generator=g)).clamp(0, 1)
+    ours = ImageMetrics(CPU, lpips_net="none")(x.repeat(1, 3, 1, 1), y.repeat(1, 3, 1, 1))
+    assert torch.allclose(ours["ssim"].float(), piq.ssim(x, y, data_range=1.0, reduction="none"),
+                          atol=1e-6)
+    assert torch.allclose(ours["gmsd"].float(), piq.gmsd(x, y, data_range=1.0, reduction="none"),
+                          atol=1e-6)
+
+
+def test_a_64px_one_channel_model_scores_on_dsprites_grey_arrays_and_grey_images(tmp_path):
+    torch.manual_seed(10)
+    build_one_channel("BetaTCVAE", size=64).eval().save(str(tmp_path / "tc"))
+    rng = np.random.default_rng(1)
+    imgs = np.zeros((6, 64, 64), np.uint8)
+    for k, img in enumerate(imgs):                       # a white square per image
+        r, c = rng.integers(0, 48, 2)
+        img[r:r + 16, c:c + 16] = 1
+    np.savez(tmp_path / "dsprites.npz", imgs=imgs, latents_values=np.zeros((6, 6)))
+    report = score(tmp_path, str(tmp_path / "tc"), "--dataset", "dsprites", "--data-path",
+                   str(tmp_path / "dsprites.npz"))
+    assert report["num_images"] == 6 and report["split"] == "all"
+    dsprites_mse = [float(r["mse"]) for r in per_image(str(tmp_path / "out"))]
+    (tmp_path / "arrays").mkdir()                        # the same images as 1-channel arrays
+    np.save(tmp_path / "arrays" / "eval_data.npy", imgs[:, None] * 255)
+    score(tmp_path, str(tmp_path / "tc"), "--dataset", "celeba", "--data-path",
+          str(tmp_path / "arrays"))
+    assert [float(r["mse"]) for r in per_image(str(tmp_path / "out"))] == \
+        pytest.approx(dsprites_mse, rel=1e-6)
+    folder = tmp_path / "grey"                           # and as grey PNG files (stored RGB)
+    folder.mkdir()
+    for k, img in enumerate(imgs):
+        Image.fromarray(img * 255).convert("RGB").save(folder / f"{k}.png")
+    score(tmp_path, str(tmp_path / "tc"), "--dataset", "images", "--data-path", str(folder))
+    assert [float(r["mse"]) for r in per_image(str(tmp_path / "out"))] == \
+        pytest.approx(dsprites_mse, rel=1e-6)
+
+
+def test_data_of_another_shape_is_one_line_naming_both(tmp_path):
+    data, _ = mnist_folder(tmp_path / "mnist")
+    torch.manual_seed(11)
+    build_one_channel("VAE", size=32).eval().save(str(tmp_path / "vae32"))
+    result = run_in_process("evaluate.py", "--checkpoint", str(tmp_path / "vae32"), "--output",
+                            str(tmp_path / "out"), "--dataset", "mnist", "--data-path", data,
+                            "--lpips-net", "none", "--fid", "none", "--device", "cpu")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "takes 1x32x32 images" in result.stderr and "holds 1x28x28" in result.stderr
+    missing = run_in_process("evaluate.py", "--checkpoint", str(tmp_path / "vae32"), "--output",
+                             str(tmp_path / "out"), "--dataset", "mnist", "--data-path",
+                             str(tmp_path), "--lpips-net", "none", "--fid", "none")
+    assert missing.returncode == 2 and "MNIST/raw/t10k-images-idx3-ubyte" in missing.stderr
+
+
+def test_poincare_vae_with_riemannian_normals_keeps_its_kl_reason(tmp_path):
+    torch.manual_seed(12)
+    build_one_channel("PoincareVAE", prior_distribution="riemannian_normal",
+                      posterior_distribution="riemannian_normal").eval().save(str(tmp_path / "p"))
+    adapter, _ = load_pythae(str(tmp_path / "p"), CPU)
+    _, metrics, latents = adapter.evaluate_batch(torch.rand(2, 1, 28, 28) * 2 - 1)
+    assert "kl" not in metrics and "Poincaré" in adapter.not_applicable["kl"]
+    assert latents["mu"].shape == (2, 4)               # active units all the same
+
+
+# --- the pickle refusal: by what pythae would load, whatever the entry --------------------------
+
+def refused(folder, match):
+    with pytest.raises(PythaeError, match=match):
+        load_pythae(str(folder), CPU)
+
+
+def test_a_fifo_named_like_a_pickle_is_refused_without_opening_it(vae_folder):
+    os.mkfifo(vae_folder / "encoder.pkl")      # opening it for reading would block for ever
+    refused(vae_folder, "holds encoder.pkl: pickled code")
+
+
+@pytest.mark.parametrize("target_exists", [False, True], ids=["dangling", "to_a_pickle"])
+def test_a_link_named_like_a_pickle_is_refused_dangling_or_not(target_exists, vae_folder,
+                                                               tmp_path):
+    target = tmp_path / "elsewhere.bin"
+    if target_exists:
+        target.write_bytes(pickle.dumps(Payload(str(tmp_path / "ran"))))
+    os.symlink(target, vae_folder / "decoder.pkl")
+    refused(vae_folder, "holds decoder.pkl: pickled code")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_config_asking_for_custom_networks_is_refused_with_no_pickle_present(vae_folder):
+    config = json.loads((vae_folder / "model_config.json").read_text())
+    (vae_folder / "model_config.json").write_text(json.dumps({**config,
+                                                              "uses_default_encoder": False}))
+    refused(vae_folder, r"unpickling encoder.pkl \(uses_default_encoder: false\)")
+
+
+def test_pythae_reads_a_private_copy_so_what_appears_after_the_check_is_never_loaded(
+        vae_folder, tmp_path, monkeypatch):
+    """A config swapped for one asking for a custom encoder, and its encoder.pkl, both put in
+    the folder right after the check (as a writer racing the check would): never read."""
+    import pythae_adapter
+    marker, check = tmp_path / "ran", pythae_adapter.check_folder
+
+    def check_then_swap(folder, *args):
+        config = check(folder, *args)
+        (vae_folder / "encoder.pkl").write_bytes(pickle.dumps(Payload(str(marker))))
+        (vae_folder / "model_config.json").write_text(json.dumps(
+            {**config, "uses_default_encoder": False}))
+        return config
+    monkeypatch.setattr(pythae_adapter, "check_folder", check_then_swap)
+    adapter, _ = load_pythae(str(vae_folder), CPU)
+    assert not marker.exists() and adapter.name == "VAE"
+
+
+def test_hub_errors_name_their_own_cause_in_whole(monkeypatch):
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from huggingface_hub import errors
+    import pythae_adapter
+
+    def raising(cls, message):
+        def snapshot_download(*args, **kwargs):
+            err = cls.__new__(cls)
+            Exception.__init__(err, message)
+            raise err
+        return snapshot_download
+    cases = [(errors.RepositoryNotFoundError, "404", "is not on the Hugging Face Hub, or it is "
+              "private: check the name (e.g. hf:clementchadebec/reproduced_vae), or log in"),
+             (errors.GatedRepoError, "403", "is gated: accept its terms"),
+             (errors.RevisionNotFoundError, "404", "has no revision 'v9'"),
+             (errors.LocalEntryNotFoundError, "offline", "is not in the Hugging Face cache")]
+    for cls, message, expected in cases:
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(cls, message))
+        with pytest.raises(PythaeError) as raised:
+            pythae_adapter.hub_folder("hf:someone/typo@v9")
+        assert expected in str(raised.value), str(raised.value)
+    long = "x " * 300 + "HF_HUB_OFFLINE=1 ends here"
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(OSError, long))
+    with pytest.raises(PythaeError, match="HF_HUB_OFFLINE=1 ends here"):   # not cut short
+        pythae_adapter.hub_folder("hf:someone/model")
