@@ -11,6 +11,10 @@ copied along. Point
 data_params.data_path at OUT: the dataset, splits and frame pairs work the same way, and a job
 opens tens of files instead of millions.
 
+OUT must not hold a packed index already (an index and its shards change together: pack into a
+new folder and point data_params.data_path at it). On a full disk the shards written so far
+are removed, so no shards are left without their index.
+
 Without --image-size every frame is copied byte for byte. With it the shards are training-ready:
 each frame is decoded, resized as training does (frame_files.resize_frame) and stored as a
 JPEG of that size, so a loader worker only decodes a small JPEG and never resizes; a config

@@ -216,15 +216,13 @@ def check_folder(folder, allow_pickle, hub=False):
     return config
 
 
-def private_copy(folder, config, into, hub=False):
+def private_copy(folder, config, into):
     """What pythae reads, copied into `into`: the config as checked and model.pt as a regular
-    file (checked against its Hub hash); pythae never opens the folder itself, so nothing put
+    file; pythae never opens the folder itself, so nothing put
     there after the check (a pickle, a FIFO, a swapped link) is read."""
     weights = os.path.join(folder, "model.pt")
     if not os.path.lexists(weights):
         raise PythaeError(f"{folder} has no model.pt")
-    if hub:
-        check_hub_blob(weights)
     with open_regular(weights) as src, open(os.path.join(into, "model.pt"), "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     with open(os.path.join(into, "model_config.json"), "w") as f:
@@ -249,6 +247,9 @@ def load_pythae(source, device, allow_pickle=False):
     folder, provenance = hub_folder(source) if hub else (source, {"folder": os.path.abspath(
         source)})
     config = check_folder(folder, allow_pickle, hub)
+    if hub:                                   # every file the model may read, pickles included
+        for name in sorted(os.listdir(folder)):
+            check_hub_blob(os.path.join(folder, name))
     try:
         from pythae.models import AutoModel
     except ImportError:
@@ -256,7 +257,7 @@ def load_pythae(source, device, allow_pickle=False):
                           "pip install pythae==0.1.2") from None
     with tempfile.TemporaryDirectory(prefix="pythae_model_") as private:
         if not allow_pickle:
-            private_copy(folder, config, private, hub)
+            private_copy(folder, config, private)
         elif not os.path.lexists(os.path.join(folder, "model.pt")):
             raise PythaeError(f"{folder} has no model.pt")
         try:

@@ -163,3 +163,20 @@ def test_a_truncated_or_object_array_is_one_line_naming_the_file(tmp_path):
         message = str(info.value)
         assert str(tmp_path / name) in message and "re-run prepare_celeba.py" in message
         assert "\n" not in message
+
+
+def test_training_a_3_channel_model_on_grey_arrays_is_one_line(tmp_path):
+    from errors import DataError
+    from config import config_from_dict
+    from runtime import Runtime
+    from training import train
+    out = tmp_path / "grey"
+    out.mkdir()
+    for name in ("train_data.npy", "eval_data.npy"):
+        np.save(out / name, np.zeros((8, 1, 32, 32), np.uint8))
+    cfg = config_from_dict(tiny_config(str(out), str(tmp_path / "logs"), **{
+        "data_params.dataset": "celeba", "data_params.train_batch_size": 4}))
+    with pytest.raises(DataError, match="holds 1-channel images and model_params.in_channels "
+                                        "is 3"):
+        train(cfg, Runtime())
+    assert not (tmp_path / "logs").exists()

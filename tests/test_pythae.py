@@ -521,3 +521,45 @@ def test_hub_errors_name_their_own_cause_in_whole(monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", raising(OSError, long))
     with pytest.raises(PythaeError, match="HF_HUB_OFFLINE=1 ends here"):   # not cut short
         pythae_adapter.hub_folder("hf:someone/model")
+
+
+def test_the_docs_hub_example_scores_a_reproduced_mnist_model_and_checks_its_blobs(tmp_path):
+    """docs/evaluation.md's example as written, on a cache laid out as huggingface_hub lays it
+    out: a 1x28x28 VAE with pythae's MNIST benchmark networks (pickled, as pythae saves custom
+    networks), MNIST read offline; metrics.json names the repo, the revision asked for and the
+    commit; a damaged blob is refused."""
+    huggingface_hub = pytest.importorskip("huggingface_hub")
+    from pythae.models.nn.benchmarks.mnist import Decoder_ResNet_AE_MNIST, Encoder_ResNet_VAE_MNIST
+    config = pythae.VAEConfig(input_dim=(1, 28, 28), latent_dim=16, reconstruction_loss="bce")
+    torch.manual_seed(13)
+    pythae.VAE(config, encoder=Encoder_ResNet_VAE_MNIST(config),
+               decoder=Decoder_ResNet_AE_MNIST(config)).eval().save(str(tmp_path / "model"))
+    cache, commit = tmp_path / "hub", "1" * 40
+    hub_cache(cache, "clementchadebec/reproduced_vae", tmp_path / "model", commit)
+    assert [r.repo_id for r in huggingface_hub.scan_cache_dir(cache).repos] == \
+        ["clementchadebec/reproduced_vae"]
+    data, _ = mnist_folder(tmp_path / "data" / "mnist")
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache)}
+    command = ["evaluate.py", "--checkpoint", "hf:clementchadebec/reproduced_vae", "--dataset",
+               "mnist", "--data-path", data, "--output", str(tmp_path / "out"), "--lpips-net",
+               "none", "--fid", "none", "--device", "cpu", "--num-samples", "4"]
+    refused = run_script(*command, env=offline)
+    assert refused.returncode == 2 and "encoder.pkl" in refused.stderr
+    assert "decoder.pkl" in refused.stderr and "--allow-pickle" in refused.stderr
+    result = run_script(*command, "--allow-pickle", env=offline)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert report["checkpoint"] == "hf:clementchadebec/reproduced_vae"
+    assert report["hub"] == {"repo_id": "clementchadebec/reproduced_vae",
+                             "revision_requested": "main", "commit": commit}
+    assert report["channels"] == 1 and report["model_reconstruction_loss"] == "bce"
+    blob = os.path.realpath(cache / "models--clementchadebec--reproduced_vae" / "snapshots"
+                            / commit / "model.pt")
+    damaged = bytearray(open(blob, "rb").read())
+    damaged[len(damaged) // 2] ^= 0xFF
+    damaged[len(damaged) // 2 + 1] ^= 0xFF
+    with open(blob, "wb") as f:
+        f.write(bytes(damaged))
+    result = run_script(*command, "--allow-pickle", env=offline)
+    assert result.returncode == 2 and "damaged" in result.stderr
+    assert os.path.basename(blob) in result.stderr and result.stderr.count("\n") == 1
