@@ -125,10 +125,10 @@ def hub_folder(spec):
         raise PythaeError(f"{repo} has no revision {revision!r} (a branch, tag or commit "
                           f"hash)") from None
     except (errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled):
-        offline = constants.HF_HUB_OFFLINE
+        why = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else \
+            "the Hub cannot be reached"
         raise PythaeError(f"{named} is not in the Hugging Face cache ({constants.HF_HUB_CACHE})"
-                          f"{' and HF_HUB_OFFLINE is set' if offline else ' and the Hub cannot be reached'}: "
-                          f"{fetch}") from None
+                          f" and {why}: {fetch}") from None
     except (OSError, ValueError, errors.HfHubHTTPError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         raise PythaeError(f"{named} could not be downloaded ({type(e).__name__}: {reason}); "

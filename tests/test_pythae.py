@@ -288,7 +288,7 @@ def hub_cache(cache, repo, folder, commit="0" * 40):
 
 
 def test_hub_models_load_from_the_cache_offline_and_say_how_to_fetch_otherwise(vae_folder,
-                                                                             tmp_path):
+                                                                             tmp_path, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
     cache = tmp_path / "hub"
     hub_cache(cache, "someone/pythae-vae", vae_folder)
@@ -303,15 +303,17 @@ def test_hub_models_load_from_the_cache_offline_and_say_how_to_fetch_otherwise(v
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["model"] == "pythae:VAE"
 
-    missing = run_script("evaluate.py", "--checkpoint", "hf:someone/not-cached@v2", "--output",
-                         str(tmp_path / "out2"), *common, env=offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at each call
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    missing = run_in_process("evaluate.py", "--checkpoint", "hf:someone/not-cached@v2",
+                             "--output", str(tmp_path / "out2"), *common)
     assert missing.returncode == 2
     assert missing.stderr.count("\n") == 1 and "hf download someone/not-cached --revision v2" \
         in missing.stderr
     (vae_folder / "discriminator.pkl").write_bytes(pickle.dumps(Payload(str(tmp_path / "ran"))))
     hub_cache(cache, "someone/evil", vae_folder)
-    evil = run_script("evaluate.py", "--checkpoint", "hf:someone/evil", "--output",
-                      str(tmp_path / "out3"), *common, env=offline)
+    evil = run_in_process("evaluate.py", "--checkpoint", "hf:someone/evil", "--output",
+                          str(tmp_path / "out3"), *common)
     assert evil.returncode == 2 and "discriminator.pkl" in evil.stderr
     assert not (tmp_path / "ran").exists()
 
@@ -523,7 +525,8 @@ def test_hub_errors_name_their_own_cause_in_whole(monkeypatch):
         pythae_adapter.hub_folder("hf:someone/model")
 
 
-def test_the_docs_hub_example_scores_a_reproduced_mnist_model_and_checks_its_blobs(tmp_path):
+def test_the_docs_hub_example_scores_a_reproduced_mnist_model_and_checks_its_blobs(
+        tmp_path, monkeypatch):
     """docs/evaluation.md's example as written, on a cache laid out as huggingface_hub lays it
     out: a 1x28x28 VAE with pythae's MNIST benchmark networks (pickled, as pythae saves custom
     networks), MNIST read offline; metrics.json names the repo, the revision asked for and the
@@ -543,10 +546,7 @@ def test_the_docs_hub_example_scores_a_reproduced_mnist_model_and_checks_its_blo
     command = ["evaluate.py", "--checkpoint", "hf:clementchadebec/reproduced_vae", "--dataset",
                "mnist", "--data-path", data, "--output", str(tmp_path / "out"), "--lpips-net",
                "none", "--fid", "none", "--device", "cpu", "--num-samples", "4"]
-    refused = run_script(*command, env=offline)
-    assert refused.returncode == 2 and "encoder.pkl" in refused.stderr
-    assert "decoder.pkl" in refused.stderr and "--allow-pickle" in refused.stderr
-    result = run_script(*command, "--allow-pickle", env=offline)
+    result = run_script(*command, "--allow-pickle", env=offline)           # as the docs say
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert report["checkpoint"] == "hf:clementchadebec/reproduced_vae"
@@ -560,6 +560,11 @@ def test_the_docs_hub_example_scores_a_reproduced_mnist_model_and_checks_its_blo
     damaged[len(damaged) // 2 + 1] ^= 0xFF
     with open(blob, "wb") as f:
         f.write(bytes(damaged))
-    result = run_script(*command, "--allow-pickle", env=offline)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read at each call
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    refused = run_in_process(*command)
+    assert refused.returncode == 2 and "encoder.pkl" in refused.stderr
+    assert "decoder.pkl" in refused.stderr and "--allow-pickle" in refused.stderr
+    result = run_in_process(*command, "--allow-pickle")
     assert result.returncode == 2 and "damaged" in result.stderr
     assert os.path.basename(blob) in result.stderr and result.stderr.count("\n") == 1
