@@ -694,12 +694,13 @@ def test_a_full_disk_for_tensorboard_and_image_grids_warns_once_and_training_goe
     traceback, no half-written PNG, training ends, and TensorBoard has the steps after the
     disk had room again (the writer thread is not left dead)."""
     import errno
+
+    import torchvision.utils
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from tensorboard.summary.writer.record_writer import RecordWriter
-    import tracking
+
     import training
     from config import config_from_dict
-    import torchvision.utils
     full, write, save_image = [False], RecordWriter.write, torchvision.utils.save_image
 
     def event_write(self, data):
