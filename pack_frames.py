@@ -117,9 +117,10 @@ def pack(data_path, out, shard_size, index_cache_dir="", image_size=0, resize="c
         removed = [name for name in os.listdir(out) if re.fullmatch(r"shard_\d{5}\.bin", name)]
         for name in removed:                  # shards without their index are of no use
             os.remove(os.path.join(out, name))
-        raise WriteFailed(f"cannot write {getattr(err, 'filename', None) or out} "
-                          f"({err.strerror or err}); the {len(removed)} shards written so far "
-                          f"were removed: free space or pack elsewhere") from None
+        kept = (f"the {len(removed)} shards written before it were removed" if removed else
+                "no shard was kept")
+        raise WriteFailed(f"cannot write {err.filename or out} ({err.strerror or err}); {kept}: "
+                          f"free space or pack elsewhere") from None
 
 
 def write_packed(index, out, shard_size, index_cache_dir, image_size, resize, quality, workers):
@@ -134,16 +135,20 @@ def write_packed(index, out, shard_size, index_cache_dir, image_size, resize, qu
     with progress(total=n, unit="frame") as bar:
         while k < n:                          # each shard appears whole, or not at all
             name = f"shard_{len(shards):05d}.bin"
-            with atomic_write(os.path.join(out, name)) as handle:
-                written = 0
-                while k < n and written < shard_size:
-                    data = next(frames)
-                    shard[k], start[k], length[k] = len(shards), written, len(data)
-                    crc32[k] = zlib.crc32(data)
-                    handle.write(data)
-                    written += len(data)
-                    k += 1
-                    bar.update(1)
+            try:
+                with atomic_write(os.path.join(out, name)) as handle:
+                    written = 0
+                    while k < n and written < shard_size:
+                        data = next(frames)
+                        shard[k], start[k], length[k] = len(shards), written, len(data)
+                        crc32[k] = zlib.crc32(data)
+                        handle.write(data)
+                        written += len(data)
+                        k += 1
+                        bar.update(1)
+            except OSError as err:            # a write names no file: say which shard
+                err.filename = err.filename or os.path.join(out, name)
+                raise
             shards.append(name)
     prepared = ({"image_size": image_size, "resize": resize, "quality": quality}
                 if image_size else None)

@@ -115,7 +115,7 @@ def test_packing_onto_a_full_disk_is_one_line_and_leaves_no_shards_without_an_in
     message = str(raised.value)
     assert raised.value.exit_code == 1 and "\n" not in message
     assert "No space left on device" in message and calls[2] in message
-    assert "2 shards written so far were removed" in message
+    assert "the 2 shards written before it were removed" in message
     assert not [n for n in os.listdir(tmp_path / "packed") if n.startswith(("shard_", "packed"))]
 
 
