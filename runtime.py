@@ -131,21 +131,26 @@ class StopSignal:
         self._saved = True
 
     @contextlib.contextmanager
-    def waiting(self):
-        """A wait between steps (a DataLoader starting its workers, a slow first read) that a
-        stop signal ends at once by raising StopWhileWaiting: the run's state is that of the
-        last step. A single process only: under DDP the ranks must agree on the step
-        (agreed()), so a distributed run acts on the signal after the next step."""
+    def waiting(self, interruptible=True):
+        """A wait between steps for data. A stop signal during it stops the run at the state
+        of the last step (StopWhileWaiting), never after another step: at once when
+        `interruptible` (a process that reads its own data), else when the wait ends (a batch
+        from DataLoader workers arrives through file descriptors their processes hand over;
+        breaking off in the middle would break the workers' side). A single process only:
+        under DDP the ranks must agree on the step (agreed()), so a distributed run acts on
+        the signal after the next step."""
         if distributed():
             yield
             return
         if self.received:
             raise StopWhileWaiting()
-        self._waiting = True
+        self._waiting = interruptible
         try:
             yield
         finally:
             self._waiting = False
+        if self.received:
+            raise StopWhileWaiting()
 
     def agreed(self, step):
         """True on every rank once any rank got a signal, at the same step on every rank.

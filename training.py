@@ -302,11 +302,12 @@ def save_checkpoint(trainer, cfg, rt, step, epoch, data, manifest=None, also=Non
 
 
 def interruptible_batches(loader, device, stop=None):
-    """device_batches(loader, device), where a stop signal ends each wait for a batch at once
-    (StopSignal.waiting)."""
+    """device_batches(loader, device), where a stop signal during a wait for a batch stops the
+    run before the next step (StopSignal.waiting): at once without workers, when the batch
+    arrives with them."""
     batches = device_batches(loader, device)
     while True:
-        with stop.waiting() if stop else contextlib.nullcontext():
+        with stop.waiting(loader.num_workers == 0) if stop else contextlib.nullcontext():
             item = next(batches, None)
         if item is None:
             return

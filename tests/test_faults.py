@@ -586,11 +586,13 @@ def own_signal_handlers():
         signal.signal(s, h)
 
 
-def test_a_stop_while_waiting_for_a_batch_is_saved_at_once_and_resumes_exactly(
-        reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
-    """The signal arrives while the run waits for the first batch of epoch 2 (workers starting
-    on a slow filesystem, here a wait that never ends): saved at once at step 5, exit 75, and
-    the resumed run ends with the uninterrupted run's weights."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_stop_while_waiting_for_a_batch_is_saved_before_another_step_and_resumes_exactly(
+        workers, reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
+    """The signal arrives while the run waits for the first batch of epoch 2: saved at step 5
+    without another step, exit 75, and the resumed run ends with the uninterrupted run's
+    weights. Without workers the wait (here one that never ends) is broken off at once; with
+    them the batch is received whole first (a worker's hand-over is not broken off)."""
     import loaders
     import training
     from config import config_from_dict
@@ -601,10 +603,12 @@ def test_a_stop_while_waiting_for_a_batch_is_saved_at_once_and_resumes_exactly(
         epochs.append(isinstance(loader.sampler, loaders.ResumableSampler))
         if sum(epochs) == 2 and epochs[-1]:                       # epoch 2's training batches
             signal.raise_signal(signal.SIGTERM)
-            time.sleep(HANG_GUARD)
+            if not workers:
+                time.sleep(HANG_GUARD)
         yield from real(loader, device)
     monkeypatch.setattr(training, "device_batches", a_wait_that_never_ends)
-    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run"))
+    cfg = config_from_dict(config_dict(demo_data, str(tmp_path), "run", **{
+        "data_params.num_workers": workers}))
     with pytest.raises(Preempted):
         training.train(cfg, Runtime())
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 5
