@@ -191,14 +191,16 @@ def pickled_entries(folder):
 def check_folder(folder, allow_pickle, hub=False):
     """The model's config after refusing what cannot be loaded safely or at all. Without
     --allow-pickle nothing pythae would unpickle may be there, and the config may not ask for
-    any (uses_default_*: false), before any file of the folder is opened."""
+    any (uses_default_*: false), before any file of the folder is opened. A Hub snapshot's
+    files are checked against their hashes before the config is read."""
     pickles = pickled_entries(folder) if not allow_pickle else []
     if pickles:
         raise PythaeError(f"{folder} holds {', '.join(pickles)}: pickled code that runs when "
                           f"loaded; pass --allow-pickle only if you trust its origin")
+    if hub:                                   # every file the model may read, pickles included
+        for name in sorted(os.listdir(folder)):
+            check_hub_blob(os.path.join(folder, name))
     path = os.path.join(folder, "model_config.json")
-    if hub:
-        check_hub_blob(path)
     try:
         with open_regular(path) as f:
             config = json.loads(f.read(1 << 20).decode())
@@ -218,11 +220,9 @@ def check_folder(folder, allow_pickle, hub=False):
 
 def private_copy(folder, config, into):
     """What pythae reads, copied into `into`: the config as checked and model.pt as a regular
-    file; pythae never opens the folder itself, so nothing put
-    there after the check (a pickle, a FIFO, a swapped link) is read."""
+    file; pythae never opens the folder itself, so nothing put there after the check (a
+    pickle, a FIFO, a swapped link) is read."""
     weights = os.path.join(folder, "model.pt")
-    if not os.path.lexists(weights):
-        raise PythaeError(f"{folder} has no model.pt")
     with open_regular(weights) as src, open(os.path.join(into, "model.pt"), "wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     with open(os.path.join(into, "model_config.json"), "w") as f:
@@ -247,9 +247,8 @@ def load_pythae(source, device, allow_pickle=False):
     folder, provenance = hub_folder(source) if hub else (source, {"folder": os.path.abspath(
         source)})
     config = check_folder(folder, allow_pickle, hub)
-    if hub:                                   # every file the model may read, pickles included
-        for name in sorted(os.listdir(folder)):
-            check_hub_blob(os.path.join(folder, name))
+    if not os.path.lexists(os.path.join(folder, "model.pt")):
+        raise PythaeError(f"{folder} has no model.pt")
     try:
         from pythae.models import AutoModel
     except ImportError:
@@ -258,8 +257,6 @@ def load_pythae(source, device, allow_pickle=False):
     with tempfile.TemporaryDirectory(prefix="pythae_model_") as private:
         if not allow_pickle:
             private_copy(folder, config, private)
-        elif not os.path.lexists(os.path.join(folder, "model.pt")):
-            raise PythaeError(f"{folder} has no model.pt")
         try:
             model = AutoModel.load_from_folder(folder if allow_pickle else private)
         except (OSError, ValueError, KeyError, RuntimeError, NameError, AttributeError,
