@@ -129,14 +129,15 @@ class SthV2FramePairs(SthV2Frames):
 
 
 def build_split(data_params, split, image_size, index=None, pair_offset=None,
-                neighbour_tries=NEIGHBOUR_TRIES, clamp_pairs=False):
+                neighbour_tries=NEIGHBOUR_TRIES, clamp_pairs=False, channels=None):
     """The `split` ("train" or "val") of the data a data_params section describes: the one
     definition of a split that training, evaluate.py and compare_with_laq.py share.
 
     SthV2: the split's videos (official label files, else the hash split; split_videos), every
     frame_stride-th frame resized as data_params.resize says, or with pair_offset the
     (frame t, frame t + offset) pairs of those videos (clamp_pairs: LAQ's clamped pairs,
-    SthV2FramePairs). CelebA: prepare_celeba.py's array for the split. `index`: the frame index of
+    SthV2FramePairs). CelebA: prepare_celeba.py's array for the split (with `channels`, the
+    model's, checked against it). `index`: the frame index of
     data_params.data_path when the caller already loaded it. The result carries `split` and
     `source` (where the split came from).
     """
@@ -144,7 +145,8 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
     if d.dataset == "celeba":
         if pair_offset:
             raise DataError("frame pairs need SthV2 videos; CelebA holds single images")
-        dataset = CelebAArrays(os.path.join(d.data_path, CELEBA_FILES[split]), image_size)
+        dataset = CelebAArrays(os.path.join(d.data_path, CELEBA_FILES[split]), image_size,
+                               channels)
         dataset.split, dataset.source = split, f"CelebA {CELEBA_FILES[split]}"
         return dataset
     index = index or load_index(d.data_path, d.index_cache_dir)

@@ -60,7 +60,7 @@ class CelebAArrays(Dataset):
     memory map: each DataLoader worker maps the file on first use instead of holding a copy of
     the 12-17 GB array."""
 
-    def __init__(self, path, image_size=None):
+    def __init__(self, path, image_size=None, channels=None):
         if not os.path.isfile(path):
             raise DataError(f"{path} does not exist: run prepare_celeba.py -o {os.path.dirname(path)}")
         try:
@@ -76,6 +76,9 @@ class CelebAArrays(Dataset):
             raise DataError(f"{path} holds {array.shape[2]}x{array.shape[3]} images, the model "
                             f"wants {image_size}x{image_size}: re-run prepare_celeba.py "
                             f"--image-size {image_size}")
+        if channels and array.shape[1] != channels:
+            raise DataError(f"{path} holds {array.shape[1]}-channel images and "
+                            f"model_params.in_channels is {channels}")
         self.file, self.shape, self._array = path, array.shape, None
         self.item_shape = tuple(array.shape[1:])
 
@@ -112,7 +115,6 @@ class MNISTImages(Dataset):
         except (AssertionError, ValueError, RuntimeError, OSError) as e:
             raise DataError(f"{self.file} is not an MNIST idx image file ({type(e).__name__}"
                             f"{': ' + str(e).splitlines()[0] if str(e) else ''})") from None
-        self.root = root
         self.item_shape = (1, *self.images.shape[1:])
         self.split = split
         self.source = "MNIST " + ("train" if train else "test (t10k)")

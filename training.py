@@ -22,7 +22,7 @@ from torchvision.utils import make_grid
 import checkpoint as ck
 from collectives import all_gather_object, all_reduce, all_reduce_mean
 from dataset_sthv2 import build_split, data_signature, describe
-from errors import CheckpointError, DataError, Preempted, TrainingError, run_main
+from errors import CheckpointError, Preempted, TrainingError, run_main
 from files import atomic_write
 from frame_files import JPEG_DECODER, describe_jpeg_decoder
 from frame_index import load_index
@@ -110,13 +110,9 @@ def train(cfg, rt, resume=None, allow_data_change=False):
     with rt.local_main_first():          # one process per node indexes, the others read it
         index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
         train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
-                                          clamp_pairs=True) for split in ("train", "val"))
-    channels = cfg.model_params.get("in_channels", 3)
-    for dataset in (train_set, val_set):           # CelebA arrays may hold 1-channel images
-        shape = getattr(dataset, "item_shape", (channels,))
-        if shape[0] != channels:
-            raise DataError(f"{dataset.file} holds {shape[0]}-channel images and "
-                            f"model_params.in_channels is {channels}")
+                                          clamp_pairs=True,
+                                          channels=cfg.model_params.get("in_channels", 3))
+                              for split in ("train", "val"))
     log.info("data: %s (frame_stride %d)", describe(train_set, val_set), d.frame_stride)
     # what produced the run (commit, versions, data hashes): in config.yaml and every checkpoint
     run_manifest = manifest(labels_dir=(d.labels_path or d.data_path) if index else None,
