@@ -164,9 +164,10 @@ class PackedFrameIndex(FrameIndex):
     Same videos, order and names as the tree it was packed from (frame_path still names the
     original file, for reports); read_bytes reads the JPEG bytes at an offset in a shard, so
     a job opens tens of files instead of millions. Each frame's CRC-32 is checked as it is
-    read: a damaged frame is an unreadable frame, not other pixels. Training-ready shards (`prepared`: image
-    size, resize mode and JPEG quality) hold every frame already resized for training; a frame
-    that could not be decoded when packing is stored empty and reported when read.
+    read: a damaged frame is an unreadable frame, not other pixels. Training-ready shards
+    (`prepared`: image size, resize mode and JPEG quality) hold every frame already resized for
+    training; a frame that could not be decoded when packing is stored empty and reported when
+    read.
     """
 
     def __init__(self, tree, source_root, shard_names, shard, start, length, prepared=None,

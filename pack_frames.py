@@ -7,9 +7,8 @@
 Writes OUT/shard_00000.bin, ... (the frames' JPEG bytes back to back, in index order, so an
 epoch reads each shard sequentially) and OUT/packed_index.npz (videos, frame numbers, shard,
 offset, length and CRC-32 of every frame, checked on every read). The SthV2 label JSONs are
-copied along. Point
-data_params.data_path at OUT: the dataset, splits and frame pairs work the same way, and a job
-opens tens of files instead of millions.
+copied along. Point data_params.data_path at OUT: the dataset, splits and frame pairs work the
+same way, and a job opens tens of files instead of millions.
 
 OUT must not hold a packed index already (an index and its shards change together: pack into a
 new folder and point data_params.data_path at it). On a full disk the shards written so far

@@ -42,7 +42,7 @@ class Tracker:
     (checkpoint.py)."""
 
     def __init__(self, cfg, step):
-        self.run_dir, self.wandb, self.writer, self.failing = cfg.run_dir, None, None, False
+        self.run_dir, self.writer, self.failing = cfg.run_dir, None, False
         self.wandb = start_wandb(cfg) if cfg.logging_params.wandb else None
         self._open(step + 1 if step else None)
         config_text = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
