@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import threading
+import time
 
 import numpy as np
 import torch
@@ -17,7 +18,9 @@ from runtime import ignore_stop_signals
 
 
 class WorkerDied(TrainingError):
-    """A DataLoader worker process ended while the run needed it (one line: which, and why)."""
+    """A DataLoader worker process ended while the run needed it (one line: which, and why);
+    `pids`: the dead workers."""
+    pids = ()
 
 
 def worker_died(message, exit_codes=()):
@@ -39,25 +42,50 @@ def worker_died(message, exit_codes=()):
                f"the batches: see docs/faults.md)")
     else:
         how = "exited unexpectedly (killed, or out of memory)"
-    return WorkerDied(f"data loader worker (pid {pids}) {how}")
+    died = WorkerDied(f"data loader worker (pid {pids}) {how}")
+    died.pids = tuple(int(pid) for pid in pids.split(","))
+    return died
+
+
+def exited_worker(it, wait_s=1.0):
+    """WorkerDied for the workers of DataLoader iterator `it` that have exited, waiting up to
+    `wait_s` for one (a worker's sockets close just before it can be reaped); else None."""
+    workers, deadline = getattr(it, "_workers", ()), time.monotonic() + wait_s
+    while not (dead := [w for w in workers if w.exitcode is not None]):
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+    return worker_died(f"DataLoader worker (pid(s) {', '.join(str(w.pid) for w in dead)}) "
+                       f"exited unexpectedly", [w.exitcode for w in dead])
 
 
 # A worker's death is noticed by DataLoader's SIGCHLD handler, which raises at whatever line
 # the main process is running: inside a step or a checkpoint write, whose state would then be
-# half-made. Here it is noticed the same way but raised only where the run waits for a batch.
-_dead = None                          # a WorkerDied not yet raised
-_fetching = False                     # the main thread is waiting for a batch
+# half-made. Here it is noticed the same way but raised only where the run waits for a batch
+# of that worker's loader.
+_dead = {}                            # pid -> its WorkerDied, not yet raised
+_fetching = ()                        # pids of the workers of the loader being waited on
 
 
 def _on_child_exit(signum, frame):
-    global _dead, _fetching
+    global _fetching
     try:
         torch._C._error_if_any_worker_fails()
     except RuntimeError as err:
-        _dead = _dead or worker_died(str(err)) or WorkerDied(str(err).strip())
-        if _fetching:
-            _fetching, died, _dead = False, _dead, None
-            raise died
+        died = worker_died(str(err)) or WorkerDied(str(err).strip())
+        for pid in died.pids:
+            _dead.setdefault(pid, died)
+        if set(died.pids) & set(_fetching):
+            _fetching = ()
+            raise _recorded_death(died.pids)
+
+
+def _recorded_death(pids):
+    """The recorded WorkerDied of one of `pids`, taken off the record; None if none died."""
+    died = next((_dead[pid] for pid in pids if pid in _dead), None)
+    for pid in died.pids if died else ():
+        _dead.pop(pid, None)
+    return died
 
 
 def _watch_workers():
@@ -143,18 +171,24 @@ class PooledCollate:
 def _reported(loader):
     """Iterate a DataLoader, turning its worker failures into one-line errors (a stalled worker
     a DataError, a dead one WorkerDied)."""
-    global _dead, _fetching
+    global _fetching
     it = iter(loader)
     _watch_workers()
+    pids = tuple(w.pid for w in getattr(it, "_workers", ()))
     while True:
-        if _dead:
-            died, _dead = _dead, None
+        died = _recorded_death(pids)
+        if died:
             raise died
-        _fetching = True
+        _fetching = pids
         try:
             batch = next(it)
         except StopIteration:
             return
+        except (ConnectionError, EOFError):   # a batch whose worker died handing it over
+            died = exited_worker(it)
+            if died:
+                raise died from None
+            raise
         except RuntimeError as e:
             died = e.__cause__ if isinstance(e.__cause__, WorkerDied) else worker_died(
                 str(e), [w.exitcode for w in getattr(it, "_workers", ())])
@@ -169,7 +203,7 @@ def _reported(loader):
         except DataError as e:        # raised in a worker: keep the message, not its traceback
             raise DataError(str(e).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
         finally:
-            _fetching = False
+            _fetching = ()
         yield batch
 
 
