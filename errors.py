@@ -51,6 +51,12 @@ class TrainingError(ReportedError, RuntimeError):
     exit_code = FAILED_EXIT_CODE
 
 
+class RunFailed(ReportedError, RuntimeError):
+    """The work ran and most of it failed (a decoder that cannot decode, say): one line naming
+    the commonest cause; what was done is kept for a rerun to continue."""
+    exit_code = FAILED_EXIT_CODE
+
+
 class WriteFailed(ReportedError, OSError):
     """The output could not be written (a full disk, a quota): one line naming the file."""
     exit_code = FAILED_EXIT_CODE

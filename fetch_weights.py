@@ -12,9 +12,8 @@ import argparse
 import os
 import sys
 
-import torch
-
 from errors import run_main
+from options import about
 
 
 def lpips_weights():
@@ -23,6 +22,7 @@ def lpips_weights():
 
 
 def fetch(name, url, folder):
+    import torch
     path = os.path.join(folder, os.path.basename(url))
     if os.path.isfile(path):
         print(f"{name}: already present at {path}")
@@ -37,11 +37,12 @@ def fetch(name, url, folder):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=about(__doc__))
     parser.add_argument("--lpips", choices=["alex", "vgg", "all", "none"], default="all",
                         help="LPIPS backbones to fetch (default: all)")
     parser.add_argument("--fid", action="store_true", help="also fetch the FID Inception weights")
     args = parser.parse_args()
+    import torch                         # after the command line is known to be good
     folder = os.path.join(torch.hub.get_dir(), "checkpoints")
     nets = {"all": ["alex", "vgg"], "none": []}.get(args.lpips, [args.lpips])
     for net in nets:

@@ -1,4 +1,5 @@
-"""Writing files so that a kill at any moment leaves the old file or the complete new one.
+"""Writing files so that a kill at any moment leaves the old file or the complete new one, and
+reading a user's file so that it cannot hang or flood memory.
 
 Part of the bottom layer: standard library only. Every writer of a file that a later run
 reads (checkpoints, index caches, shards, arrays, configs, reports) goes through here.
@@ -7,7 +8,10 @@ import contextlib
 import os
 import re
 import shutil
+import stat
 import time
+
+MAX_FILE_BYTES = 64 * 2 ** 20     # a frame file larger than this is treated as unreadable
 
 
 @contextlib.contextmanager
@@ -112,3 +116,23 @@ def link_atomic(src, dst):
         copy_atomic(src, dst)
         return
     os.replace(tmp, dst)
+
+
+def read_file(path, limit=MAX_FILE_BYTES):
+    """The bytes of a regular file of at most `limit` bytes. Anything else (a FIFO, which would
+    block forever; a device such as /dev/zero behind a symlink, which never ends; a huge file)
+    raises ValueError, which the datasets treat like any unreadable frame."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # a FIFO must not block the open
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size > limit:
+            raise ValueError(f"{info.st_size} bytes, more than the {limit} a frame may have")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise ValueError(f"more than the {limit} bytes a frame may have")
+    return data

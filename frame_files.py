@@ -3,8 +3,6 @@ decoder (libjpeg-turbo through torchvision or torchcodec, PIL otherwise), a JPEG
 header before decoding, and the crop / stretch resize to the model's square.
 """
 import io
-import os
-import stat
 import warnings
 
 import numpy as np
@@ -12,30 +10,44 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-MAX_FILE_BYTES = 64 * 2 ** 20     # a frame file larger than this is treated as unreadable
+from files import MAX_FILE_BYTES, read_file  # noqa: F401  (the frame readers' import)
+
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 def _pick_jpeg_decoder():
-    """(name, bytes tensor -> uint8 RGB CHW) of the JPEG decoder frames go through.
+    """(name, bytes tensor -> uint8 RGB CHW) of the JPEG decoder frames go through: the first
+    that decodes a small JPEG made here (that a decoder imports says nothing: torchcodec loads
+    FFmpeg's libraries only when it decodes).
 
     torchvision's and torchcodec's decode_jpeg give the same pixels at the same speed
     (libjpeg-turbo; BENCHMARKS.md), PIL's takes twice as long. torchvision's is a dependency
     already and comes first; torchvision 0.29 deprecates it in favour of torchcodec's, which
     takes over when a torchvision without it is installed; PIL is the announced last resort
     (describe_jpeg_decoder)."""
-    with warnings.catch_warnings():     # torchvision >= 0.29 marks its decoders as deprecated
-        warnings.simplefilter("ignore", DeprecationWarning)
-        try:
+    def torchvision_decoder():
+        with warnings.catch_warnings():     # torchvision >= 0.29 marks its decoders deprecated
+            warnings.simplefilter("ignore", DeprecationWarning)
             from torchvision.io import ImageReadMode, decode_jpeg
-            return "torchvision", lambda t: decode_jpeg(t, mode=ImageReadMode.RGB)
-        except ImportError:
-            pass
-    try:                        # a torchcodec that cannot load its libraries raises on import
-        from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
-        return "torchcodec", torchcodec_decode_jpeg
-    except (ImportError, RuntimeError, OSError):
-        return "pil", None
+        return lambda t: decode_jpeg(t, mode=ImageReadMode.RGB)
+
+    def torchcodec_decoder():
+        from torchcodec.decoders import decode_jpeg
+        return decode_jpeg
+
+    out = io.BytesIO()
+    Image.new("RGB", (8, 8), (200, 40, 90)).save(out, "JPEG")
+    probe = torch.frombuffer(bytearray(out.getvalue()), dtype=torch.uint8)
+    for name, make in (("torchvision", torchvision_decoder), ("torchcodec", torchcodec_decoder)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                decode = make()
+                if tuple(decode(probe).shape) == (3, 8, 8):
+                    return name, decode
+        except Exception:          # not installed, or its libraries do not load: the next one
+            continue
+    return "pil", None
 
 
 JPEG_DECODER, _jpeg_decode = _pick_jpeg_decoder()
@@ -47,26 +59,6 @@ def describe_jpeg_decoder():
         return ("JPEG frames are decoded by PIL, about half the speed of libjpeg-turbo: this "
                 "torchvision has no decode_jpeg; pip install torchcodec for the fast decoder")
     return f"JPEG frames are decoded by {JPEG_DECODER}'s decode_jpeg (libjpeg-turbo)"
-
-
-def read_file(path, limit=MAX_FILE_BYTES):
-    """The bytes of a regular file of at most `limit` bytes. Anything else (a FIFO, which would
-    block forever; a device such as /dev/zero behind a symlink, which never ends; a huge file)
-    raises ValueError, which the datasets treat like any unreadable frame."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # a FIFO must not block the open
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > limit:
-            raise ValueError(f"{info.st_size} bytes, more than the {limit} a frame may have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
-        os.close(fd)
-    if len(data) > limit:
-        raise ValueError(f"more than the {limit} bytes a frame may have")
-    return data
 
 
 def is_complete_jpeg(data):

@@ -17,8 +17,7 @@ import zlib
 import numpy as np
 
 from errors import DataError
-from files import atomic_write, remove_orphaned_temps
-from frame_files import read_file
+from files import atomic_write, read_file, remove_orphaned_temps
 from parallel import progress
 
 log = logging.getLogger("vae")

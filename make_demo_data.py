@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw
 
 from errors import run_main
 from files import atomic_write
+from options import about
 
 HEIGHT = 240
 WEBM_VIDEOS = "20bn-something-something-v2"          # the folder SthV2's download unpacks to
@@ -170,7 +171,7 @@ def make_demo_data(out, videos=384, frames=8, seed=0, val_fraction=0.25, width=N
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=about(__doc__))
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--videos", type=int, default=384)
     parser.add_argument("--frames", type=int, default=8, help="frames per video")

@@ -88,3 +88,9 @@ def lpips_label(args):
     """How LPIPS was computed, for metrics.json."""
     return args.lpips_net + (" (random backbone: LPIPS values meaningless)"
                              if args.lpips_random_backbone and args.lpips_net != "none" else "")
+
+
+def about(doc):
+    """A script's --help description: its docstring's first paragraph as one line (the first
+    line alone can stop mid-sentence)."""
+    return " ".join(doc.strip().split("\n\n")[0].split())

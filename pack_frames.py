@@ -35,9 +35,9 @@ from PIL import Image
 
 from errors import DataError, WriteFailed, run_main
 from files import atomic_write, copy_atomic, remove_orphaned_temps
-from frame_files import DECODE_ERRORS, decode_rgb, resize_frame
 from frame_index import PACKED_INDEX, load_index
 from labels import LABEL_FILES
+from options import about
 from parallel import ordered_map, process_pool, progress
 
 CHUNK = 256                                   # frames per task of a packing worker
@@ -46,6 +46,7 @@ WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)   # no roo
 
 def prepare(data, image_size, resize, quality):
     """The frame as training reads it, re-encoded as a JPEG; b"" when it cannot be decoded."""
+    from frame_files import DECODE_ERRORS, decode_rgb, resize_frame    # torch: not for --help
     try:
         img = resize_frame(decode_rgb(data), image_size, resize)
     except DECODE_ERRORS:
@@ -166,7 +167,7 @@ def write_packed(index, out, shard_size, index_cache_dir, image_size, resize, qu
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=about(__doc__))
     parser.add_argument("--data-path", required=True, help="frames tree (<video_id>/img_*.jpg)")
     parser.add_argument("--out", required=True, help="folder for the shards and the index")
     parser.add_argument("--shard-size-gb", type=float, default=2.0)

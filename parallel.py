@@ -4,6 +4,9 @@ bars that log lines go above. Standard library and tqdm only.
 import collections
 import contextlib
 import logging
+import os
+import signal
+import sys
 from concurrent.futures import ProcessPoolExecutor
 
 from tqdm import tqdm
@@ -24,17 +27,32 @@ def logged_progress():
 
 
 @contextlib.contextmanager
-def process_pool(workers):
+def process_pool(workers, close_fds=()):
     """A pool of `workers` processes, or None (work in this process) for one. Leaving the block
-    cancels what has not started (an error, or Ctrl-C, does not wait for the queue)."""
+    cancels what has not started (an error, or Ctrl-C, does not wait for the queue). The
+    workers end with this process, kill -9 included (Linux), and close `close_fds` (a lock
+    this process holds must not outlive it in an orphaned worker)."""
     if workers <= 1:
         yield None
         return
-    pool = ProcessPoolExecutor(workers)
+    pool = ProcessPoolExecutor(workers, initializer=_worker_start,
+                               initargs=(os.getpid(), tuple(close_fds)))
     try:
         yield pool
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def _worker_start(parent, close_fds):
+    for fd in close_fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    if sys.platform.startswith("linux"):
+        import ctypes
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:         # the parent died before the line above took effect
+        os._exit(1)
 
 
 def ordered_map(pool, fn, arg_tuples, ahead):

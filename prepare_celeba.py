@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from errors import ReportedError, run_main
 from files import atomic_write, remove_orphaned_temps
+from options import about
 from parallel import progress
 
 SPLITS = {"train": {0}, "valid": {1}, "test": {2}, "valid+test": {1, 2}}
@@ -222,7 +223,7 @@ def download(url, dest):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=about(__doc__))
     parser.add_argument("--src", required=True, help="img_align_celeba folder or zip")
     parser.add_argument("-o", "--out", required=True)
     parser.add_argument("--partition", help="list_eval_partition.txt (default: next to --src)")

@@ -11,22 +11,26 @@ files, the packed shards pack_frames.py writes (OUT/shard_*.bin + OUT/packed_ind
 frames as --frames would store them, or with --image-size training-ready (resized as training
 does). Either way the label JSONs are copied into OUT, so data_params.data_path: OUT trains.
 
-Videos are decoded by FFmpeg's own decoders through torchcodec where it loads (it needs FFmpeg
-installed; about twice as fast) or PyAV (pinned; FFmpeg bundled in its wheel), which give the
-same pixels, one video per worker task, at most a few videos per worker in memory. A killed run (kill -9 included)
-resumes where it stopped when run again with the same arguments and ends with the same output
-as an uninterrupted run: a video folder appears whole (renamed from a temporary folder), a shard
-whole (with a record of its videos). A video that cannot be decoded (truncated, not a video, no
-frames) is left out and named, with the reason, in OUT/unreadable_videos.txt and the summary.
+Videos are decoded by FFmpeg's own decoders, through torchcodec or PyAV (the same pixels), one
+video per worker task, at most a few videos per worker in memory; the decoder is the first that
+decodes a test clip (video_decoding.py). A killed run (kill -9 included, of the main process
+alone too: the workers end with it) resumes where it stopped when run again with the same
+arguments and ends with the same output as an uninterrupted run: a video folder appears whole
+(renamed from a temporary folder), a shard whole (with a record of its videos). A video that
+cannot be decoded (truncated, not a video, no frames, not a regular file) is left out and named,
+with the reason, in OUT/unreadable_videos.txt; when more than --max-unreadable of them fail, the
+run fails and is not marked finished. A finished OUT holds prepare_sthv2.json (its settings and
+decoder): the same command again is "already complete", other settings are refused.
 """
 import argparse
+import collections
 import fcntl
 import functools
 import io
 import json
 import os
-import re
 import shutil
+import socket
 import sys
 import time
 import zlib
@@ -34,122 +38,51 @@ import zlib
 import numpy as np
 from PIL import Image
 
-from errors import DataError, run_main
+from errors import DataError, RunFailed, run_main
 from files import atomic_dir, atomic_write, copy_atomic, remove_stale_temps
 from frame_index import FrameIndex, PACKED_INDEX, natural_key
 from labels import LABEL_FILES
+from options import about
 from parallel import ordered_map, process_pool, progress
+from video_decoding import VideoError, choose_decoder, decode_video
 
 STATE = ".prepare_sthv2"                 # resume records; the index skips dot-folders
+RECORD = "prepare_sthv2.json"            # written last: the output is finished
 FRAME_PATTERN = ("img_", 5, ".jpg")
 UNREADABLE = "unreadable_videos.txt"
 VIDEO_EXTENSIONS = (".webm", ".mp4")
-
-
-class VideoError(Exception):
-    """A video that cannot be decoded (the message says why)."""
-
-
-def require_av():
-    try:
-        import av
-    except ImportError:
-        raise DataError("decoding .webm videos needs PyAV: pip install av==18.1.0") from None
-    return av
-
-
-def torchcodec_decoder():
-    """torchcodec's VideoDecoder where it loads (it needs FFmpeg's shared libraries on the
-    machine), else None."""
-    try:
-        from torchcodec.decoders import VideoDecoder
-        return VideoDecoder
-    except (ImportError, RuntimeError, OSError):
-        return None
-
-
-def pick_decoder(name="auto"):
-    """"torchcodec" or "pyav": both run FFmpeg's decoders and give the same pixels (tested);
-    torchcodec converts to RGB about twice as fast (BENCHMARKS.md) but needs FFmpeg installed,
-    PyAV bundles it. auto: torchcodec where it loads."""
-    if name in ("auto", "torchcodec") and torchcodec_decoder() is not None:
-        return "torchcodec"
-    if name == "torchcodec":
-        raise DataError("--decoder torchcodec: torchcodec is not installed or cannot load "
-                        "FFmpeg's libraries (pip install torchcodec, and FFmpeg 4-7 on the "
-                        "machine); --decoder pyav needs neither")
-    require_av()
-    return "pyav"
+MAX_UNREADABLE = 0.05     # SthV2: a handful of broken clips in 220,847; a bad decoder fails all
 
 
 def list_videos(folder):
-    """{video id: path} of the .webm (and .mp4) files in `folder`, in natural id order."""
+    """{video id: path} of the .webm (and .mp4) entries in `folder`, in natural id order (entries
+    that are not regular files are kept: they are reported unreadable, never opened). Two
+    files for one id are an error naming both."""
     if not os.path.isdir(folder):
         raise DataError(f"--videos {folder} is not a folder")
+    found = {}
     with os.scandir(folder) as it:
-        found = {os.path.splitext(e.name)[0]: e.path for e in it
-                 if e.name.lower().endswith(VIDEO_EXTENSIONS) and not e.name.startswith(".")}
+        for e in it:
+            if not e.name.lower().endswith(VIDEO_EXTENSIONS) or e.name.startswith("."):
+                continue
+            vid = os.path.splitext(e.name)[0]
+            if vid in found:
+                first, second = sorted([found[vid], e.path])
+                raise DataError(f"two files for video {vid}: {first} and {second}; keep one")
+            found[vid] = e.path
     if not found:
         raise DataError(f"no .webm videos in {folder} (SthV2's download unpacks to "
                         f"20bn-something-something-v2/<id>.webm)")
     return {vid: found[vid] for vid in sorted(found, key=natural_key)}
 
 
-def pick_frames(count, native_fps, fps):
-    """Indices of the decoded frames to keep: all of them at the native rate, else frame k of
-    the output is the decoded frame nearest to time k / fps."""
-    if not fps or not native_fps or abs(native_fps - fps) < 1e-3:
-        return list(range(count))
-    n_out = max(1, int(np.floor(count * fps / native_fps + 1e-9)))
-    return [min(count - 1, int(round(k * native_fps / fps))) for k in range(n_out)]
-
-
-def decode_video(path, fps=None, decoder="pyav"):
-    """The video's frames as uint8 RGB arrays (H, W, 3), resampled to `fps` if given, decoded
-    by `decoder` (pick_decoder). Raises VideoError."""
-    frames, rate = (_torchcodec_frames if decoder == "torchcodec" else _pyav_frames)(path)
-    if not len(frames):
-        raise VideoError("no frames")
-    return [frames[i] for i in pick_frames(len(frames), rate, fps)]
-
-
-def _pyav_frames(path):
-    av = require_av()
-    frames = []
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise VideoError("no video stream")
-            stream = container.streams.video[0]
-            stream.thread_count = 1           # one process per core already
-            rate = stream.average_rate or stream.guessed_rate
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-    except VideoError:
-        raise
-    except (av.FFmpegError, OSError, ValueError, UnicodeDecodeError) as e:
-        message = str(e).splitlines()[0].replace(f": '{path}'", "") if str(e) else ""
-        reason = f"{type(e).__name__}: {message}"
-        if frames:
-            raise VideoError(f"truncated after {len(frames)} frames ({reason})") from None
-        if isinstance(e, av.error.EOFError):
-            raise VideoError("no frames") from None
-        raise VideoError(reason) from None
-    return frames, float(rate) if rate else None
-
-
-def _torchcodec_frames(path):
-    try:
-        decoder = torchcodec_decoder()(path, num_ffmpeg_threads=1, dimension_order="NHWC")
-        count = len(decoder)
-        frames = decoder.get_frames_in_range(0, count).data.numpy() if count else []
-    except (RuntimeError, ValueError, OSError) as e:   # its messages lead with source lines
-        message = re.sub(r"^\w+, \S+, ", "", (str(e).strip().splitlines() or [""])[-1])
-        message = message.replace(f" {path}", "").replace(path, "")
-        if message.strip().endswith("End of file"):
-            raise VideoError("no frames") from None
-        raise VideoError(f"{type(e).__name__}: {message.strip()[:300]}") from None
-    return frames, decoder.metadata.average_fps
+def check_names(videos):
+    """In the frames tree each video is a folder of OUT: none may take an output file's name."""
+    taken = set(LABEL_FILES.values()) | {UNREADABLE, RECORD}
+    clash = sorted(vid for vid in videos if vid in taken)
+    if clash:
+        raise DataError(f"video {videos[clash[0]]} would be written over the output file "
+                        f"{clash[0]} in --frames mode; rename or remove it")
 
 
 def encode_jpeg(rgb, quality, image_size=0, resize="crop"):
@@ -209,32 +142,75 @@ class Progress:
         self.bar.close()
 
 
-def prepare_frames(videos, out, fps, quality, workers, decoder):
+def prepare_frames(videos, out, fps, quality, pool, ahead, decoder):
     done = {vid for vid in videos if os.path.isdir(os.path.join(out, vid))}
     todo = [(vid, path) for vid, path in videos.items() if vid not in done]
     unreadable, bar = {}, Progress(len(videos), len(done))
     work = functools.partial(write_frames, out=out, fps=fps, quality=quality, decoder=decoder)
-    with process_pool(workers) as pool:
-        for vid, frames, reason in ordered_map(pool, work, todo, 4 * workers):
-            if reason:
-                unreadable[vid] = reason
-            bar.update(frames)
+    for vid, frames, reason in ordered_map(pool, work, todo, ahead):
+        if reason:
+            unreadable[vid] = reason
+        bar.update(frames)
     bar.close()
     return {"videos_done_before": len(done), "videos_written": len(todo) - len(unreadable),
             "frames_written": bar.frames}, unreadable, bar
 
 
-def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, resize,
+def prepare_shards(videos, out, fps, quality, pool, ahead, shard_size, image_size, resize,
                    decoder):
     """Shards of whole videos in id order; each finished shard is recorded in OUT/STATE, so a
-    rerun continues after the last recorded video. The index is written last."""
+    rerun continues after the last recorded video, and decodes again the videos recorded as
+    unreadable (a rerun with a working decoder gets them). The index is written last."""
+    shards = shard_records(out)
+    done = {vid for s in shards for vid in s["frames"]}
+    todo = [(vid, path) for vid, path in videos.items() if vid not in done]
+    bar = Progress(len(videos), len(done))
+    work = functools.partial(video_jpegs, fps=fps, quality=quality, image_size=image_size,
+                             resize=resize, decoder=decoder)
+    results = ordered_map(pool, work, todo, ahead)
+    pending, last_unreadable = next(results, None), {}
+    while pending is not None:                        # one shard of whole videos per round
+        record = {"name": f"shard_{len(shards):05d}.bin", "frames": {}, "crc32": {},
+                  "unreadable": {}}
+        with atomic_write(os.path.join(out, record["name"])) as f:
+            written = 0
+            while pending is not None and written < shard_size:
+                vid, jpegs, reason = pending
+                if reason:
+                    record["unreadable"][vid] = reason
+                else:
+                    for data in jpegs:
+                        f.write(data)
+                    record["frames"][vid] = [len(data) for data in jpegs]
+                    record["crc32"][vid] = [zlib.crc32(data) for data in jpegs]
+                    written += sum(record["frames"][vid])
+                bar.update(0 if reason else len(jpegs))
+                pending = next(results, None)
+        if not record["frames"]:          # the last videos, all unreadable: no shard, no record
+            os.remove(os.path.join(out, record["name"]))
+            last_unreadable = record["unreadable"]
+            continue
+        with atomic_write(os.path.join(out, STATE, record["name"] + ".json"), "w") as f:
+            json.dump(record, f)
+        shards.append(record)
+    bar.close()
+    write_packed_index(out, shards, videos, fps, image_size, resize, quality)
+    framed = {vid for s in shards for vid in s["frames"]}
+    unreadable = {vid: reason for s in shards for vid, reason in s["unreadable"].items()
+                  if vid not in framed}
+    unreadable.update(last_unreadable)
+    frames = sum(len(lengths) for s in shards for lengths in s["frames"].values())
+    return {"videos_done_before": len(done), "shards": len(shards), "frames": frames,
+            "frames_written": bar.frames}, unreadable, bar
+
+
+def shard_records(out):
+    """The records of the shards written so far, each checked against its shard."""
     state = os.path.join(out, STATE)
-    records = sorted(n for n in os.listdir(state) if n.startswith("shard_"))
     shards = []
-    for name in records:
+    for name in sorted(n for n in os.listdir(state) if n.startswith("shard_")):
         with open(os.path.join(state, name)) as f:
             shards.append(json.load(f))
-    done = {vid for s in shards for vid in list(s["frames"]) + list(s["unreadable"])}
     for k, s in enumerate(shards):                    # a record is written after its shard
         path = os.path.join(out, f"shard_{k:05d}.bin")
         size = os.path.getsize(path) if os.path.isfile(path) else None
@@ -242,39 +218,7 @@ def prepare_shards(videos, out, fps, quality, workers, shard_size, image_size, r
                 sum(lengths) for lengths in s["frames"].values()):
             raise DataError(f"{path} is missing or does not match its record in {state}; "
                             f"remove {out} and start again")
-    todo = [(vid, path) for vid, path in videos.items() if vid not in done]
-    bar = Progress(len(videos), len(done))
-    work = functools.partial(video_jpegs, fps=fps, quality=quality, image_size=image_size,
-                             resize=resize, decoder=decoder)
-    with process_pool(workers) as pool:
-        results = ordered_map(pool, work, todo, 4 * workers)
-        pending = next(results, None)
-        while pending is not None:                    # one shard of whole videos per round
-            record = {"name": f"shard_{len(shards):05d}.bin", "frames": {}, "crc32": {},
-                      "unreadable": {}}
-            with atomic_write(os.path.join(out, record["name"])) as f:
-                written = 0
-                while pending is not None and written < shard_size:
-                    vid, jpegs, reason = pending
-                    if reason:
-                        record["unreadable"][vid] = reason
-                    else:
-                        for data in jpegs:
-                            f.write(data)
-                        record["frames"][vid] = [len(data) for data in jpegs]
-                        record["crc32"][vid] = [zlib.crc32(data) for data in jpegs]
-                        written += sum(record["frames"][vid])
-                    bar.update(0 if reason else len(jpegs))
-                    pending = next(results, None)
-            with atomic_write(os.path.join(state, record["name"] + ".json"), "w") as f:
-                json.dump(record, f)
-            shards.append(record)
-    bar.close()
-    write_packed_index(out, shards, videos, fps, image_size, resize, quality)
-    unreadable = {vid: reason for s in shards for vid, reason in s["unreadable"].items()}
-    frames = sum(len(lengths) for s in shards for lengths in s["frames"].values())
-    return {"videos_done_before": len(done), "shards": len(shards), "frames": frames,
-            "frames_written": bar.frames}, unreadable, bar
+    return shards
 
 
 def write_packed_index(out, shards, videos, fps, image_size, resize, quality):
@@ -311,28 +255,55 @@ def write_packed_index(out, shards, videos, fps, image_size, resize, quality):
                **({"crc32": np.asarray(crc32, np.uint32)} if checked else {}))
 
 
-def check_settings(out, settings):
+def read_record(out):
+    """The finished output's record (its settings, decoder and counts), or None."""
+    try:
+        with open(os.path.join(out, RECORD)) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{os.path.join(out, RECORD)} cannot be read ({e}); it marks {out} "
+                        f"as finished: remove {out} and start again") from None
+
+
+def check_settings(out, before, settings):
     """One OUT, one set of settings: a rerun with others would mix two outputs."""
+    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+    if changed:
+        what = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in changed.items())
+        raise DataError(f"{out} was made with other settings ({what}): rerun with the same "
+                        f"ones, or use another --out")
+
+
+def keep_settings(out, settings):
+    """Settings of the run under way, in OUT/STATE, checked against a resumed run's."""
     path = os.path.join(out, STATE, "settings.json")
     if os.path.isfile(path):
         with open(path) as f:
-            before = json.load(f)
-        changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-        if changed:
-            what = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-            raise DataError(f"{out} was started with other settings ({what}): rerun with the "
-                            f"same ones to resume, or use another --out")
+            check_settings(out, json.load(f), settings)
     else:
         with atomic_write(path, "w") as f:
             json.dump(settings, f)
 
 
 def lock(out):
-    handle = open(os.path.join(out, STATE, "lock"), "w")
+    """Hold OUT for this run. The lock is the kernel's (flock): it goes with the process that
+    holds it, kill -9 included, and the workers let go of it (parallel.process_pool)."""
+    path = os.path.join(out, STATE, "lock")
+    handle = open(path, "a+")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        raise DataError(f"another prepare_sthv2.py is writing {out}") from None
+        handle.seek(0)
+        holder = handle.read().strip() or "unknown"
+        handle.close()
+        raise DataError(f"another prepare_sthv2.py is writing {out} (it holds {path}: "
+                        f"{holder})") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    handle.flush()
     return handle
 
 
@@ -348,45 +319,80 @@ def copy_labels(labels, out):
         copy_atomic(os.path.join(labels, name), os.path.join(out, name))
 
 
+def check_unreadable(out, unreadable, total, bound, decoder):
+    """Fail the run, leaving it unfinished for a rerun to continue, when more than `bound` of
+    the videos could not be decoded: a decoder that cannot decode these, not a few bad clips."""
+    if len(unreadable) > bound * total:
+        reason, count = collections.Counter(unreadable.values()).most_common(1)[0]
+        raise RunFailed(f"{len(unreadable)} of {total} videos could not be decoded by {decoder}, "
+                        f"more than --max-unreadable {bound:g} of them (the commonest reason, "
+                        f"{count} videos: {reason}); {out} is not marked finished: see "
+                        f"{os.path.join(out, UNREADABLE)}, mend the cause and run the same "
+                        f"command again to continue")
+
+
 def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, image_size=0,
-            resize="crop", shard_size=2 ** 31, decoder="auto"):
+            resize="crop", shard_size=2 ** 31, decoder="auto", max_unreadable=MAX_UNREADABLE):
     """Decode every video of videos_dir into OUT (mode "frames" or "shards"); returns the
-    summary. Resumes a killed run into the same OUT."""
-    decoder = pick_decoder(decoder)
+    summary. Resumes a killed run into the same OUT; a finished OUT with the same settings is
+    left as it is."""
     videos = list_videos(videos_dir)
     check_labels(labels)
+    if mode == "frames":
+        check_names(videos)
     quality = quality or (90 if image_size else 95)
+    settings = {"mode": mode, "videos": os.path.abspath(videos_dir), "fps": fps,
+                "quality": quality}                   # what the output depends on
+    if mode == "shards":
+        settings.update(image_size=image_size, resize=resize, shard_size=shard_size)
+    finished = read_record(out)
+    if finished is not None:
+        check_settings(out, finished["settings"], settings)
+        print(f"{out} is already complete (prepared with these settings); nothing to do",
+              file=sys.stderr)
+        return {**finished, "unreadable_file": os.path.join(out, UNREADABLE),
+                "already_complete": True}
     if os.path.isfile(os.path.join(out, PACKED_INDEX)) and \
             not os.path.isdir(os.path.join(out, STATE)):
         raise DataError(f"{out} already holds a finished packed index; use another --out")
     os.makedirs(os.path.join(out, STATE), exist_ok=True)
-    held = lock(out)
-    remove_stale_temps(out)                           # a killed run's half-written output
-    check_settings(out, {"mode": mode, "videos": os.path.abspath(videos_dir), "fps": fps,
-                         "quality": quality, "image_size": image_size, "resize": resize,
-                         "shard_size": shard_size})
-    if mode == "frames":
-        summary, unreadable, bar = prepare_frames(videos, out, fps, quality, workers, decoder)
-    else:
-        summary, unreadable, bar = prepare_shards(videos, out, fps, quality, workers,
-                                                  shard_size, image_size, resize, decoder)
-    copy_labels(labels, out)
-    with atomic_write(os.path.join(out, UNREADABLE), "w") as f:
-        f.writelines(f"{vid}\t{unreadable[vid]}\n" for vid in sorted(unreadable, key=natural_key))
-    held.close()
-    shutil.rmtree(os.path.join(out, STATE))           # finished: nothing left to resume
+    with lock(out) as held:                           # released however this ends
+        remove_stale_temps(out)                       # a killed run's half-written output
+        keep_settings(out, settings)
+        if mode == "shards":
+            shard_records(out)                        # checked before anything is decoded
+        decoder, passed_over = choose_decoder(decoder, list(videos.values()))
+        print(f"decoding with {decoder}" + "".join(f"; {name} passed over: {why}"
+                                                  for name, why in passed_over.items()),
+              file=sys.stderr)
+        with process_pool(workers, close_fds=[held.fileno()]) as pool:
+            if mode == "frames":
+                summary, unreadable, bar = prepare_frames(videos, out, fps, quality, pool,
+                                                          4 * workers, decoder)
+            else:
+                summary, unreadable, bar = prepare_shards(
+                    videos, out, fps, quality, pool, 4 * workers, shard_size, image_size,
+                    resize, decoder)
+        copy_labels(labels, out)
+        with atomic_write(os.path.join(out, UNREADABLE), "w") as f:
+            f.writelines(f"{vid}\t{unreadable[vid]}\n"
+                         for vid in sorted(unreadable, key=natural_key))
+        check_unreadable(out, unreadable, len(videos), max_unreadable, decoder)
+        record = {"settings": settings, "decoder": decoder, "passed_over": passed_over,
+                  "videos": len(videos), "unreadable": len(unreadable)}
+        with atomic_write(os.path.join(out, RECORD), "w") as f:
+            json.dump(record, f, indent=1)
+        shutil.rmtree(os.path.join(out, STATE))       # finished: nothing left to resume
     seconds = bar.elapsed()
-    return {"mode": mode, "videos": len(videos), "unreadable": len(unreadable),
-            "unreadable_file": os.path.join(out, UNREADABLE), **summary,
+    return {**record, "unreadable_file": os.path.join(out, UNREADABLE), "mode": mode, **summary,
             "seconds": round(seconds, 1), "videos_per_sec": round(bar.videos / seconds, 2),
             "frames_per_sec": round(bar.frames / seconds, 1), "workers": workers,
-            "decoder": decoder,
             "fps": fps, "quality": quality,
             **({"image_size": image_size, "resize": resize} if image_size else {})}
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=about(__doc__))
     parser.add_argument("--videos", required=True, help="folder of SthV2's <id>.webm files")
     parser.add_argument("--labels", required=True,
                         help="folder with something-something-v2-{train,validation}.json")
@@ -408,22 +414,32 @@ def main():
                         help="JPEG quality (default 95; 90 for training-ready shards)")
     parser.add_argument("--shard-size-gb", type=float, default=2.0)
     parser.add_argument("--decoder", choices=["auto", "pyav", "torchcodec"], default="auto",
-                        help="auto: torchcodec where it loads (needs FFmpeg installed; about "
-                             "twice as fast), else PyAV; both give the same frames")
+                        help="auto: the first of torchcodec (needs FFmpeg's libraries; about "
+                             "twice as fast) and PyAV that decodes a test clip; both give the "
+                             "same frames")
+    parser.add_argument("--max-unreadable", type=float, default=MAX_UNREADABLE,
+                        help="fail (exit 1, nothing marked finished) when more than this share "
+                             f"of the videos cannot be decoded (default {MAX_UNREADABLE})")
     parser.add_argument("-j", "--workers", type=int, default=os.cpu_count(),
                         help="decoding processes")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.fps <= 0 or args.workers < 1 or args.image_size < 0 or args.shard_size_gb <= 0 \
-            or (args.quality is not None and not 1 <= args.quality <= 100):
+            or (args.quality is not None and not 1 <= args.quality <= 100) \
+            or not 0 <= args.max_unreadable <= 1:
         parser.error("--fps, -j and --shard-size-gb must be positive, --image-size >= 0, "
-                     "--quality in 1..100")
+                     "--quality in 1..100, --max-unreadable in 0..1")
     if args.image_size and args.mode != "shards":
         parser.error("--image-size applies to --shards (training-ready); the frames tree keeps "
                      "the frames at their size")
+    return args
+
+
+def main():
+    args = parse_args()
     summary = prepare(args.videos, args.labels, args.out, args.mode, args.fps, args.quality,
                       args.workers, args.image_size, args.resize,
-                      int(args.shard_size_gb * 2 ** 30), args.decoder)
-    if summary["unreadable"]:
+                      int(args.shard_size_gb * 2 ** 30), args.decoder, args.max_unreadable)
+    if summary["unreadable"] and not summary.get("already_complete"):
         print(f"{summary['unreadable']} videos could not be decoded and were left out; "
               f"see {summary['unreadable_file']}", file=sys.stderr)
     print(json.dumps(summary))

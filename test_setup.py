@@ -13,6 +13,8 @@ import platform
 import sys
 import tempfile
 
+from options import about
+
 PACKAGES = [("torch", "torch"), ("torchvision", "torchvision"), ("yaml", "pyyaml"),
             ("tensorboard", "tensorboard"), ("PIL", "pillow"), ("numpy", "numpy"),
             ("tqdm", "tqdm"), ("lpips", "lpips"), ("piq", "piq")]
@@ -62,11 +64,26 @@ def check_packages(report):
         from frame_files import JPEG_DECODER, describe_jpeg_decoder
         report.add("!" if JPEG_DECODER == "pil" else "✓", "JPEG decoder", JPEG_DECODER,
                    describe_jpeg_decoder() if JPEG_DECODER == "pil" else "")
+        check_video_decoders(report)
     return ok
 
 
+def check_video_decoders(report):
+    """Each video decoder of prepare_sthv2.py, usable only if it decoded a clip made here."""
+    from video_decoding import CANDIDATES, INSTALL, decoder_status
+    status = decoder_status()
+    for name in CANDIDATES:
+        why = status[name]
+        report.add("✓" if why is None else "!", f"video decoder {name}",
+                   "decodes a test clip" if why is None else f"not usable: {why}",
+                   "" if why is None else INSTALL[name])
+    if all(status.values()):
+        report.add("!", "video decoding", "no decoder works: prepare_sthv2.py cannot run",
+                   INSTALL["pyav"])
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=about(__doc__))
     parser.add_argument("--config", default="config_vae_sthv2.yaml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     parser.add_argument("--device", choices=["cpu", "cuda"])

@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -315,6 +316,13 @@ def test_the_jpeg_decoder_is_chosen_in_order_and_a_pil_fallback_is_announced(
     assert frame_files.JPEG_DECODER == "torchvision"          # what requirements.txt installs
     monkeypatch.setitem(sys.modules, "torchvision.io", None)     # a torchvision without it
     monkeypatch.setitem(sys.modules, "torchcodec.decoders", None)
+    assert frame_files._pick_jpeg_decoder() == ("pil", None)
+    unloadable = types.ModuleType("torchcodec.decoders")     # imports, cannot load FFmpeg
+
+    def decode_jpeg(data):
+        raise RuntimeError("Could not load libtorchcodec. Likely causes: ...")
+    unloadable.decode_jpeg = decode_jpeg
+    monkeypatch.setitem(sys.modules, "torchcodec.decoders", unloadable)
     assert frame_files._pick_jpeg_decoder() == ("pil", None)
     frame = os.path.join(demo_data, sorted(os.listdir(demo_data))[0], "img_00001.jpg")
     data = open(frame, "rb").read()

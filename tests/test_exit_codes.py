@@ -2,6 +2,7 @@
 exits 2 with one `error:` line on stderr and writes nothing. Run in-process, as `python SCRIPT`."""
 import os
 import runpy
+import subprocess
 import sys
 
 import pytest
@@ -48,3 +49,30 @@ def test_bad_input_exits_2_with_one_error_line(script, tmp_path, monkeypatch, ca
         assert MISSING in printed.err + printed.out, err
     assert "Traceback" not in printed.err
     assert not (tmp_path / "out").exists()                    # nothing written
+
+
+SCRIPTS = ["train_single_gpu.py", "train_ddp.py", "test_setup.py", "evaluate.py",
+           "compare_with_laq.py", "report.py", "prepare_sthv2.py", "pack_frames.py",
+           "prepare_celeba.py", "bench.py", "make_demo_data.py", "fetch_weights.py",
+           "make_docs.py"]
+
+
+def test_every_script_answers_help_before_torch_is_imported_in_whole_sentences(tmp_path):
+    """--help is parsed before torch is imported (a torch that cannot be imported stands in for
+    the 30 s it takes under load), and its description ends a sentence."""
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported before --help')\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    script_files = sorted(n for n in os.listdir(ROOT) if n.endswith(".py")
+                          and "__main__\"" in open(os.path.join(ROOT, n)).read())
+    assert sorted(SCRIPTS) == script_files, "a new script: add it here"
+    for script in SCRIPTS:
+        result = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"{script}: {result.stderr[-2000:]}"
+        description = " ".join(result.stdout.split("\n\n")[1].split())
+        assert description.endswith("."), f"{script}: {description!r}"
+    docs = subprocess.run([sys.executable, "make_docs.py", "--check"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert docs.returncode == 0 and "up to date" in docs.stdout, docs.stderr

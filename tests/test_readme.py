@@ -104,7 +104,7 @@ def test_the_configuration_reference_is_generated_from_the_code():
     """docs/configuration.md is what make_docs.py writes now: every key of every section and
     family, with its default, and the docstring written under it in config.py."""
     import make_docs
-    assert DOCS["configuration.md"] == make_docs.reference(), "run python make_docs.py"
+    assert DOCS["configuration.md"] == make_docs.reference(), "run python make_docs.py --write"
     for name, cls in SECTIONS.items():
         for f in dataclasses.fields(cls):
             assert f"| `{f.name}` |" in DOCS["configuration.md"], f"{name}.{f.name}"
