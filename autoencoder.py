@@ -76,6 +76,13 @@ class Autoencoder(nn.Module):
         this step (None: always). Decided on the device; the engine does the rest."""
         return {"model": (losses["loss"], None)}
 
+    def state_updates(self, averaged: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """{buffer name: its new value} after a training step, from that step's losses
+        averaged over ranks (detached). The engine applies them after the optimizer step, and
+        not on a skipped (non-finite) one; evaluation never calls this, so scoring a model
+        changes no state (the Lagrange multiplier of a rate constraint, say)."""
+        return {}
+
     def before_step(self, step: int) -> None:
         """Called before optimizer step `step` (0-based), on every rank alike (latent action
         models refill unused codes here)."""

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoencoder import Autoencoder
-from collectives import all_reduce, all_reduce_mean
+from collectives import all_reduce
 
 CODE_GRIDS = {1: (1, 1), 2: (2, 1), 4: (2, 2), 16: (4, 4), 64: (8, 8), 256: (16, 16)}
 # LAQ's own conv stacks (kernel, stride, padding) for the patch grids it was written for
@@ -373,14 +373,18 @@ class LatentActionModel(Autoencoder):
         rate = kl.mean()
         if self.rate_control == "capacity":
             penalty = self.rate_weight * (rate - self.target_rate_bits).abs()
-        else:
+        else:               # the multiplier moves after the step (state_updates), never here
             penalty = self.rate_multiplier * (rate - self.target_rate_bits)
-            with torch.no_grad():              # dual ascent on the rank-averaged rate
-                gap = all_reduce_mean(rate.detach().clone()) - self.target_rate_bits
-                self.rate_multiplier += self.rate_weight * gap
         return {"loss": recon_loss + penalty, "recon_loss": recon_loss,
                 "kld": rate * math.log(2), "rate_bits": rate,
                 "rate_multiplier": self.rate_multiplier.clone()}
+
+    def state_updates(self, averaged):
+        """Dual ascent of the rate constraint's multiplier on the rank-averaged rate."""
+        if self.bottleneck != "gaussian" or self.rate_control != "lagrange":
+            return {}
+        gap = averaged["rate_bits"] - self.target_rate_bits
+        return {"rate_multiplier": self.rate_multiplier + self.rate_weight * gap}
 
     def before_step(self, step):
         """Called by the trainer before optimizer step `step` (0-based): refill unused codes

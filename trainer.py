@@ -209,6 +209,7 @@ class Trainer:
         with torch.no_grad():                     # on the device: no host sync
             for t, old in zip(self.forward_state, before):
                 t.copy_(torch.where(finite, t, old))
+            self._apply_state_updates(losses, finite)
         with warnings.catch_warnings():
             # a skipped update (non-finite, or a VAE-GAN rule) still advances the schedule,
             # so the learning rate stays a function of the step; torch warns about that
@@ -216,6 +217,15 @@ class Trainer:
             for scheduler in self.schedulers.values():
                 scheduler.step()
         return losses, grad_norm, finite
+
+    def _apply_state_updates(self, losses, finite):
+        """The state the family declares it updates after a step (state_updates), from the
+        rank-averaged losses in one collective, on every rank alike; kept on a skipped step."""
+        names = sorted(losses)
+        averaged = all_reduce_mean_([losses[k].detach().float().reshape(()) for k in names])
+        for name, value in self.bare.state_updates(dict(zip(names, averaged))).items():
+            buffer = self.bare.get_buffer(name)
+            buffer.copy_(torch.where(finite, value.to(buffer.dtype), buffer))
 
     def _gradients(self, updates):
         """Each group's gradient of its own objective in .grad, averaged over ranks. One

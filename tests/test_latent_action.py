@@ -140,18 +140,32 @@ def test_gaussian_rate_is_the_kl_in_bits_held_by_the_capacity_term():
         ((out[0] - (pair[:, 1] + 1) / 2) ** 2).mean().item(), rel=1e-6)   # LAQ's [0, 1] MSE
 
 
-def test_lagrange_multiplier_rises_while_the_rate_is_above_target():
-    model = small(bottleneck="gaussian", rate_control="lagrange", target_rate_bits=0.5,
-                  rate_weight=0.1).train()
-    pair = torch.rand(4, 2, 3, 32, 32) * 2 - 1
+def test_lagrange_multiplier_moves_after_each_training_step_and_never_in_evaluation(
+        demo_data, tmp_path):
+    """Dual ascent: after each step the multiplier grows by rate_weight x (the step's rate -
+    target); the step backpropagates through the penalty (an in-place update of the
+    multiplier inside loss_function broke backward), and scoring changes nothing."""
+    from trainer import Trainer
+    cfg = lam_config(demo_data, str(tmp_path), "gaussian")
+    cfg["model_params"].update(rate_control="lagrange", target_rate_bits=0.5, rate_weight=0.1)
+    trainer = Trainer(config_from_dict(cfg), Runtime(), steps_per_epoch=10)
+    model = trainer.bare
     with torch.no_grad():
         model.to_logvar.bias.fill_(-4.0)           # a narrow posterior: many bits
-    rates = []
+    pairs = torch.randint(0, 256, (4, 2, 3, 32, 32), dtype=torch.uint8)
+    expected = 0.0
     for _ in range(3):
-        rates.append(model.loss_function(pair, model(pair, torch.randn(4, 16)))["rate_bits"])
-    assert model.rate_multiplier.item() == pytest.approx(
-        0.1 * sum(r.item() - 0.5 for r in rates), rel=1e-5)
+        losses, _, finite = trainer.step(pairs)
+        assert bool(finite)
+        expected += 0.1 * (losses["rate_bits"].item() - 0.5)
+        assert model.rate_multiplier.item() == pytest.approx(expected, rel=1e-5)
     assert model.rate_multiplier.item() > 0
+    before = model.rate_multiplier.clone()
+    x = pairs.float() / 127.5 - 1
+    model.loss_function(x, model(x, torch.randn(4, model.noise_dim)))   # as validation does
+    model.eval()
+    model.evaluate_batch(x)
+    assert torch.equal(model.rate_multiplier, before)
 
 
 def test_config_needs_pairs_for_latent_action_models_and_checks_values(demo_data, tmp_path):
@@ -194,24 +208,25 @@ def final(tmp_path, name):
 
 @pytest.mark.parametrize("bottleneck", ["nsvq", "gaussian"])
 def test_two_processes_train_exactly_like_one(demo_data, tmp_path, bottleneck):
-    """12 steps over a code refill (step 10): 2 ranks x 8 pairs == 1 process x 16 pairs."""
+    """12 steps over a code refill (step 10): 2 ranks x 8 pairs == 1 process x 16 pairs. The
+    Gaussian holds its rate by a Lagrange multiplier (the state a family updates after the
+    step): validation runs between steps and must not move it."""
     def config(name):
-        return write_config(tmp_path / f"{name}.yaml", lam_config(
-            demo_data, str(tmp_path / "logs"), bottleneck, **{
-                "logging_params.name": name, "data_params.train_batch_size": 16,
-                "data_params.val_batch_size": 6, "trainer_params.max_steps": 12,
-                "trainer_params.check_val_every_n_epoch": 3, "exp_params.hflip": True,
-                "logging_params.save_every_n_steps": 6, "trainer_params.max_epochs": 10}))
+        cfg = lam_config(demo_data, str(tmp_path / "logs"), bottleneck, **{
+            "logging_params.name": name, "data_params.train_batch_size": 16,
+            "data_params.val_batch_size": 6, "trainer_params.max_steps": 12,
+            "trainer_params.check_val_every_n_epoch": 3, "exp_params.hflip": True,
+            "logging_params.save_every_n_steps": 6, "trainer_params.max_epochs": 10})
+        if bottleneck == "gaussian":
+            cfg["model_params"].update(rate_control="lagrange", target_rate_bits=1.0)
+        return cfg
 
     ddp = run_script("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                     "train_ddp.py", "--config", config("ddp"), "--device", "cpu",
-                     env={"OMP_NUM_THREADS": "1"})
+                     "train_ddp.py", "--config", write_config(tmp_path / "ddp.yaml",
+                                                              config("ddp")),
+                     "--device", "cpu", env={"OMP_NUM_THREADS": "1"})
     assert ddp.returncode == 0, ddp.stderr[-4000:]
-    train(config_from_dict(lam_config(demo_data, str(tmp_path / "logs"), bottleneck, **{
-        "logging_params.name": "single", "data_params.train_batch_size": 16,
-        "data_params.val_batch_size": 6, "trainer_params.max_steps": 12,
-        "trainer_params.check_val_every_n_epoch": 3, "exp_params.hflip": True,
-        "logging_params.save_every_n_steps": 6, "trainer_params.max_epochs": 10})), Runtime())
+    train(config_from_dict(config("single")), Runtime())
     one, two = final(tmp_path, "single"), final(tmp_path, "ddp")
     assert one["step"] == two["step"] == 12
     assert two["world_size"] == 2 and one["model"].keys() == two["model"].keys()
@@ -224,6 +239,8 @@ def test_two_processes_train_exactly_like_one(demo_data, tmp_path, bottleneck):
             assert torch.equal(value, two["model"][key]), key
     if bottleneck == "nsvq":
         assert int(one["model"]["codes_refilled"]) > 0         # a refill happened, in both alike
+    else:
+        assert one["model"]["rate_multiplier"].abs() > 0       # it moved, in both alike
     events = EventAccumulator(str(tmp_path / "logs" / "single"),
                               size_guidance={"images": 0, "scalars": 0})
     events.Reload()

@@ -292,3 +292,45 @@ def test_a_vq_vae_checkpoint_from_before_recon_reduction_resumes_with_mean(demo_
         resume_point(str(tmp_path / "old.pt"), str(tmp_path), params)
     assert resume_point(str(tmp_path / "old.pt"), str(tmp_path),
                         {**params, "recon_reduction": "mean"})["step"] == 2
+
+
+LAM = {"name": "LatentActionModel", "dim": 32, "quant_dim": 4, "codebook_size": 8,
+       "image_size": 32, "patch_size": 8, "spatial_depth": 1, "temporal_depth": 1,
+       "dim_head": 16, "heads": 2, "code_seq_len": 4}
+EVERY_FAMILY = {**{name: {"name": name, **FAMILY[name]} for name in FAMILY},
+                "LatentActionModel-nsvq": {**LAM, "bottleneck": "nsvq"},
+                "LatentActionModel-gaussian-lagrange": {**LAM, "bottleneck": "gaussian",
+                                                        "rate_control": "lagrange"},
+                "LatentActionModel-gaussian": {**LAM, "bottleneck": "gaussian"}}
+
+
+def test_every_registered_family_is_covered_here():
+    assert {p["name"] for p in EVERY_FAMILY.values()} == set(MODELS)
+
+
+@pytest.mark.parametrize("family", sorted(EVERY_FAMILY))
+def test_validation_changes_no_parameter_or_buffer(family, demo_data, tmp_path):
+    """Evaluation is a pure forward pass: after a few training steps (so every state has
+    moved), training's validation leaves every tensor of the model as it was."""
+    from loaders import make_loaders
+    from training import validate
+    cfg = tiny_config(demo_data, str(tmp_path), **{"data_params.val_batch_size": 4})
+    cfg["model_params"] = dict(EVERY_FAMILY[family])
+    pairs = cfg["model_params"]["name"] == "LatentActionModel"
+    if pairs:
+        cfg["data_params"]["frame_offset"] = 2
+    cfg = config_from_dict(cfg)
+    rt = Runtime()
+    trainer = Trainer(cfg, rt, steps_per_epoch=100)
+    offset = dict(pair_offset=2, clamp_pairs=True) if pairs else {}
+    train_set, val_set = (build_split(cfg.data_params, split, 32, **offset)
+                          for split in ("train", "val"))
+    train_loader, val_loader = make_loaders(train_set, val_set, cfg.data_params, rt, 0)
+    for _, batch in zip(range(3), train_loader):
+        trainer.step(batch[0])
+    before = {k: v.clone() for k, v in trainer.bare.state_dict().items()}
+    scores, _ = validate(trainer.bare, val_loader, rt, cfg)
+    assert scores and all(np.isfinite(v) for v in scores.values())
+    after = trainer.bare.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert not changed, changed
