@@ -12,6 +12,7 @@ import os
 import pickle
 import random
 import re
+import zipfile
 
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 
 from collectives import all_gather_object, barrier
 from errors import CheckpointError, ConfigError, TrainingError
-from files import atomic_write, link_atomic, remove_stale_temps
+from files import atomic_write, link_atomic, open_regular, remove_stale_temps
 from models import completed
 
 log = logging.getLogger("vae")
@@ -61,17 +62,37 @@ def save_atomic(obj, path):
 
 
 def _kind_of_file(path):
-    """None for what torch.save writes (a zip archive, or the legacy pickle stream); else
-    a few words on what the file is instead."""
-    with open(path, "rb") as f:
+    """None for what torch.save writes (a zip archive of uncompressed records, or the legacy
+    pickle stream); else a few words on what the file is instead. Looks at what the path is
+    before reading it (a FIFO would block the read forever) and at the archive's directory
+    before anything is inflated."""
+    with open_regular(path) as f:
         head = f.read(8)
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        if head.startswith(b"PK\x03\x04"):
+            return _compressed_record(f, os.fstat(f.fileno()).st_size)
+    if head[:1] == b"\x80":
         return None
     if not head:
         return "an empty file"
     if head.startswith(b"\x89PNG") or head.startswith(b"\xff\xd8"):
         return "an image"
     return "text" if all(32 <= b < 127 or b in b"\t\r\n" for b in head) else "another format"
+
+
+def _compressed_record(f, size):
+    """torch.save stores every record of its archive uncompressed, so a tensor takes the bytes
+    it declares. A compressed record would be inflated whole in memory before torch compares
+    it with the tensor's size (15 MB of deflated zeros inflate to 1.5 GiB): named here, from
+    the archive's directory alone."""
+    try:
+        records = zipfile.ZipFile(f).infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return None                                   # torch reports the damage itself
+    for record in records:
+        if record.compress_type != zipfile.ZIP_STORED or record.file_size > size:
+            return (f"a compressed record, {record.filename} ({record.compress_size:,} bytes "
+                    f"that inflate to {record.file_size:,}), which torch.save never writes")
+    return None
 
 
 def load_checkpoint(path, mmap=False):
@@ -87,6 +108,8 @@ def load_checkpoint(path, mmap=False):
         raise CheckpointError(f"checkpoint {path} does not exist") from None
     except OSError as e:
         raise CheckpointError(f"cannot read checkpoint {path} ({e.strerror})") from None
+    except ValueError as e:                           # a FIFO, a device: never opened blocking
+        raise CheckpointError(f"checkpoint {path} cannot be loaded: it is {e}") from None
     if kind:
         raise CheckpointError(f"{path} is not a PyTorch checkpoint (it holds {kind})")
     try:

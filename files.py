@@ -118,21 +118,39 @@ def link_atomic(src, dst):
     os.replace(tmp, dst)
 
 
-def read_file(path, limit=MAX_FILE_BYTES):
-    """The bytes of a regular file of at most `limit` bytes. Anything else (a FIFO, which would
-    block forever; a device such as /dev/zero behind a symlink, which never ends; a huge file)
-    raises ValueError, which the datasets treat like any unreadable frame."""
+def what_it_is(mode):
+    """A few words for a file that is not a regular file, from its st_mode."""
+    return ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else "a device" if stat.S_ISCHR(mode)
+            or stat.S_ISBLK(mode) else "not a regular file")
+
+
+def open_regular(path, mode="rb"):
+    """`path` opened for reading if it is a regular file (after links). Anything else raises
+    ValueError saying what it is, without blocking on it: opening a FIFO would wait forever
+    for a writer (and a stop signal handler that retries open() with it); OSError when it
+    cannot be opened."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)     # a FIFO must not block the open
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            raise ValueError("not a regular file")
-        if info.st_size > limit:
-            raise ValueError(f"{info.st_size} bytes, more than the {limit} a frame may have")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(limit + 1)
-    finally:
+            raise ValueError(f"not a regular file ({what_it_is(info.st_mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, mode)
+    except BaseException:
         os.close(fd)
+        raise
+
+
+def read_file(path, limit=MAX_FILE_BYTES):
+    """The bytes of a regular file of at most `limit` bytes. Anything else (a FIFO, which would
+    block forever; a device such as /dev/zero behind a symlink, which never ends; a huge file)
+    raises ValueError, which the datasets treat like any unreadable frame."""
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size > limit:
+            raise ValueError(f"{size} bytes, more than the {limit} a frame may have")
+        data = f.read(limit + 1)
     if len(data) > limit:
         raise ValueError(f"more than the {limit} bytes a frame may have")
     return data

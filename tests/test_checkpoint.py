@@ -141,3 +141,83 @@ def test_orphaned_temps_go_and_live_or_fresh_ones_stay(tmp_path):
         os.utime(tmp_path / name, (old, old))
     assert files.remove_orphaned_temps(str(tmp_path)) == [gone]
     assert sorted(os.listdir(tmp_path)) == sorted([fresh, live, "notes.tmp"])
+
+
+def finishes(fn, within=120):
+    """fn(), failed if it is still blocked after `within` seconds (SIGALRM breaks a blocking
+    open; what the test is about is that there is none)."""
+    import signal
+
+    def blocked(signum, frame):
+        raise TimeoutError("blocked opening the file")
+    previous = signal.signal(signal.SIGALRM, blocked)
+    signal.alarm(within)
+    try:
+        return fn()
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_fifo_given_as_a_checkpoint_is_one_line_at_every_entry_point(demo_data, tmp_path):
+    from conftest import run_in_process, tiny_config, write_config
+    fifo = str(tmp_path / "model.pt")
+    os.mkfifo(fifo)
+    config = write_config(tmp_path / "c.yaml", tiny_config(demo_data, str(tmp_path / "logs")))
+    common = ["--data-path", demo_data, "--device", "cpu", "--lpips-net", "none", "--fid", "none"]
+    runs = {
+        "evaluate.py": ["--checkpoint", fifo, "--output", str(tmp_path / "e"), *common],
+        "compare_with_laq.py": ["--vae", fifo, "--laq", fifo, "--output", str(tmp_path / "c"),
+                                *common],
+        "train_single_gpu.py": ["--config", config, "--resume", fifo, "--device", "cpu"]}
+    for script, args in runs.items():
+        result = finishes(lambda: run_in_process(script, *args))
+        assert result.returncode == 2, (script, result.stderr[-2000:])
+        assert result.stderr.strip().splitlines()[-1] == \
+            f"error: checkpoint {fifo} cannot be loaded: it is not a regular file (a FIFO)"
+    # --resume auto with last.pt a FIFO: passed over like any unusable checkpoint
+    run_dir = tmp_path / "logs" / "run" / "checkpoints"
+    run_dir.mkdir(parents=True)
+    os.mkfifo(run_dir / "last.pt")
+    result = finishes(lambda: run_in_process("train_single_gpu.py", "--config", config,
+                                             "--resume", "auto", "--device", "cpu"))
+    assert result.returncode == 2 and "last.pt" in result.stderr.strip().splitlines()[-1], \
+        result.stderr[-2000:]
+
+
+def test_a_checkpoint_with_a_compressed_record_is_refused_before_anything_is_inflated(
+        tmp_path):
+    """A 4-byte tensor whose record is 300 MB of deflated zeros (300 KB on disk): torch would
+    inflate it whole before comparing it with the tensor's size. Refused from the archive's
+    directory: the loading process grows by far less than the 300 MB."""
+    import subprocess
+    import sys
+    import zipfile
+    from conftest import ROOT
+    plain = tmp_path / "plain.pt"
+    torch.save({"w": torch.zeros(1)}, plain)
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(plain) as src, zipfile.ZipFile(bomb, "w") as dst:
+        for record in src.infolist():
+            if record.filename.endswith("/data/0"):
+                info = zipfile.ZipInfo(record.filename)
+                info.compress_type = zipfile.ZIP_DEFLATED
+                with dst.open(info, "w") as f:
+                    for _ in range(300):
+                        f.write(bytes(2 ** 20))
+            else:
+                dst.writestr(record, src.read(record))
+    assert bomb.stat().st_size < 2 * 2 ** 20
+    probe = ("import resource, sys; import checkpoint; base = resource.getrusage("
+             "resource.RUSAGE_SELF).ru_maxrss\n"
+             "try:\n    checkpoint.load_checkpoint(sys.argv[1])\n"
+             "except checkpoint.CheckpointError as e:\n    print(e)\n"
+             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)")
+    result = subprocess.run([sys.executable, "-c", probe, str(bomb)], cwd=ROOT,
+                            capture_output=True, text=True)
+    message, grown_mb = result.stdout.strip().splitlines()
+    assert message.startswith(f"{bomb} is not a PyTorch checkpoint (it holds a "
+                              f"compressed record"), message
+    assert "which torch.save never writes" in message
+    assert int(grown_mb) < 50
+    assert ck.load_checkpoint(str(plain))["w"].shape == (1,)    # torch.save's own: loaded
