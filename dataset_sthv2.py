@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from errors import DataError
-from frame_files import DECODE_ERRORS, decode_rgb, resize_frame
+from frame_files import DECODE_ERRORS, decode_rgb, luminance, resize_frame
 from frame_index import load_index, natural_key
 from image_datasets import CELEBA_FILES, CelebAArrays
 from labels import LABEL_FILES, read_label_ids
@@ -63,9 +63,9 @@ class SthV2Frames(Dataset):
     """
 
     def __init__(self, index, video_positions, image_size, frame_stride=1,
-                 neighbour_tries=NEIGHBOUR_TRIES, resize="crop"):
+                 neighbour_tries=NEIGHBOUR_TRIES, resize="crop", channels=3):
         self.index, self.image_size, self.neighbour_tries = index, image_size, neighbour_tries
-        self.resize = resize
+        self.resize, self.channels = resize, channels
         self.videos = list(video_positions)   # positions in index.videos
         vids, poss = [], []
         for v in video_positions:
@@ -91,7 +91,8 @@ class SthV2Frames(Dataset):
                 continue
             try:
                 data = self.index.read_bytes(v, p)
-                return resize_frame(decode_rgb(data), self.image_size, self.resize), bad
+                rgb = resize_frame(decode_rgb(data), self.image_size, self.resize)
+                return (luminance(rgb) if self.channels == 1 else rgb), bad
             except DECODE_ERRORS as e:
                 bad.append(f"{self.index.frame_path(v, p)} ({type(e).__name__}: {e})")
         return None, bad
@@ -109,8 +110,9 @@ class SthV2FramePairs(SthV2Frames):
     """
 
     def __init__(self, index, video_positions, image_size, offset=30, frame_stride=1,
-                 resize="crop", clamp=False):
-        super().__init__(index, video_positions, image_size, frame_stride, resize=resize)
+                 resize="crop", clamp=False, channels=3):
+        super().__init__(index, video_positions, image_size, frame_stride, resize=resize,
+                         channels=channels)
         self.offset, self.clamp = offset, clamp
         if not clamp:
             keep = self.pos + offset < np.diff(index.offsets)[self.video]
@@ -136,8 +138,9 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
     SthV2: the split's videos (official label files, else the hash split; split_videos), every
     frame_stride-th frame resized as data_params.resize says, or with pair_offset the
     (frame t, frame t + offset) pairs of those videos (clamp_pairs: LAQ's clamped pairs,
-    SthV2FramePairs). CelebA: prepare_celeba.py's array for the split (with `channels`, the
-    model's, checked against it). `index`: the frame index of
+    SthV2FramePairs), as grey frames (PIL's luminance) for a 1-channel model (`channels`, the
+    model's). CelebA: prepare_celeba.py's array for the split (with `channels`, checked
+    against it). `index`: the frame index of
     data_params.data_path when the caller already loaded it. The result carries `split` and
     `source` (where the split came from).
     """
@@ -159,10 +162,10 @@ def build_split(data_params, split, image_size, index=None, pair_offset=None,
         raise DataError(f"the {name} split of {index.root} has no videos ({source}){hint}")
     if pair_offset:
         dataset = SthV2FramePairs(index, videos, image_size, pair_offset, d.frame_stride,
-                                  d.resize, clamp_pairs)
+                                  d.resize, clamp_pairs, channels or 3)
     else:
         dataset = SthV2Frames(index, videos, image_size, d.frame_stride, neighbour_tries,
-                              d.resize)
+                              d.resize, channels or 3)
     dataset.split, dataset.source = split, source
     return dataset
 

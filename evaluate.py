@@ -73,7 +73,7 @@ from files import atomic_write, remove_orphaned_temps
 from image_datasets import DSpritesImages, ImageFiles, MNISTImages
 from manifest import manifest
 from metrics import SSIM_SETTINGS, ImageMetrics, build_fid, latent_summary
-from models import build_model
+from models import build_model, image_channels
 from parallel import progress
 from pythae_adapter import is_pythae_source, load_pythae
 from runtime import pick_device
@@ -154,7 +154,7 @@ def build_eval_dataset(args, config, image_size, channels=3):
                 "data_path": args.data_path, "resize": d.resize}
         if not d.data_path:
             raise DataError("--data-path is needed: the checkpoint names no dataset")
-        dataset = build_split(d, args.split, image_size, neighbour_tries=0)
+        dataset = build_split(d, args.split, image_size, neighbour_tries=0, channels=channels)
         info = {"data_path": d.data_path, "split": args.split, "split_source": dataset.source}
         if d.dataset != "celeba":
             info.update(frame_stride=d.frame_stride, resize=d.resize)
@@ -328,7 +328,7 @@ def main(args):
                 f"predicts a future frame from a frame pair, not an image from itself; "
                 f"score it with compare_with_laq.py --model {args.checkpoint}")
     image_size = ckpt["config"]["model_params"]["image_size"]
-    channels = ckpt["config"]["model_params"].get("in_channels", 3)
+    channels = image_channels(ckpt["config"]["model_params"])
     args.kld_weight = ckpt["config"]["exp_params"]["kld_weight"]   # the run's loss weights
     dataset, data_info = build_eval_dataset(args, ckpt["config"], image_size, channels)
     positions = list(range(len(dataset)))

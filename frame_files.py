@@ -156,3 +156,10 @@ def resize_frame(img, image_size, resize="crop"):
 def load_frame(path, image_size, resize="crop"):
     """uint8 (3, S, S) frame from a file, resized as resize_frame says. Raises DECODE_ERRORS."""
     return resize_frame(decode_rgb(read_file(path)), image_size, resize)
+
+
+def luminance(rgb):
+    """uint8 (1, H, W) grey image of a uint8 (3, H, W) one, as PIL's convert("L") computes it
+    (ITU-R 601-2 weights in 16-bit fixed point, rounded)."""
+    r, g, b = rgb.to(torch.int32)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[None]

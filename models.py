@@ -25,11 +25,17 @@ def reconstruction_target(x):
     return x[:, -1] if x.dim() == 5 else x
 
 
+def image_channels(model_params):
+    """The channels of the images a model takes: `in_channels` for the image families,
+    `channels` for latent action models (LAQ's name)."""
+    return model_params.get("in_channels", model_params.get("channels", 3))
+
+
 def item_shape(model_params):
     """One training item: an image (C, S, S), or a frame pair (2, C, S, S) for the families
     that take pairs (latent action models)."""
     size = model_params["image_size"]
-    image = (model_params.get("in_channels", model_params.get("channels", 3)), size, size)
+    image = (image_channels(model_params), size, size)
     return (2, *image) if MODELS[model_params["name"]].takes_pairs else image
 
 

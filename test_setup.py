@@ -143,11 +143,14 @@ def check_data(report, cfg):
     from errors import DataError
     from frame_index import load_index
     from loaders import collate_frames
+    from models import image_channels
     d, size = cfg.data_params, cfg.model_params["image_size"]
     try:
         index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
         train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
-                                          clamp_pairs=True) for split in ("train", "val"))
+                                          clamp_pairs=True,
+                                          channels=image_channels(cfg.model_params))
+                              for split in ("train", "val"))
     except DataError as e:
         report.add("✗", "data layout", str(e),
                    "point data_params.data_path at <video_id>/img_00001.jpg folders")

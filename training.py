@@ -29,7 +29,7 @@ from frame_index import load_index
 from loaders import WorkerDied, collate_frames, device_batches, make_loaders
 from manifest import manifest
 from metrics import ImageMetrics
-from models import reconstruction_target
+from models import image_channels, reconstruction_target
 from parallel import logged_progress, progress
 from runtime import StopSignal, StopWhileWaiting, log_to_file, setup_logging
 from tracking import Tracker
@@ -111,7 +111,7 @@ def train(cfg, rt, resume=None, allow_data_change=False):
         index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
         train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
                                           clamp_pairs=True,
-                                          channels=cfg.model_params.get("in_channels", 3))
+                                          channels=image_channels(cfg.model_params))
                               for split in ("train", "val"))
     log.info("data: %s (frame_stride %d)", describe(train_set, val_set), d.frame_stride)
     # what produced the run (commit, versions, data hashes): in config.yaml and every checkpoint

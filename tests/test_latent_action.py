@@ -280,3 +280,24 @@ def test_evaluate_points_latent_action_models_to_the_comparison(demo_data, tmp_p
     assert result.returncode == 2
     assert f"compare_with_laq.py --model {path}" in result.stderr
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_one_channel_model_trains_on_grey_frames_as_pil_makes_them(demo_data, tmp_path):
+    """channels: 1 (LAQ's key): the frames come grey, PIL's luminance of the RGB frame."""
+    import numpy as np
+    from PIL import Image
+
+    from dataset_sthv2 import build_split
+    cfg = lam_config(demo_data, str(tmp_path / "logs"), "nsvq",
+                     **{"trainer_params.max_steps": 2, "data_params.resize": "stretch"})
+    cfg["model_params"]["channels"] = 1
+    cfg = config_from_dict(cfg)
+    pairs = build_split(cfg.data_params, "train", 32, pair_offset=3, clamp_pairs=True,
+                        channels=1)
+    pair, bad = pairs[0]
+    assert pair.shape == (2, 1, 32, 32) and pair.dtype == torch.uint8 and not bad
+    colour = build_split(cfg.data_params, "train", 32, pair_offset=3, clamp_pairs=True)[0][0]
+    expected = Image.fromarray(colour[0].permute(1, 2, 0).numpy()).convert("L")
+    assert np.array_equal(pair[0, 0].numpy(), np.asarray(expected))
+    final = torch.load(train(cfg, Runtime()), weights_only=True)
+    assert final["step"] == 2
