@@ -15,6 +15,7 @@ import csv
 import json
 import os
 import statistics
+import sys
 
 from errors import DataError, run_main
 from files import atomic_write
@@ -48,38 +49,73 @@ def rate_bits(rate):
 def probe_feature(key, settings, feature_sets):
     """The probe top-1 of the feature set that stands for a model: the action latent of an
     action model, the difference of the VAE's means of the two frames; None without it."""
+    gaussian = "gaussian" in settings.get("family", "")
     name = ("vae_mu_difference" if key == "vae" else "laq_codes_onehot" if key == "laq" else
-            f"{key}_action_mu" if "gaussian" in settings["family"] else f"{key}_codes_onehot")
+            f"{key}_action_mu" if gaussian else f"{key}_codes_onehot")
     return feature_sets[name]["top1"]["mean"] if name in feature_sets else None
 
 
 def runs_of(folder):
-    """One record per model of a comparison's output folder."""
+    """One record per model of a comparison's output folder; a file that lacks what a
+    comparison writes is one line naming what is missing."""
     path = os.path.join(folder, "metrics.json")
     if not os.path.isfile(path):
         raise DataError(f"{folder} holds no metrics.json: pass compare_with_laq.py --output "
                         f"folders")
     report = read_json(path)
+    if not isinstance(report, dict):
+        raise DataError(f"{path} holds {type(report).__name__}, not a comparison's metrics: "
+                        f"run the comparison again")
     if "settings" not in report or "models" not in report:
         raise DataError(f"{path} was written by an older compare_with_laq.py (no 'settings'): "
                         f"run the comparison again")
     probe_path = os.path.join(folder, "probe.json")
-    probe = read_json(probe_path)["feature_sets"] if os.path.isfile(probe_path) else {}
-    inputs = report.get("inputs", {})
+    probe = read_json(probe_path) if os.path.isfile(probe_path) else {}
+    probe = probe.get("feature_sets", {}) if isinstance(probe, dict) else {}
+    inputs = report.get("inputs") or {}
     protocol = {"pairs": inputs.get("pairs"), "offset": inputs.get("offset"),
                 "split": inputs.get("split"), "target": report.get("scoring_target"),
                 "size": report.get("scoring_size")}
-    rfid = report.get("rfid", {})
+    rfid = report.get("rfid") or {}
+    hashes = ((report.get("manifest") or {}).get("files") or {})
     runs = []
     for key, label in report["models"].items():
+        for section in ("settings", "rate"):
+            if not isinstance((report.get(section) or {}).get(key), dict):
+                raise DataError(f"{path} lacks {section}[{key!r}] for its model {label!r}: "
+                                f"not whole; run the comparison again")
         settings = report["settings"][key]
+        scores = report.get(key) if isinstance(report.get(key), dict) else {}
         runs.append({
-            "folder": folder, "model": label, "family": settings["family"],
-            "seed": settings.get("seed"), "settings": settings["settings"], "protocol": protocol,
+            "folder": folder, "model": label, "family": settings.get("family", label),
+            "seed": settings.get("seed"), "settings": settings.get("settings", {}),
+            "protocol": protocol, "checkpoint": (hashes.get(key) or {}).get("sha256"),
             "rate_bits": rate_bits(report["rate"][key]),
-            "psnr": (report[key].get("psnr") or {}).get("mean"),
-            "lpips": (report[key].get("lpips") or {}).get("mean"),
+            "psnr": (scores.get("psnr") or {}).get("mean"),
+            "lpips": (scores.get("lpips") or {}).get("mean"),
             "rfid": rfid.get(key), "probe_top1": probe_feature(key, settings, probe)})
+    return runs
+
+
+def distinct(folders):
+    """The runs of the folders, each folder and each scored checkpoint once: the same folder
+    passed twice, or two folders that scored one checkpoint (by its sha256 in the manifest)
+    under one protocol, are one run, not two seeds (a warning says which)."""
+    runs, seen_folders, seen = [], set(), {}
+    for folder in folders:
+        real = os.path.realpath(folder)
+        if real in seen_folders:
+            print(f"warning: {folder} is given twice; counted once", file=sys.stderr)
+            continue
+        seen_folders.add(real)
+        for run in runs_of(folder):
+            key = (run["checkpoint"], json.dumps(run["protocol"], sort_keys=True))
+            if run["checkpoint"] and key in seen:
+                print(f"warning: {run['model']} in {folder} is the checkpoint {seen[key]} "
+                      f"scored already; counted once", file=sys.stderr)
+                continue
+            seen[key] = f"{run['model']} of {folder}"
+            runs.append(run)
     return runs
 
 
@@ -181,7 +217,7 @@ def main():
     parser.add_argument("--output", required=True, help="folder for the report")
     args = parser.parse_args()
     require(MATPLOTLIB)
-    runs = [run for folder in args.folders for run in runs_of(folder)]
+    runs = distinct(args.folders)
     points = group(runs)
     os.makedirs(args.output, exist_ok=True)
     run_manifest = manifest(files={f"{folder}/metrics.json": os.path.join(folder, "metrics.json")

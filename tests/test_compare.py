@@ -552,11 +552,15 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
         (folder / "metrics.json").write_text(json.dumps(report))
         return str(folder)
 
+    def retrained(report, model, tag):           # another checkpoint: another hash
+        report["manifest"]["files"][model]["sha256"] = f"{tag}-{model}"
+
     def seed(k, shift):
         def change(report):
             for m in report["settings"]:
                 if report["settings"][m]["seed"] is not None:
                     report["settings"][m]["seed"] = k
+                    retrained(report, m, f"seed{k}")
             for m in report["models"]:
                 report[m]["psnr"]["mean"] += shift
         return change
@@ -564,6 +568,7 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
     def kld(report):
         report["settings"]["vae"]["settings"]["kld_weight"] = 0.5
         report["rate"]["vae"]["kl_bits_mean"] = 1.0
+        retrained(report, "vae", "kld")
 
     folders = [variant("s1", seed(1, -1.0)), variant("s2", seed(2, 1.0)), variant("kld", kld)]
     result = run_in_process("report.py", *folders, "--output", str(tmp_path / "report"))
@@ -578,7 +583,8 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
     assert float(pair["rate_bits"]) == pytest.approx(base["rate"]["vae"]["kl_bits_mean"])
     assert float(vae[0]["rate_bits"]) == 1.0
     laq = [r for r in rows if r["family"] == "LAQ"]
-    assert len(laq) == 1 and laq[0]["runs"] == "3"        # LAQ has no seed: one point
+    assert len(laq) == 1 and laq[0]["runs"] == "1"        # one LAQ checkpoint, scored thrice
+    assert result.stderr.count("scored already; counted once") == 2       # LAQ in s2 and kld
     assert float(laq[0]["rate_bits"]) == pytest.approx(
         base["rate"]["laq"]["code_entropy_joint_bits"])
     families = {r["family"] for r in rows}
@@ -592,6 +598,27 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
     assert (tmp_path / "report" / "rate_distortion.png").stat().st_size > 20_000
     stale = run_in_process("report.py", str(tmp_path), "--output", str(tmp_path / "r2"))
     assert stale.returncode == 2 and "holds no metrics.json" in stale.stderr
+
+    twice = run_in_process("report.py", folders[0], folders[0] + "/", "--output",
+                           str(tmp_path / "r3"))
+    assert twice.returncode == 0 and "is given twice; counted once" in twice.stderr
+    rows = list(csv.DictReader(open(tmp_path / "r3" / "report.csv")))
+    assert {r["runs"] for r in rows} == {"1"}
+
+    def broken(name, change):
+        folder = variant(name, lambda report: None)
+        report = json.loads((tmp_path / name / "metrics.json").read_text())
+        (tmp_path / name / "metrics.json").write_text(json.dumps(change(report)))
+        result = run_in_process("report.py", folder, "--output", str(tmp_path / f"r_{name}"))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        return result.stderr.strip().splitlines()[-1]
+    path = tmp_path / "null" / "metrics.json"
+    assert broken("null", lambda r: None) == \
+        f"error: {path} holds NoneType, not a comparison's metrics: run the comparison again"
+    assert "lacks rate['vae']" in broken("no_rate", lambda r: {**r, "rate": {}})
+    assert "lacks settings['laq']" in broken(
+        "no_settings", lambda r: {**r, "settings": {k: v for k, v in r["settings"].items()
+                                                    if k != "laq"}})
 
 
 BOMB = "dim: [" + ", ".join(["&l0 [x, x, x, x, x, x, x, x, x]"] + [
