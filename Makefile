@@ -15,11 +15,13 @@ venv-dev: $(VENV)/.dev            # + what the tests need
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "installing requirements.txt into $(VENV) (torch, torchvision, lpips, ...: about 2 GB, a few minutes)"
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
 $(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+	@echo "installing requirements-dev.txt into $(VENV) (pytest, pythae, wandb, ...: about a minute)"
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
 
@@ -41,5 +43,5 @@ demo: venv $(DEMO_DATA)/something-something-v2-train.json
 test: venv-dev
 	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
-clean-demo:
-	rm -rf $(DEMO_DATA) $(DEMO_RUN)
+clean-demo:                       # what make demo and the README's demo commands write
+	rm -rf $(DEMO_DATA) logs_demo eval_demo demo_laq compare_demo report_out

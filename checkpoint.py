@@ -308,10 +308,13 @@ def resume_point(resume, ckpt_dir, model_params):
                                   f"away to start fresh, or pass --resume PATH")
         for msg in rejected:
             log.warning("skipping %s", msg)
-        log.info("resuming from %s" % path if path else "no checkpoint to resume: starting fresh")
+        if path is None:
+            log.info("no checkpoint to resume: starting fresh")
     elif resume:
-        state = load_training_checkpoint(resume)
-        log.info("resuming from %s", resume)
+        path, state = resume, load_training_checkpoint(resume)
+    if state is not None:
+        log.info("resuming from %s at step %d (epoch %d)", path, state["step"],
+                 state["epoch"] + 1)
     elif step_checkpoints(ckpt_dir) or os.path.exists(os.path.join(ckpt_dir, "last.pt")):
         raise ConfigError(f"{ckpt_dir} already holds checkpoints: pass --resume auto to continue "
                           f"that run, or choose another logging_params.name")

@@ -7,6 +7,7 @@ NCCL on GPUs, gloo on CPUs. data_params.*_batch_size are global batches, split e
 the WORLD_SIZE processes. Run without torchrun it trains as a single process.
 """
 import os
+import sys
 from datetime import timedelta
 
 from options import parse_training_args
@@ -52,6 +53,10 @@ def main(args):
             torch.cuda.set_device(device)
         if "RANK" in os.environ:
             init_process_group(device, rank, world_size)
+        else:
+            print("train_ddp.py: not started by torchrun (no RANK in the environment): "
+                  "training as one process; torchrun --nproc_per_node=N train_ddp.py ... "
+                  "trains on N", file=sys.stderr)
         return Runtime(rank, local_rank, world_size, device)
 
     # After an elastic restart (torchrun --max-restarts) continue from the last checkpoint.

@@ -224,14 +224,14 @@ def train(cfg, rt, resume=None, allow_data_change=False):
                 stop_warned = stop_warned or warn_stop_latency(
                     window, d.train_batch_size, rt.world_size, t.stop_within_s)
                 log_scalars(tracker, "train", {**window, "lr": trainer.lr}, step,
-                            f"step {step} (epoch {epoch + 1})")
+                            f"step {step}/{max_steps} (epoch {epoch + 1}"
+                            f"{pace(window, d.train_batch_size, max_steps - step)})")
                 bar.set_postfix(loss=f"{window.get('loss', float('nan')):.4g}")
                 if worst >= t.max_nonfinite_steps:
                     path = save(step, epoch)
-                    raise TrainingError(
-                        f"{worst} non-finite steps in a row by step {step} (last loss "
-                        f"{losses['loss'].item()}, grad norm {grad_norm.item()}); state saved to "
-                        f"{path}; lower exp_params.LR or check the data")
+                    raise TrainingError(f"{worst} non-finite steps in a row by step {step} "
+                                        f"({not_finite(losses, grad_norm, trainer.bare)}); "
+                                        f"state saved to {path}")
             if tracker and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
                 log_images(trainer.bare, fixed_images, tracker, cfg.run_dir, step, e.seed + 2)
             if step % lg.save_every_n_steps == 0 and step < max_steps:
@@ -308,6 +308,32 @@ def interruptible_batches(loader, device, stop=None):
         if item is None:
             return
         yield item
+
+
+def pace(window, global_batch, steps_left):
+    """", 3.1 steps/s, 0:12:40 left" for the log line, from the window's images/s."""
+    per_s = window.get("images_per_sec", 0) / global_batch
+    if not per_s > 0:
+        return ""
+    left = int(round(steps_left / per_s))
+    return f", {per_s:.3g} steps/s, {left // 3600}:{left // 60 % 60:02d}:{left % 60:02d} left"
+
+
+def not_finite(losses, grad_norm, model):
+    """What is not finite at a stop on non-finite steps, and what to do: the model's own
+    tensors (a codebook, a running statistic) mean its state is lost from here; otherwise the
+    losses or the gradient."""
+    state = [name for name, t in [*model.named_parameters(), *model.named_buffers()]
+             if t.is_floating_point() and not torch.isfinite(t).all()]
+    if state:
+        shown = ", ".join(state[:4]) + (f" and {len(state) - 4} more" if len(state) > 4 else "")
+        return (f"the model's own tensors are not finite: {shown}; resume from a checkpoint "
+                f"before this and lower exp_params.LR")
+    bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+    if not torch.isfinite(grad_norm):
+        bad.append("the gradient norm")
+    return (f"not finite: {', '.join(bad) or 'the gradient norm'}; lower exp_params.LR or "
+            f"check the data")
 
 
 def log_scalars(tracker, prefix, values, step, title):

@@ -2,6 +2,7 @@
 import glob
 import io
 import os
+import re
 import sys
 
 import pytest
@@ -160,7 +161,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
 
     monkeypatch.setattr(VanillaVAE, "loss_function", poisoned)
     # read at log steps (every 2): 2 in a row at step 2 is fine, 4 at step 4 is not
-    with pytest.raises(TrainingError, match="4 non-finite steps in a row by step 4"):
+    with pytest.raises(TrainingError, match=r"4 non-finite steps in a row by step 4 \(not "
+                                            r"finite: loss, the gradient norm; lower exp_"):
         train(cfg, Runtime())
     saved = torch.load(tmp_path / "logs/run/checkpoints/last.pt", weights_only=True)
     assert saved["step"] == 4                                 # no update was ever applied:
@@ -169,6 +171,26 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(demo_data, tmp_path, mon
     torch.manual_seed(cfg.exp_params.seed)                    # the run's initialisation
     for name, p in build_model(cfg.model_params).named_parameters():
         assert torch.equal(saved["model"][name], p), name
+
+
+def test_a_non_finite_codebook_is_named_when_the_run_stops(demo_data, tmp_path, monkeypatch):
+    from latent_action_model import LatentActionModel
+    cfg = tiny_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_nonfinite_steps": 1, "data_params.frame_offset": 2})
+    cfg["model_params"] = {"name": "LatentActionModel", "dim": 32, "quant_dim": 4,
+                           "codebook_size": 8, "image_size": 32, "patch_size": 8,
+                           "spatial_depth": 1, "temporal_depth": 1, "dim_head": 16, "heads": 2,
+                           "code_seq_len": 4, "bottleneck": "nsvq"}
+    original = LatentActionModel.before_step
+
+    def poisoned(self, step):
+        original(self, step)
+        with torch.no_grad():
+            self.codebook[3] = float("nan")
+    monkeypatch.setattr(LatentActionModel, "before_step", poisoned)
+    with pytest.raises(TrainingError, match=r"the model's own tensors are not finite: "
+                                            r"codebook; resume from a checkpoint before this"):
+        train(config_from_dict(cfg), Runtime())
 
 
 def test_skipped_steps_leave_batchnorm_statistics_as_they_were(demo_data, tmp_path, monkeypatch):
@@ -274,3 +296,21 @@ def test_a_step_slower_than_stop_within_s_is_announced_once(demo_data, tmp_path,
     train(config_from_dict(tiny_config(demo_data, str(tmp_path), **{
         "trainer_params.max_steps": 2, "logging_params.name": "fast"})), Runtime())
     assert "a stop signal is acted on" not in "".join(capsys.readouterr())   # 20 s default
+
+
+def test_train_ddp_without_torchrun_says_so_and_a_resume_names_its_step(demo_data, tmp_path):
+    from conftest import run_in_process, write_config
+    config = write_config(tmp_path / "c.yaml", tiny_config(demo_data, str(tmp_path / "logs"), **{
+        "trainer_params.max_steps": 2, "logging_params.save_every_n_steps": 1}))
+    first = run_in_process("train_ddp.py", "--config", config, "--device", "cpu")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "train_ddp.py: not started by torchrun (no RANK in the environment): training as " \
+           "one process" in first.stderr
+    again = run_in_process("train_ddp.py", "--config", config, "--device", "cpu", "--resume",
+                           str(tmp_path / "logs/run/checkpoints/step_0000001.pt"),
+                           "--set", "logging_params.name=run")
+    assert again.returncode == 0, again.stderr[-2000:]
+    log = (tmp_path / "logs/run/train.log").read_text()
+    assert f"resuming from {tmp_path / 'logs/run/checkpoints/step_0000001.pt'} at step 1 " \
+           f"(epoch 1)" in log
+    assert re.search(r"step 2/2 \(epoch 1, [\d.]+ steps/s, 0:00:00 left\)", log), log
