@@ -20,6 +20,7 @@ from typing import List, Literal
 import yaml
 
 from errors import ConfigError
+from files import open_regular
 
 
 class _Loader(yaml.SafeLoader):
@@ -408,21 +409,9 @@ def apply_override(raw, assignment):
 
 
 def config_from_dict(raw, world_size=1, check_paths=True):
-    if not isinstance(raw, dict):
-        raise ConfigError("the config must be a mapping of sections")
-    # a run's config.yaml records what produced it; reading it back as a config ignores that
-    raw = {k: v for k, v in raw.items() if k != "manifest"}
-    for section in raw:
-        if section != "model_params" and section not in SECTIONS:
-            raise ConfigError(f"{section}: unknown section (known: model_params, "
-                              f"{', '.join(SECTIONS)})")
-    for section in ("model_params", *SECTIONS):
-        if section not in raw:
-            raise ConfigError(f"{section}: missing section")
-        if not isinstance(raw[section], dict):
-            raise ConfigError(f"{section}: expected a mapping of keys, got {_short(raw[section])}")
-    cfg = Config(model_params=_build_model_params(raw["model_params"]),
-                 **{s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()})
+    # a run's config.yaml records what produced it (manifest): reading it back ignores that
+    raw, sections = check_sections(raw)
+    cfg = Config(model_params=_build_model_params(raw["model_params"]), **sections)
     _validate(cfg, world_size, check_paths)
     model = _try_build(cfg.model_params)         # what only the model's constructor checks
     groups = model.optimizer_groups()
@@ -434,10 +423,39 @@ def config_from_dict(raw, world_size=1, check_paths=True):
     return cfg
 
 
+def check_sections(raw):
+    """The sections and every key and type outside model_params: what a config can be checked
+    for without the model families, so without torch (precheck)."""
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping of sections")
+    raw = {k: v for k, v in raw.items() if k != "manifest"}
+    for section in raw:
+        if section != "model_params" and section not in SECTIONS:
+            raise ConfigError(f"{section}: unknown section (known: model_params, "
+                              f"{', '.join(SECTIONS)})")
+    for section in ("model_params", *SECTIONS):
+        if section not in raw:
+            raise ConfigError(f"{section}: missing section")
+        if not isinstance(raw[section], dict):
+            raise ConfigError(f"{section}: expected a mapping of keys, got {_short(raw[section])}")
+    return raw, {s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()}
+
+
 def load_config(path, overrides=(), world_size=1, check_paths=True):
     """Read, override, type-check and validate; every failure is one ConfigError line."""
+    return _from_file(path, overrides, lambda raw: config_from_dict(raw, world_size, check_paths))
+
+
+def precheck(path, overrides=()):
+    """What load_config checks before the model families are imported (sections, keys and
+    types outside model_params), so a typo is reported at once, before torch loads; the
+    training scripts call it first."""
+    _from_file(path, overrides, check_sections)
+
+
+def _from_file(path, overrides, build):
     try:
-        with open(path) as f:
+        with open_regular(path, "r") as f:
             raw = parse_yaml(f)
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
@@ -445,6 +463,8 @@ def load_config(path, overrides=(), world_size=1, check_paths=True):
         raise ConfigError(f"{path}: not a text file (a YAML config is expected)") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    except ValueError as e:                           # a FIFO: never opened blocking
+        raise ConfigError(f"cannot read config {path}: {e}") from None
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the config must be a mapping of sections, not a "
@@ -453,7 +473,7 @@ def load_config(path, overrides=(), world_size=1, check_paths=True):
     try:
         for assignment in overrides:
             apply_override(raw, assignment)
-        return config_from_dict(raw, world_size, check_paths)
+        return build(raw)
     except ConfigError as e:
         key = str(e).split(":", 1)[0]                  # the blamed key, e.g. data_params.LR
         raise ConfigError(f"--set {e}" if key in set_keys else f"{path}: {e}") from None

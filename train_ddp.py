@@ -10,10 +10,13 @@ import os
 import sys
 from datetime import timedelta
 
+from config import precheck
+from errors import run_main
 from options import parse_training_args
 
 if __name__ == "__main__":
     ARGS = parse_training_args(__doc__.splitlines()[0])   # --help answers before torch loads
+    run_main(lambda: precheck(ARGS.config, ARGS.set))     # so does a typo in the config
 
 # The heavy imports, once the command line is known to be good.
 import torch

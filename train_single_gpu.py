@@ -3,10 +3,13 @@
     python train_single_gpu.py --config config_vae_sthv2.yaml [--set SECTION.KEY=VALUE ...]
                                [--resume PATH|auto] [--device cpu|cuda]
 """
+from config import precheck
+from errors import run_main
 from options import parse_training_args
 
 
 def main(args):
+    run_main(lambda: precheck(args.config, args.set))   # a typo is one line before torch loads
     import torch                                  # after the command line is known to be good
 
     from config import load_config

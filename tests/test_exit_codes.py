@@ -76,3 +76,21 @@ def test_every_script_answers_help_before_torch_is_imported_in_whole_sentences(t
     docs = subprocess.run([sys.executable, "make_docs.py", "--check"], cwd=ROOT,
                           capture_output=True, text=True)
     assert docs.returncode == 0 and "up to date" in docs.stdout, docs.stderr
+
+
+def test_a_config_typo_is_reported_before_torch_is_imported(tmp_path):
+    """Sections, keys and types outside model_params are checked before torch loads (it takes
+    30-90 s to import on a busy login node)."""
+    fake = tmp_path / "no_torch" / "torch"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('torch imported before the config')\n")
+    config = tmp_path / "typo.yaml"
+    config.write_text("model_params: {name: VanillaVAE}\ndata_params: {data_pth: x}\n"
+                      "exp_params: {}\ntrainer_params: {}\nlogging_params: {}\n")
+    env = {**os.environ, "PYTHONPATH": str(fake.parent)}
+    for script in ("train_single_gpu.py", "train_ddp.py"):
+        result = subprocess.run([sys.executable, script, "--config", str(config)], cwd=ROOT,
+                                env=env, capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith(f"error: {config}: data_params.data_pth: unknown key")
