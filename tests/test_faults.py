@@ -70,7 +70,7 @@ def config_dict(demo_data, save_dir, name, **overrides):
 def test_stop_signal_saves_exits_75_and_resumes_exactly(sig, reference, demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run"))
     proc = start(cli("--config", path))
-    wait_for_line(proc, "step 13 ")
+    wait_for_line(proc, "step 13/")
     proc.send_signal(sig)
     out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-3000:]
@@ -157,7 +157,7 @@ def test_killed_torchrun_worker_restarts_and_resumes(ddp_reference, demo_data, t
     path = write_config(tmp_path / "run.yaml", config_dict(
         demo_data, str(tmp_path), "run", **DDP, **{"logging_params.save_every_n_steps": 5}))
     proc = start(torchrun(path), env={"OMP_NUM_THREADS": "1"})
-    wait_for_line(proc, "step 12 ")
+    wait_for_line(proc, "step 12/")
     os.kill(worker_pids(proc.pid)[1], signal.SIGKILL)
     out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 0, out[-4000:]
@@ -172,7 +172,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_pat
     proc = start([sys.executable, "-m", "torch.distributed.run", "--standalone",
                   "--nproc_per_node=2", "train_ddp.py", "--config", path, "--device", "cpu"],
                  env={"OMP_NUM_THREADS": "1"})
-    wait_for_line(proc, "step 12 ")
+    wait_for_line(proc, "step 12/")
     os.kill(worker_pids(proc.pid)[1], signal.SIGUSR1)         # rank 1 only
     out = proc.communicate(timeout=HANG_GUARD)[0]
     stopped = [line for line in out.splitlines() if "stopping on a peer's signal" in line]
@@ -272,7 +272,7 @@ def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_d
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{"data_params.num_workers": 2}))
     proc = start(cli("--config", path))
-    wait_for_line(proc, "step 12 ")
+    wait_for_line(proc, "step 12/")
     os.killpg(proc.pid, signal.SIGINT)                         # the whole group, workers too
     out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-3000:]
@@ -292,7 +292,7 @@ def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(
         demo_data, str(tmp_path), "run ", **DDP, **{"data_params.num_workers": 2}))
     run_train = ["bash", "run_train.sh", "--config", path, "--device", "cpu"]
     proc = start(run_train, env=env)
-    wait_for_line(proc, "step 12 ")
+    wait_for_line(proc, "step 12/")
     os.killpg(proc.pid, signal.SIGTERM)                        # what SLURM and a terminal do
     out = proc.communicate(timeout=HANG_GUARD)[0]
     assert proc.returncode == 75, out[-4000:]
@@ -308,7 +308,7 @@ def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_d
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{"trainer_params.max_steps": 2000}))
     first = start(cli("--config", path))
-    wait_for_line(first, "step 3 ")
+    wait_for_line(first, "step 3/")
     in_flight = tmp_path / "run" / "checkpoints" / "step_0000010.pt.tmp.99999"
     in_flight.write_bytes(b"being written")
     second = run_in_process(*cli("--config", path, "--resume", "auto")[1:])
@@ -419,7 +419,7 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
             **DDP, "data_params.num_workers": 2, "trainer_params.max_steps": 200,
             "trainer_params.max_epochs": 100}))
     proc = start(["bash", "run_train.sh", "--config", path, "--device", "cpu"], env=env)
-    wait_for_line(proc, "step 4 ")                            # logged after every step
+    wait_for_line(proc, "step 4/")                            # logged after every step
     os.killpg(proc.pid, sig)
     signalled = time.monotonic()
     seen = wait_for_line(proc, "stopping on SIGTERM", timeout=HANG_GUARD)
