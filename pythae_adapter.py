@@ -23,7 +23,6 @@ import json
 import os
 import re
 import shutil
-import stat
 import tempfile
 import zipfile
 
@@ -32,6 +31,7 @@ import torch.nn as nn
 
 from autoencoder import Autoencoder
 from errors import PythaeError
+from files import open_regular as open_regular_file
 from vanilla_vae_model import gaussian_kl
 
 HUB_PREFIX = "hf:"
@@ -158,14 +158,11 @@ def open_regular(path):
     """`path` opened for reading if it is a regular file (after links); a FIFO or a device is
     refused without blocking on it."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        return open_regular_file(path)
     except OSError as e:
         raise PythaeError(f"{path} cannot be read ({e.strerror})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise PythaeError(f"{path} is not a regular file")
-    os.set_blocking(fd, True)
-    return os.fdopen(fd, "rb")
+    except ValueError:
+        raise PythaeError(f"{path} is not a regular file") from None
 
 
 def pickled_entries(folder):

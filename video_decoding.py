@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 
 from errors import DataError
+from files import what_it_is
 
 CANDIDATES = ("torchcodec", "pyav")       # the order `auto` tries them in: fastest first
 INSTALL = {"torchcodec": "pip install torchcodec==0.17.0 and FFmpeg 4-9's shared libraries "
@@ -63,9 +64,7 @@ def regular_file(path):
     except OSError as e:
         raise VideoError(f"cannot read it ({e.strerror})") from None
     if not stat.S_ISREG(mode):
-        kind = ("a FIFO" if stat.S_ISFIFO(mode) else "a folder" if stat.S_ISDIR(mode) else
-                "a socket" if stat.S_ISSOCK(mode) else "a device")
-        raise VideoError(f"not a regular file ({kind})")
+        raise VideoError(f"not a regular file ({what_it_is(mode)})")
 
 
 def pick_frames(count, native_fps, fps):
@@ -160,7 +159,7 @@ def decoder_status(samples=()):
             clip = os.path.join(tmp, "check.webm")
             write_test_clip(clip)
             clips = [clip]
-        except (DataError, Exception):          # no PyAV, or no encoder in it: the videos
+        except Exception:                       # no PyAV, or no encoder in it: the videos
             pass
         for name in CANDIDATES:
             status[name] = _try_decoder(name, clips)
