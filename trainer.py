@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from autoencoder import Autoencoder
 from collectives import all_reduce_mean_, distributed
 from models import build_model, count_parameters
 from vanilla_vae_model import convert_sync_batchnorm
@@ -109,6 +110,8 @@ class Trainer:
         self.grouped = len(self.groups) > 1
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype is torch.float16)
         self.bare = self.model = model
+        # only a family that declares state updates pays for their collective each step
+        self.updates_state = type(model).state_updates is not Autoencoder.state_updates
         # what the forward pass itself writes (BatchNorm statistics, EMA codebooks): put back
         # on a skipped step, so a run of non-finite steps cannot leave NaN statistics behind
         self.forward_state = list(model.buffers()) + \
@@ -209,7 +212,8 @@ class Trainer:
         with torch.no_grad():                     # on the device: no host sync
             for t, old in zip(self.forward_state, before):
                 t.copy_(torch.where(finite, t, old))
-            self._apply_state_updates(losses, finite)
+            if self.updates_state:
+                self._apply_state_updates(losses, finite)
         with warnings.catch_warnings():
             # a skipped update (non-finite, or a VAE-GAN rule) still advances the schedule,
             # so the learning rate stays a function of the step; torch warns about that
