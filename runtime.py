@@ -1,5 +1,5 @@
-"""Process plumbing shared by every training entry point: who this process is (Runtime),
-rank-0 logging, progress bars, stop signals, process pools, the training command line.
+"""Process plumbing shared by the training entry points: who this process is (Runtime), joining
+the process group, rank-0 logging and train.log, stop signals, the device.
 """
 
 import contextlib
@@ -7,12 +7,11 @@ import logging
 import os
 import signal
 import sys
-
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-
 
 
 from collectives import barrier, distributed
@@ -178,6 +177,24 @@ class StopSignal:
         value, wait = previous
         wait()
         return bool(value.item())
+
+
+def init_process_group(device, rank, world_size):
+    """Join the group described by the environment (torchrun, or srun setting RANK etc.).
+
+    Keys go under a prefix per torchrun restart: the elastic agent keeps one store across
+    restarts, and without the prefix restarted workers can read the dead workers' addresses
+    and fail to connect.
+    """
+    agent_hosts_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=rank == 0 and not agent_hosts_store,
+                          timeout=timedelta(minutes=30))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo",
+                            store=dist.PrefixStore(f"train_ddp/attempt_{attempt}", store),
+                            rank=rank, world_size=world_size,
+                            **({"device_id": device} if device.type == "cuda" else {}))
 
 
 def pick_device(requested, gpus, local_rank=0):

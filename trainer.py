@@ -17,9 +17,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from autoencoder import Autoencoder
-from collectives import all_reduce_mean_, distributed
+from collectives import all_reduce_mean_, convert_sync_batchnorm, distributed
 from models import build_model, count_parameters
-from vanilla_vae_model import convert_sync_batchnorm
 
 log = logging.getLogger("vae")
 

@@ -8,11 +8,11 @@ one generator and sliced per rank, so 1 process and N processes see the same sam
 same noise. Checkpoints (checkpoint.py) carry everything needed to continue bit-exactly.
 """
 import contextlib
-import functools
+import dataclasses
 import logging
 import os
-
 import time
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -20,9 +20,10 @@ import yaml
 from torchvision.utils import make_grid
 
 import checkpoint as ck
-from collectives import all_gather_object, all_reduce, all_reduce_mean
+import run_directory
+from collectives import all_gather_object, all_reduce, all_reduce_mean, peer_lost
 from dataset_sthv2 import build_split, data_signature, describe
-from errors import CheckpointError, Preempted, TrainingError, run_main
+from errors import CheckpointError, Preempted, ReportedError, TrainingError, run_main
 from files import atomic_write
 from frame_files import JPEG_DECODER, describe_jpeg_decoder
 from frame_index import load_index
@@ -93,183 +94,259 @@ class StepStats:
         return stats, worst
 
 
+@dataclasses.dataclass
+class RunState:
+    """Where the run is and what it has said: the one thing the loop changes."""
+    step: int = 0
+    epoch: int = 0
+    saved_at: Optional[int] = None       # the step whose checkpoint is written
+    validating: Optional[str] = None     # the validation under way (its title), or pending
+    stop_warned: bool = False            # the stop-latency warning is given once
+    seen_bad: set = dataclasses.field(default_factory=set)   # unreadable files named so far
+
+
+@dataclasses.dataclass
+class Run:
+    """What a run is made of: set up once (set_up), never changed by the loop."""
+    cfg: Any
+    rt: Any
+    trainer: Trainer
+    stop: StopSignal
+    train_loader: Any
+    val_loader: Any
+    steps_per_epoch: int
+    max_steps: int
+    data: dict                      # the train split's signature, in every checkpoint
+    manifest: dict                  # what produced the run, in every checkpoint
+    stats: StepStats
+    bar: Any
+    tracker: Optional[Tracker] = None              # rank 0's
+    fixed_images: Optional[torch.Tensor] = None    # rank 0's
+    lock: Any = None                               # rank 0's lock on the run directory
+
+    def save(self, state, also=None, pending_validation=None, alone=False):
+        """Checkpoint the run at state.step (collective unless `alone`; see
+        checkpoint.save_step_checkpoint). Returns the step file's path."""
+        saved = {"config": self.cfg.to_dict(), "step": state.step, "epoch": state.epoch,
+                 "data": self.data, "steps_per_epoch": self.steps_per_epoch,
+                 "manifest": self.manifest, "pending_validation": pending_validation,
+                 **self.trainer.state_dict()}
+        return ck.save_step_checkpoint(os.path.join(self.cfg.run_dir, "checkpoints"), saved,
+                                       self.rt, self.cfg.logging_params.keep_last_checkpoints,
+                                       also, alone)
+
+
 def train(cfg, rt, resume=None, allow_data_change=False):
     """Train `cfg` on this process's share of the run; returns the final checkpoint's path."""
-    e, t, lg, d = cfg.exp_params, cfg.trainer_params, cfg.logging_params, cfg.data_params
-    size, ckpt_dir = cfg.model_params["image_size"], os.path.join(cfg.run_dir, "checkpoints")
+    final = os.path.join(cfg.run_dir, "checkpoints", "vae_final.pt")
+    run, state = set_up(cfg, rt, resume, allow_data_change)
+    if run is None:                                  # the run had finished
+        return final
+    try:
+        try:
+            if state.validating:                     # the checkpoint's pending validation
+                report_bad_frames(validate_and_log(run, state, state.validating),
+                                  state.seen_bad, run.tracker, state.step)
+            while state.step < run.max_steps:
+                train_one_epoch(run, state)
+        except StopWhileWaiting:       # a single process waiting for data: the last step's state
+            stop_now(run, state, saved=state.saved_at == state.step,
+                     pending_validation=state.validating)
+        except WorkerDied as err:       # save what the steps since the last checkpoint made
+            path = run.save(state, pending_validation=state.validating, alone=True)
+            raise TrainingError(f"{err}; the state at step {state.step} is saved in {path} "
+                                f"(resume with --resume auto)") from None
+        run.bar.close()
+        run.save(state, also="vae_final.pt")
+        if run.tracker:
+            run.tracker.close(state.step)
+    finally:
+        if run.lock:
+            run.lock.release()
+    return final
+
+
+def set_up(cfg, rt, resume, allow_data_change):
+    """The run's parts and the state it continues from; (None, None) when it had finished.
+    The checkpoint and the data are checked before anything is written."""
+    tp, dp = cfg.trainer_params, cfg.data_params
     setup_logging(rt)
-    stop = StopSignal(rt.device)
-    if t.deterministic:
+    if tp.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
     elif rt.device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-
-    # --- inputs first: nothing is written until the checkpoint and the data are good -----
-    state = ck.resume_point(resume, ckpt_dir, cfg.model_params)
+    ckpt_dir = os.path.join(cfg.run_dir, "checkpoints")
+    saved = run_directory.resume_point(resume, ckpt_dir, cfg.model_params)
     with rt.local_main_first():          # one process per node indexes, the others read it
-        index = load_index(d.data_path, d.index_cache_dir) if d.dataset == "sthv2" else None
-        train_set, val_set = (build_split(d, split, size, index, pair_offset=d.frame_offset,
-                                          clamp_pairs=True,
+        index = load_index(dp.data_path, dp.index_cache_dir) if dp.dataset == "sthv2" else None
+        train_set, val_set = (build_split(dp, split, cfg.model_params["image_size"], index,
+                                          pair_offset=dp.frame_offset, clamp_pairs=True,
                                           channels=image_channels(cfg.model_params))
                               for split in ("train", "val"))
-    log.info("data: %s (frame_stride %d)", describe(train_set, val_set), d.frame_stride)
+    log.info("data: %s (frame_stride %d)", describe(train_set, val_set), dp.frame_stride)
     # what produced the run (commit, versions, data hashes): in config.yaml and every checkpoint
-    run_manifest = manifest(labels_dir=(d.labels_path or d.data_path) if index else None,
+    run_manifest = manifest(labels_dir=(dp.labels_path or dp.data_path) if index else None,
                             index=index)
     (log.warning if JPEG_DECODER == "pil" else log.info)(describe_jpeg_decoder())
-    steps_per_epoch = len(train_set) // d.train_batch_size
+    steps_per_epoch = len(train_set) // dp.train_batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"the train split has {len(train_set)} frames, fewer than one "
-                            f"global batch (data_params.train_batch_size={d.train_batch_size})")
-    max_steps = t.max_epochs * steps_per_epoch            # max_steps (if set) can only shorten it
-    max_steps = min(max_steps, t.max_steps) if t.max_steps else max_steps
+                            f"global batch (data_params.train_batch_size={dp.train_batch_size})")
+    max_steps = tp.max_epochs * steps_per_epoch          # max_steps (if set) can only shorten it
+    max_steps = min(max_steps, tp.max_steps) if tp.max_steps else max_steps
     final = os.path.join(ckpt_dir, "vae_final.pt")
-    if state is not None and state["step"] >= max_steps and os.path.isfile(final):
-        log.info("the run finished at step %d (%s): nothing to do", state["step"], final)
-        return final
+    if saved is not None and saved["step"] >= max_steps and os.path.isfile(final):
+        log.info("the run finished at step %d (%s): nothing to do", saved["step"], final)
+        return None, None
 
-    # --- the run directory: locked, then the config and the log -----------------------
-    stopped = ck.stopped_before_restart(cfg.run_dir)
+    # the run directory: locked, then the config and the log
+    stopped = run_directory.stopped_before_restart(cfg.run_dir)
     if stopped:
         log.info("the run stopped on %s at step %s before this restart: it stays stopped "
                  "(resume with --resume auto)", stopped.get("signal"), stopped.get("step"))
         raise Preempted()
-    ckpt_dir, lock = ck.prepare_run_dir(cfg.run_dir, rt)
+    lock = run_directory.prepare_run_dir(cfg.run_dir, rt)
     if rt.is_main:
         log_to_file(cfg.run_dir)
         with atomic_write(os.path.join(cfg.run_dir, "config.yaml"), "w") as f:
             yaml.safe_dump({**cfg.to_dict(), "manifest": run_manifest}, f, sort_keys=False)
-    train_loader, val_loader = make_loaders(train_set, val_set, d, rt, e.seed, t.limit_val_batches)
+    train_loader, val_loader = make_loaders(train_set, val_set, dp, rt, cfg.exp_params.seed,
+                                            tp.limit_val_batches)
 
-    # --- model, optimizers, schedule, and the state to continue from ------------------
+    # the model, its optimizers and schedule, and the state to continue from
     trainer = Trainer(cfg, rt, steps_per_epoch)
-    data = data_signature(train_set)
-    save = functools.partial(save_checkpoint, trainer, cfg, rt, data=data, manifest=run_manifest)
-    step, epoch = 0, 0
-    if state is not None:
-        ck.check_same_data(state, data, allow_data_change, d.train_batch_size)
-        try:
-            trainer.load_state_dict(state)
-        except (KeyError, ValueError, RuntimeError, TypeError) as err:
-            raise CheckpointError(f"the checkpoint's model or optimizer state does not fit "
-                                     f"this model ({type(err).__name__}: "
-                                     f"{str(err).splitlines()[0][:200]})") from None
-        step, epoch = state["step"], state["epoch"]
-        if state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-            # the split changed (--allow-data-change): continue at this step's place in an
-            # epoch of the new length, never past an epoch's end (which would never come)
-            epoch = step // steps_per_epoch
-            log.info("%d steps per epoch now (%d in the checkpoint): step %d is in epoch %d",
-                     steps_per_epoch, state["steps_per_epoch"], step, epoch + 1)
-        ck.restore_rng(state, rt)
-
+    data, state = data_signature(train_set), RunState()
+    if saved is not None:
+        restore(trainer, saved, state, data, allow_data_change, dp.train_batch_size,
+                steps_per_epoch, rt)
     tracker = fixed_images = None
     if rt.is_main:
-        tracker = Tracker(cfg, step)
-        picks = np.linspace(0, len(val_set) - 1, lg.num_image_samples).round()
+        tracker = Tracker(cfg, state.step)
+        picks = np.linspace(0, len(val_set) - 1, cfg.logging_params.num_image_samples).round()
         fixed_images = collate_frames([val_set[int(i)] for i in picks])[0]
-
-    # --- the loop --------------------------------------------------------------------
     log.info("training %d steps (%d per epoch) at global batch %d = %d x %d processes on %s%s",
-             max_steps, steps_per_epoch, d.train_batch_size, train_loader.batch_size,
+             max_steps, steps_per_epoch, dp.train_batch_size, train_loader.batch_size,
              rt.world_size, rt.device.type,
-             f" with {t.precision} autocast" if trainer.amp_dtype else " in fp32")
-    stats = StepStats(rt.device, d.train_batch_size, step, not trainer.scaler.is_enabled())
-    bar = progress(total=max_steps, initial=step, main=rt.is_main, desc="training",
+             f" with {tp.precision} autocast" if trainer.amp_dtype else " in fp32")
+    stats = StepStats(rt.device, dp.train_batch_size, state.step,
+                      not trainer.scaler.is_enabled())
+    bar = progress(total=max_steps, initial=state.step, main=rt.is_main, desc="training",
                    unit="step")
-    seen_bad, stop_warned, saved_at, validating = set(), False, None, None
+    return Run(cfg, rt, trainer, StopSignal(rt.device), train_loader, val_loader,
+               steps_per_epoch, max_steps, data, run_manifest, stats, bar, tracker,
+               fixed_images, lock), state
 
-    def stop_now(step, epoch, saved=False, pending_validation=None):
-        """Save (unless this step's checkpoint is written), leave stopped.json, exit 75."""
-        if not saved:
-            save(step, epoch, pending_validation=pending_validation)
-        stop.saved()
-        if rt.is_main:
-            ck.mark_stopped(cfg.run_dir, step, stop.received or "a peer's signal")
-        log.info("stopping on %s at step %d; resume with --resume auto%s",
-                 stop.received or "a peer's signal", step,
-                 " (the validation under way runs again then)" if pending_validation else "")
-        raise Preempted()
 
-    def run_validation(title):
-        """Validate and log; a stop signal during validation stops within a batch or two, and
-        the validation runs after the resume (the checkpoint says it is pending)."""
-        nonlocal validating
-        validating = title
-        val, val_bad = validate(trainer.bare, val_loader, rt, cfg, stop, step)
-        validating = None
-        if val is None:
-            stop_now(step, epoch, pending_validation=title)
-        log_scalars(tracker, "val", val, step, f"validation at step {step} ({title})")
-        return val_bad
-
-    def train_epoch():
-        """The rest of the epoch from the current step, then its validation when due."""
-        nonlocal step, epoch, saved_at, stop_warned
-        if stop.agreed(step):             # also before the epoch's first batch is waited for
-            stop_now(step, epoch, saved=saved_at == step)
-        train_loader.sampler.set_epoch(epoch, skip=(step - epoch * steps_per_epoch)
-                                       * train_loader.batch_size)
-        epoch_bad, first = [], step
-        for images, bad in interruptible_batches(train_loader, rt.device, stop):
-            losses, grad_norm, finite = trainer.step(images)
-            stats.add({**losses, "grad_norm": grad_norm}, finite)
-            epoch_bad += bad
-            step += 1
-            bar.update(1)
-
-            if step % t.log_every_n_steps == 0 or step == max_steps:
-                window, worst = stats.flush(step)
-                stop_warned = stop_warned or warn_stop_latency(
-                    window, d.train_batch_size, rt.world_size, t.stop_within_s)
-                log_scalars(tracker, "train", {**window, "lr": trainer.lr}, step,
-                            f"step {step}/{max_steps} (epoch {epoch + 1}"
-                            f"{pace(window, d.train_batch_size, max_steps - step)})")
-                bar.set_postfix(loss=f"{window.get('loss', float('nan')):.4g}")
-                if worst >= t.max_nonfinite_steps:
-                    path = save(step, epoch)
-                    raise TrainingError(f"{worst} non-finite steps in a row by step {step} "
-                                        f"({not_finite(losses, grad_norm, trainer.bare)}); "
-                                        f"state saved to {path}")
-            if tracker and (step % lg.log_images_every_n_steps == 0 or step == max_steps):
-                log_images(trainer.bare, fixed_images, tracker, cfg.run_dir, step, e.seed + 2)
-            if step % lg.save_every_n_steps == 0 and step < max_steps:
-                save(step, epoch)
-                saved_at = step
-            if stop.agreed(step):
-                stop_now(step, epoch, saved=saved_at == step)   # not twice at a save's step
-            if step >= max_steps:
-                break
-        epoch_done = step == (epoch + 1) * steps_per_epoch    # also at once, resumed at its end
-        if step == first and not epoch_done:  # never spin on an epoch that gives no batch
-            raise TrainingError(f"epoch {epoch + 1} gave no batch at step {step} (the resume "
-                                f"position is past the end of the epoch's data)")
-        if epoch_done:
-            epoch += 1
-        if (epoch_done and epoch % t.check_val_every_n_epoch == 0) or step >= max_steps:
-            epoch_bad += run_validation(f"end of epoch {epoch}" if epoch_done
-                                        else f"in epoch {epoch + 1}")
-        report_bad_frames(epoch_bad, seen_bad, tracker, step)
+def restore(trainer, saved, state, data, allow_data_change, global_batch, steps_per_epoch, rt):
+    """Continue from checkpoint `saved`: the trainer's weights, optimizers and schedule, the
+    step and epoch (into `state`), the RNG states."""
+    run_directory.check_same_data(saved, data, allow_data_change, global_batch)
     try:
-        if state is not None and state.get("pending_validation"):
-            report_bad_frames(run_validation(state["pending_validation"]), seen_bad, tracker,
-                              step)
-        while step < max_steps:
-            train_epoch()
-    except StopWhileWaiting:           # a single process waiting for data: the last step's state
-        stop_now(step, epoch, saved=saved_at == step, pending_validation=validating)
-    except WorkerDied as err:           # save what the steps since the last checkpoint made
-        path = save(step, epoch, pending_validation=validating, alone=True)
-        raise TrainingError(f"{err}; the state at step {step} is saved in {path} (resume with "
-                            f"--resume auto)") from None
-    bar.close()
-    save(step, epoch, also="vae_final.pt")
-    if tracker:
-        tracker.close(step)
-    if lock:
-        lock.release()
-    return final
+        trainer.load_state_dict(saved)
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise CheckpointError(f"the checkpoint's model or optimizer state does not fit this "
+                              f"model ({type(err).__name__}: "
+                              f"{str(err).splitlines()[0][:200]})") from None
+    state.step, state.epoch = saved["step"], saved["epoch"]
+    state.validating = saved.get("pending_validation")
+    if saved.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+        # the split changed (--allow-data-change): continue at this step's place in an epoch
+        # of the new length, never past an epoch's end (which would never come)
+        state.epoch = state.step // steps_per_epoch
+        log.info("%d steps per epoch now (%d in the checkpoint): step %d is in epoch %d",
+                 steps_per_epoch, saved["steps_per_epoch"], state.step, state.epoch + 1)
+    ck.restore_rng(saved, rt)
+
+
+def train_one_epoch(run, state):
+    """The rest of the epoch from state.step, then its validation when due."""
+    tp, lp = run.cfg.trainer_params, run.cfg.logging_params
+    check_stop(run, state)                  # also before the epoch's first batch is waited for
+    batch = run.train_loader.batch_size
+    run.train_loader.sampler.set_epoch(
+        state.epoch, skip=(state.step - state.epoch * run.steps_per_epoch) * batch)
+    epoch_bad, first = [], state.step
+    for images, bad in interruptible_batches(run.train_loader, run.rt.device, run.stop):
+        losses, grad_norm, finite = run.trainer.step(images)
+        run.stats.add({**losses, "grad_norm": grad_norm}, finite)
+        epoch_bad += bad
+        state.step += 1
+        run.bar.update(1)
+        if state.step % tp.log_every_n_steps == 0 or state.step == run.max_steps:
+            log_training(run, state, losses, grad_norm)
+        if run.tracker and (state.step % lp.log_images_every_n_steps == 0
+                            or state.step == run.max_steps):
+            log_images(run.trainer.bare, run.fixed_images, run.tracker, run.cfg.run_dir,
+                       state.step, run.cfg.exp_params.seed + 2)
+        if state.step % lp.save_every_n_steps == 0 and state.step < run.max_steps:
+            run.save(state)
+            state.saved_at = state.step
+        check_stop(run, state)
+        if state.step >= run.max_steps:
+            break
+    epoch_done = state.step == (state.epoch + 1) * run.steps_per_epoch  # also resumed at its end
+    if state.step == first and not epoch_done:   # never spin on an epoch that gives no batch
+        raise TrainingError(f"epoch {state.epoch + 1} gave no batch at step {state.step} (the "
+                            f"resume position is past the end of the epoch's data)")
+    if epoch_done:
+        state.epoch += 1
+    if (epoch_done and state.epoch % tp.check_val_every_n_epoch == 0) \
+            or state.step >= run.max_steps:
+        epoch_bad += validate_and_log(run, state, f"end of epoch {state.epoch}" if epoch_done
+                                      else f"in epoch {state.epoch + 1}")
+    report_bad_frames(epoch_bad, state.seen_bad, run.tracker, state.step)
+
+
+def log_training(run, state, losses, grad_norm):
+    """The training log line (the window's means, pace and time left) and its scalars; stops
+    the run on too many non-finite steps in a row."""
+    dp, tp = run.cfg.data_params, run.cfg.trainer_params
+    window, worst = run.stats.flush(state.step)
+    state.stop_warned = state.stop_warned or warn_stop_latency(
+        window, dp.train_batch_size, run.rt.world_size, tp.stop_within_s)
+    log_scalars(run.tracker, "train", {**window, "lr": run.trainer.lr}, state.step,
+                f"step {state.step}/{run.max_steps} (epoch {state.epoch + 1}"
+                f"{pace(window, dp.train_batch_size, run.max_steps - state.step)})")
+    run.bar.set_postfix(loss=f"{window.get('loss', float('nan')):.4g}")
+    if worst >= tp.max_nonfinite_steps:
+        path = run.save(state)
+        raise TrainingError(f"{worst} non-finite steps in a row by step {state.step} "
+                            f"({not_finite(losses, grad_norm, run.trainer.bare)}); "
+                            f"state saved to {path}")
+
+
+def validate_and_log(run, state, title):
+    """Validate and log; returns the unreadable files met. A stop signal during validation
+    stops within a batch or two, and the validation runs after the resume (the checkpoint
+    says it is pending)."""
+    state.validating = title
+    val, unreadable = validate(run.trainer.bare, run.val_loader, run.rt, run.cfg, run.stop,
+                               state.step)
+    if val is None:
+        stop_now(run, state, pending_validation=title)
+    state.validating = None
+    log_scalars(run.tracker, "val", val, state.step, f"validation at step {state.step} ({title})")
+    return unreadable
+
+
+def check_stop(run, state):
+    """Stop here when the ranks agree on a stop signal (not saving twice at a save's step)."""
+    if run.stop.agreed(state.step):
+        stop_now(run, state, saved=state.saved_at == state.step)
+
+
+def stop_now(run, state, saved=False, pending_validation=None):
+    """Save (unless this step's checkpoint is written), leave stopped.json, exit 75."""
+    if not saved:
+        run.save(state, pending_validation=pending_validation)
+    run.stop.saved()
+    reason = run.stop.received or "a peer's signal"
+    if run.rt.is_main:
+        run_directory.mark_stopped(run.cfg.run_dir, state.step, reason)
+    log.info("stopping on %s at step %d; resume with --resume auto%s", reason, state.step,
+             " (the validation under way runs again then)" if pending_validation else "")
+    raise Preempted()
 
 
 def warn_stop_latency(window, global_batch, world_size, bound):
@@ -284,17 +361,6 @@ def warn_stop_latency(window, global_batch, world_size, bound):
                     "torchrun waits 30 s), or make steps shorter", steps, "s" * (steps > 1),
                     worst, bound)
     return worst > bound
-
-
-def save_checkpoint(trainer, cfg, rt, step, epoch, data, manifest=None, also=None,
-                    pending_validation=None, alone=False):
-    """Checkpoint the run at `step` (collective unless `alone`; see
-    checkpoint.save_checkpoint)."""
-    state = {"config": cfg.to_dict(), "step": step, "epoch": epoch, "data": data,
-             "steps_per_epoch": trainer.steps_per_epoch, "manifest": manifest,
-             "pending_validation": pending_validation, **trainer.state_dict()}
-    return ck.save_checkpoint(os.path.join(cfg.run_dir, "checkpoints"), state, rt,
-                              cfg.logging_params.keep_last_checkpoints, also, alone)
 
 
 def interruptible_batches(loader, device, stop=None):
@@ -428,8 +494,19 @@ def run(cfg_loader, rt_factory, resume, allow_data_change=False):
     def main():
         cfg = cfg_loader()
         rt = rt_factory(cfg)
-        with logged_progress():
-            return train(cfg, rt, resume, allow_data_change)
+        try:
+            with logged_progress():
+                return train(cfg, rt, resume, allow_data_change)
+        except RuntimeError as err:
+            reason = None if isinstance(err, ReportedError) else peer_lost(err)
+            if reason is None:
+                raise
+            # the process that ended first says why (its own line, torchrun's summary)
+            raise TrainingError(
+                f"rank {rt.rank}: another process of the run ended or stopped answering "
+                f"({reason}); its own error above, or torchrun's summary, says why; the "
+                f"checkpoints in {os.path.join(cfg.run_dir, 'checkpoints')} are intact "
+                f"(resume with --resume auto)") from None
     # a second Ctrl-C (the first one asks to save) ends the run at once
     return run_main(main, interrupted="interrupted twice; stopped without saving (resume from "
                                       "the last checkpoint with --resume auto)")

@@ -12,7 +12,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from autoencoder import Autoencoder
-from collectives import distributed
 
 
 def conv_block(in_ch, out_ch):
@@ -195,52 +194,3 @@ class BetaVAE(VanillaVAE):
             return super().per_image_neg_log_likelihood(x, logits)
         return F.binary_cross_entropy_with_logits(2 * logits.float(), (x.float() + 1) / 2,
                                                   reduction="none").flatten(1).sum(1)
-
-
-
-class _AllReduceBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d whose training statistics are reduced over every process.
-
-    torch.nn.SyncBatchNorm only runs on GPUs; this version works with any backend
-    (gloo on CPU included) through the differentiable all_reduce, so the gradient of the
-    global batch statistics reaches every rank exactly as in a single large batch.
-    """
-
-    def forward(self, x):
-        if not (self.training and distributed()):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-        xf = x.float()
-        count = torch.tensor([x.numel() / x.shape[1]], device=x.device, dtype=torch.float32)
-        stats = torch.cat([xf.sum((0, 2, 3)), xf.pow(2).sum((0, 2, 3)), count])
-        stats = all_reduce(stats)
-        c = x.shape[1]
-        n = stats[-1]
-        mean = stats[:c] / n
-        var = (stats[c:2 * c] / n - mean.pow(2)).clamp_min(0)
-        with torch.no_grad():
-            self.num_batches_tracked.add_(1)
-            m = self.momentum
-            self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1), alpha=m)
-        y = (xf - mean[None, :, None, None]) * torch.rsqrt(var + self.eps)[None, :, None, None]
-        y = y * self.weight[None, :, None, None] + self.bias[None, :, None, None]
-        return y.to(x.dtype)
-
-
-def convert_sync_batchnorm(model, device):
-    """Synchronise BatchNorm statistics across ranks: torch's kernel on GPU, ours elsewhere."""
-    if torch.device(device).type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-
-    def convert(module):
-        if type(module) is nn.BatchNorm2d:
-            new = _AllReduceBatchNorm2d(module.num_features, module.eps, module.momentum,
-                                        module.affine, module.track_running_stats)
-            new.load_state_dict(module.state_dict())
-            return new
-        for name, child in module.named_children():
-            setattr(module, name, convert(child))
-        return module
-
-    return convert(model)

@@ -279,7 +279,7 @@ def test_vq_vae_reconstruction_term_is_the_designs_sum_by_default():
 
 
 def test_a_vq_vae_checkpoint_from_before_recon_reduction_resumes_with_mean(demo_data, tmp_path):
-    from checkpoint import resume_point
+    from run_directory import resume_point
     from errors import ConfigError
     from training import train
     cfg = config_from_dict(family_config(demo_data, str(tmp_path), "VQVAE", **{
