@@ -159,7 +159,7 @@ def load_frame(path, image_size, resize="crop"):
 
 
 def luminance(rgb):
-    """uint8 (1, H, W) grey image of a uint8 (3, H, W) one, as PIL's convert("L") computes it
-    (ITU-R 601-2 weights in 16-bit fixed point, rounded)."""
-    r, g, b = rgb.to(torch.int32)
-    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8)[None]
+    """uint8 (..., 1, H, W) grey images of uint8 (..., 3, H, W) ones, as PIL's convert("L")
+    computes them (ITU-R 601-2 weights in 16-bit fixed point, rounded)."""
+    r, g, b = rgb.to(torch.int32).unbind(-3)
+    return ((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).to(torch.uint8).unsqueeze(-3)

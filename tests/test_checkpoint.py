@@ -75,7 +75,7 @@ def _write_under_size_limit(write, limit):
 def test_writers_that_fail_part_way_keep_the_previous_file(tmp_path, demo_data):
     """Reports, frame-index caches, probe features and checkpoints: a write that fails part
     way leaves the previous complete file and no partial one beside it."""
-    from evaluate import write_report
+    from evaluation import write_report
     from frame_index import FrameIndex
     from probe import FeatureCache
     big_rows = [{"index": i, "path": "x" * 200} for i in range(200)]

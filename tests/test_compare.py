@@ -2,6 +2,7 @@
 hard-coded 'cuda' quantizer, trainer-only imports in __init__, non-strict loading, 'module.'
 prefixes. If the comparison would fail on a real LAQ checkout, these tests fail."""
 import csv
+import glob
 import importlib.util
 import json
 import math
@@ -13,15 +14,22 @@ import numpy as np
 import pytest
 import torch
 
-import compare_with_laq as cmp
 from conftest import ROOT, run_in_process, run_script
-from frame_files import load_frame
 import laq_loader
 
 STANDIN = os.path.join(ROOT, "tests", "laq_standin")
 SMALL_LAQ = {"dim": 32, "quant_dim": 8, "codebook_size": 8, "image_size": 32, "patch_size": 8,
              "spatial_depth": 2, "temporal_depth": 1, "dim_head": 8, "heads": 2, "code_seq_len": 4}
 NO_GPU = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def decoded(path, size):
+    """A frame as PIL decodes it, stretched to size x size by torch's antialiased bilinear
+    resize on uint8 (the documented preparation), without the project's frame code."""
+    from PIL import Image
+    rgb = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    return torch.nn.functional.interpolate(rgb[None], size=(size, size), mode="bilinear",
+                                           antialias=True, align_corners=False)[0]
 
 
 def build_standin(config):
@@ -104,7 +112,7 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
     state = torch.load(laq_checkpoint / "model.pt", weights_only=True)
     model.load_state_dict({k[len("module."):]: v for k, v in state.items()})
     row = rows[0]
-    frames = [load_frame(row[k], 32, "stretch").float() / 255 for k in ("current", "target")]
+    frames = [decoded(row[k], 32).float() / 255 for k in ("current", "target")]
     with torch.no_grad():
         recon = model.eval().inference(torch.stack(frames, 1)[None]).clamp(0, 1)
     assert float(((recon[0] - frames[1]) ** 2).mean()) == pytest.approx(float(row["laq_mse"]), rel=1e-5)
@@ -241,16 +249,17 @@ def test_pairs_come_from_the_vae_runs_own_split(trained_checkpoint, laq_checkpoi
 
 def test_stretch_output_maps_back_onto_the_centre_square():
     from frame_files import resize_frame
+    from pairs import stretch_to_crop
     y, x = np.mgrid[0:120, 0:200].astype(np.float32)                   # a smooth 200x120 frame
     frame = torch.from_numpy(np.stack([127 + 100 * np.sin(x / 17), 127 + 100 * np.cos(y / 13),
                                        x / 200 * 255]).round().astype(np.uint8))
     stretched = resize_frame(frame, 96, "stretch")[None].float() / 255
     crop = resize_frame(frame, 96, "crop")[None].float() / 255
-    mapped = cmp.stretch_to_crop(stretched, [(120, 200)])
+    mapped = stretch_to_crop(stretched, [(120, 200)])
     mse = lambda a, b: float(((a - b) ** 2).mean())  # noqa: E731
     assert mse(mapped, crop) < 1e-4 < mse(stretched, crop) / 100       # PSNR > 40 dB
     square = resize_frame(frame[:, :, :120], 96, "stretch")[None].float() / 255
-    assert torch.allclose(cmp.stretch_to_crop(square, [(120, 120)]), square, atol=1e-6)
+    assert torch.allclose(stretch_to_crop(square, [(120, 120)]), square, atol=1e-6)
 
 
 def test_one_inference_pass_gives_laqs_own_codes_and_reconstruction():
@@ -486,10 +495,10 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     assert all(len(r["lam_nsvq_codes"].split()) == 4 for r in rows)
 
     # one pair recomputed with the model itself, fed the stretched frames it was trained on
-    from evaluate import load_model
+    from evaluation import load_model
     model, _ = load_model(action_models["nsvq"], "cpu")
     row = rows[0]
-    frames = [load_frame(row[k], 32, "stretch").float() / 127.5 - 1 for k in ("current", "target")]
+    frames = [decoded(row[k], 32).float() / 127.5 - 1 for k in ("current", "target")]
     predicted = (model.reconstruct(torch.stack(frames)[None]) + 1).div(2).clamp(0, 1)[0]
     mse = float(((predicted - (frames[1] + 1) / 2) ** 2).mean())
     assert mse == pytest.approx(float(row["lam_nsvq_mse"]), rel=1e-4)
@@ -497,7 +506,7 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
         str(int(c)) for c in model.evaluate_batch(torch.stack(frames)[None])[2]["codes"][0])
     # controllability: the 8 pairs are one batch, and pair 0 is decoded with the action of
     # the batch's last pair
-    last = [load_frame(rows[-1][k], 32, "stretch").float() / 127.5 - 1
+    last = [decoded(rows[-1][k], 32).float() / 127.5 - 1
             for k in ("current", "target")]
     other = (model.reconstruct(torch.stack(frames)[None], action_from=torch.stack(last)[None])
              + 1).div(2).clamp(0, 1)[0]
@@ -534,6 +543,43 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
                         "--output", str(tmp_path / "wrong"), "--lpips-net", "none", "--fid", "none")
     assert wrong.returncode == 2 and "a VAE goes to --vae" in wrong.stderr
     assert not (tmp_path / "wrong").exists()
+
+
+def test_a_grey_latent_action_model_is_fed_grey_frames_and_scored_on_the_colour_target(
+        trained_checkpoint, laq_checkpoint, demo_data, tmp_path):
+    """channels: 1 (LAQ's key): the comparison feeds the model PIL's luminance of the frames
+    it prepares, as training does, and scores its prediction, repeated to 3 channels, on the
+    same colour target as every other model."""
+    from PIL import Image
+
+    from config import config_from_dict
+    from conftest import tiny_config
+    from evaluation import load_model
+    from runtime import Runtime
+    from training import train
+    cfg = tiny_config(demo_data, str(tmp_path), **{
+        "data_params.frame_offset": 3, "data_params.resize": "stretch",
+        "trainer_params.max_steps": 2, "logging_params.name": "lam_grey"})
+    cfg["model_params"] = {**SMALL_LAQ, "name": "LatentActionModel", "channels": 1}
+    path = train(config_from_dict(cfg), Runtime())
+    frame = sorted(glob.glob(os.path.join(demo_data, "*", "*.jpg")))[5]
+    out = tmp_path / "cmp"
+    result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
+                         "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                         "--model", path, "--image", frame, "--vae-resize", "stretch",
+                         "--output", str(out), "--lpips-net", "none", "--fid", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["channels"] == {"lam_grey": 1} and "luminance" in report["one_channel"]
+    row = next(csv.DictReader(open(out / "per_pair.csv")))
+    rgb = decoded(frame, 32)
+    grey = torch.from_numpy(np.asarray(Image.fromarray(rgb.permute(1, 2, 0).numpy()).convert("L"))
+                            .copy())[None]
+    model, _ = load_model(path, "cpu")
+    x = torch.stack([grey, grey]).float()[None] / 127.5 - 1                  # (1, 2, 1, S, S)
+    predicted = (model.reconstruct(x) + 1).div(2).clamp(0, 1)[0].expand(3, -1, -1)
+    mse = float(((predicted - rgb.float() / 255) ** 2).mean())
+    assert mse == pytest.approx(float(row["lam_grey_mse"]), rel=1e-4)
 
 
 def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(

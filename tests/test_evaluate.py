@@ -186,7 +186,7 @@ def test_an_interrupted_evaluation_leaves_no_report_of_an_earlier_run(trained_ch
     report beside the new pictures; a killed writer's temp there is cleaned up."""
     import subprocess
 
-    import files
+    import evaluation
     out = tmp_path / "e"
     out.mkdir()
     (out / "metrics.json").write_text('{"num_images": 1}')
@@ -197,13 +197,13 @@ def test_an_interrupted_evaluation_leaves_no_report_of_an_earlier_run(trained_ch
     orphan.write_text("{")
     os.utime(orphan, (0, 0))
 
-    real = files.atomic_write
+    real = evaluation.atomic_write
 
     def interrupted(path, *args, **kwargs):        # Ctrl-C as the report is being written
         if path.endswith("metrics.json"):
             raise KeyboardInterrupt
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(files, "atomic_write", interrupted)
+    monkeypatch.setattr(evaluation, "atomic_write", interrupted)
     result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(out), "--data-path",
                           demo_data, "--lpips-net", "none", "--num-samples", "0",
                           "--save-reconstructions", "--max-images", "4")
