@@ -24,7 +24,7 @@ from frame_files import JPEG_DECODER
 from frame_index import PackedFrameIndex, load_index, tree_signature
 from loaders import PooledCollate, device_batches
 from models import build_model, item_shape
-from pack_frames import pack
+from packing import pack
 from runtime import Runtime, pick_device
 from trainer import Trainer
 

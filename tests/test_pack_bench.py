@@ -13,7 +13,7 @@ from conftest import ROOT, run_in_process, run_script, tiny_config
 import dataset_sthv2 as ds
 import errors
 import frame_index
-from pack_frames import pack
+from packing import pack
 from runtime import Runtime
 from training import train
 
@@ -100,15 +100,15 @@ def test_packing_into_a_packed_folder_is_refused_and_touches_nothing(demo_data, 
 def test_packing_onto_a_full_disk_is_one_line_and_leaves_no_shards_without_an_index(
         demo_data, tmp_path, monkeypatch):
     import errno
-    import pack_frames
-    real, calls = pack_frames.atomic_write, []
+    import packing
+    real, calls = packing.atomic_write, []
 
     def third_write_finds_the_disk_full(path, *args, **kwargs):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(errno.ENOSPC, "No space left on device", path)
         return real(path, *args, **kwargs)
-    monkeypatch.setattr(pack_frames, "atomic_write", third_write_finds_the_disk_full)
+    monkeypatch.setattr(packing, "atomic_write", third_write_finds_the_disk_full)
     with pytest.raises(errors.WriteFailed) as raised:
         pack(demo_data, str(tmp_path / "packed"), shard_size=20_000,
              index_cache_dir=str(tmp_path / "cache"))

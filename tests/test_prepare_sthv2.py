@@ -143,7 +143,7 @@ def test_frames_tree_names_unreadable_videos_and_trains_like_extracted_frames(do
         assert filecmp.cmp(tmp_path / "tree" / name, os.path.join(download["labels"], name))
 
     # the same frames, packed: --shards without --image-size == --frames + pack_frames.py
-    from pack_frames import pack
+    from packing import pack
     prep.prepare(download["videos"], download["labels"], str(tmp_path / "shards"), "shards",
                  workers=1, max_unreadable=BROKEN_OK)
     pack(str(tmp_path / "tree"), str(tmp_path / "packed"), 2 ** 31, str(tmp_path / "cache"))
