@@ -15,7 +15,7 @@ import re
 import reprlib
 import typing
 from dataclasses import dataclass, field
-from typing import List, Literal
+from typing import List, Literal, Optional
 
 import yaml
 
@@ -41,61 +41,97 @@ def parse_yaml(text):
     return yaml.load(text, Loader=_Loader)
 
 
+def _rule(test, says, show_value=True):
+    """A field's own rule, written beside it (`field(metadata=...)`): `test(value)` must hold,
+    `says` what it asks; checked when the section is built (Section.__post_init__)."""
+    return {"rule": (test, says, show_value)}
+
+
+POSITIVE = _rule(lambda v: v > 0, "must be positive")
+POSITIVE_SECONDS = _rule(lambda v: v > 0, "must be positive seconds")
+NON_NEGATIVE = _rule(lambda v: v >= 0, "must be >= 0")
+NON_NEGATIVE_SECONDS = _rule(lambda v: v >= 0, "must be >= 0 seconds")
+FRACTION = _rule(lambda v: 0 < v < 1, "must be in (0, 1)")
+FACTOR = _rule(lambda v: 0 < v <= 1, "must be in (0, 1]")
+FOLDER_NAME = _rule(lambda v: v != "" and "/" not in v, "must be a non-empty folder name")
+OPTIONAL_POSITIVE = _rule(lambda v: v is None or v > 0, "must be positive")
+OPTIONAL_NON_NEGATIVE = _rule(lambda v: v is None or v >= 0, "must be >= 0")
+
+
+class Section:
+    """A config section: its fields' rules are checked as it is built (pythae's style), the
+    rules across sections in config_from_dict."""
+    NAME = ""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            test, says, show_value = f.metadata.get("rule", (None, None, None))
+            value = getattr(self, f.name)
+            if test is not None and not test(value):
+                raise ConfigError(f"{self.NAME}.{f.name}: {says}"
+                                  + (f", got {_short(value)}" if show_value else ""))
+
+
 @dataclass
-class DataParams:
+class DataParams(Section):
+    NAME = "data_params"
+
     dataset: Literal["sthv2", "celeba"] = "sthv2"
     """`sthv2` (frames tree or packed shards) or `celeba` (arrays of `prepare_celeba.py`)"""
     data_path: str = ""
     """SthV2: the frames tree (`<video_id>/img_00001.jpg`) or a folder of packed shards;
     CelebA: the folder of `prepare_celeba.py`'s arrays. Must exist"""
-    image_size: int = 256
-    """each frame is resized to this square"""
+    image_size: Optional[int] = field(default=None, metadata=OPTIONAL_POSITIVE)
+    """the seed config's name for `model_params.image_size` (each frame is resized to that
+    square): unset, it is that value; set, it must agree with it"""
     resize: Literal["crop", "stretch"] = "crop"
     """`crop`: the centre square of each frame; `stretch`: the whole frame squeezed to a
     square, as LAQ is trained (`config_vae_sthv2.yaml` uses it). Recorded in the checkpoint;
     `evaluate.py` and `compare_with_laq.py` feed the model the same way. SthV2 only"""
-    train_batch_size: int = 64
+    train_batch_size: int = field(default=64, metadata=POSITIVE)
     """**global** training batch; must divide by the number of processes"""
-    val_batch_size: int = 64
+    val_batch_size: int = field(default=64, metadata=POSITIVE)
     """global validation batch"""
-    num_workers: int = 4
+    num_workers: int = field(default=4, metadata=NON_NEGATIVE)
     """DataLoader workers per process"""
     pin_memory: bool = True
     """pinned host memory (GPU only)"""
     labels_path: str = ""
     """folder with the SthV2 label JSONs; "" = `data_path`"""
-    val_fraction: float = 0.05
+    val_fraction: float = field(default=0.05, metadata=FRACTION)
     """validation share when no label files are found"""
-    frame_stride: int = 1
+    frame_stride: int = field(default=1, metadata=POSITIVE)
     """use every n-th frame of each video (SthV2 neighbours are near duplicates)"""
-    frame_offset: int = 0
+    frame_offset: int = field(default=0, metadata=NON_NEGATIVE)
     """0: single frames. > 0 (latent action models, required there): items are (frame t, frame
     min(t + offset, last)) pairs, the second clamped to the video's last frame as LAQ's loader
     does (LAPA: 30 at 12 fps)"""
     index_cache_dir: str = ""
     """where the frame index is cached; "" = `$XDG_CACHE_HOME/sthv2_frame_index`"""
-    prefetch_factor: int = 4
+    prefetch_factor: int = field(default=4, metadata=POSITIVE)
     """batches prefetched per worker"""
-    worker_timeout: int = 600
+    worker_timeout: int = field(default=600, metadata=NON_NEGATIVE_SECONDS)
     """seconds a DataLoader worker may take for one batch before the run stops with a one-line
     error (a hung file read); 0 = wait forever"""
 
 
 @dataclass
-class ExpParams:
-    LR: float = 1e-4
+class ExpParams(Section):
+    NAME = "exp_params"
+
+    LR: float = field(default=1e-4, metadata=POSITIVE)
     """learning rate"""
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=NON_NEGATIVE)
     """weight decay (decoupled with `adamw`)"""
-    scheduler_gamma: float = 0.95
+    scheduler_gamma: float = field(default=0.95, metadata=FACTOR)
     """ExponentialLR factor, applied once per epoch"""
-    kld_weight: float = 1e-4
+    kld_weight: float = field(default=1e-4, metadata=NON_NEGATIVE)
     """weight of the KL term (see The model)"""
-    max_grad_norm: float = 1.0
-    """gradient clipping norm, 0 = off; must equal `trainer_params.gradient_clip_val`"""
+    max_grad_norm: float = field(default=1.0, metadata=NON_NEGATIVE)
+    """gradient clipping norm, 0 = off (`trainer_params.gradient_clip_val`, if set, must agree)"""
     optimizer: Literal["adam", "adamw"] = "adam"
     """`adam` or `adamw` (fused on GPU)"""
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
     """linear learning-rate warm-up steps"""
     hflip: bool = False
     """random horizontal flips of training frames"""
@@ -104,28 +140,30 @@ class ExpParams:
 
 
 @dataclass
-class TrainerParams:
+class TrainerParams(Section):
     """A step whose gradient is not finite (a non-finite loss makes it so) is skipped (no
     update, decided on the device from the rank-averaged gradient, so every rank skips the
     same steps), counted and logged at the next log step (`train/nonfinite_skipped`); once
     `max_nonfinite_steps` in a row have been seen, the run writes a checkpoint and stops with an
     error naming the step. Steps are never waited for in between: losses, gradient norms and
     these counts are read at log steps only."""
+    NAME = "trainer_params"
 
-    gpus: int = -1
+    gpus: int = field(default=-1, metadata=_rule(lambda v: v >= -1,
+                                                 "must be -1 (all), 0 (CPU) or a count"))
     """GPUs per node for `run_train.sh`: -1 all visible, 0 CPU, N at most N"""
-    max_epochs: int = 200
+    max_epochs: int = field(default=200, metadata=POSITIVE)
     """epochs"""
-    max_steps: int = 0
+    max_steps: int = field(default=0, metadata=NON_NEGATIVE)
     """stop after this many optimizer steps; 0 = no limit"""
-    gradient_clip_val: float = 1.0
-    """same as `exp_params.max_grad_norm` (both kept for compatibility with the original
-    config)"""
-    check_val_every_n_epoch: int = 1
+    gradient_clip_val: Optional[float] = field(default=None, metadata=OPTIONAL_NON_NEGATIVE)
+    """the seed config's name for `exp_params.max_grad_norm`: unset, it is that value; set, it
+    must agree with it"""
+    check_val_every_n_epoch: int = field(default=1, metadata=POSITIVE)
     """validation frequency (and always at the end)"""
-    limit_val_batches: int = 0
+    limit_val_batches: int = field(default=0, metadata=NON_NEGATIVE)
     """validate on this many evenly spread global batches; 0 = the whole split"""
-    log_every_n_steps: int = 50
+    log_every_n_steps: int = field(default=50, metadata=POSITIVE)
     """scalar logging frequency"""
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     """`bf16`, `fp16` (with a grad scaler) or `fp32` autocast on GPU; CPU runs fp32. VAE-GAN
@@ -140,35 +178,39 @@ class TrainerParams:
     """channels-last memory format on GPU; ignored on CPU"""
     deterministic: bool = False
     """`torch.use_deterministic_algorithms(True)`, no cuDNN autotuning"""
-    max_nonfinite_steps: int = 20
+    max_nonfinite_steps: int = field(default=20, metadata=POSITIVE)
     """stop after this many non-finite steps in a row"""
-    stop_within_s: float = 20.0
+    stop_within_s: float = field(default=20.0, metadata=POSITIVE_SECONDS)
     """warn when a stop signal could take longer than this to act on (two steps under DDP, one
     alone, at the measured step time)"""
 
 
 @dataclass
-class LoggingParams:
+class LoggingParams(Section):
     """`wandb: true` mirrors every TensorBoard scalar and image to a Weights & Biases run
     (rank 0 only; `pip install wandb==0.31.0`), with `trainer/step` as every chart's x axis.
     The run's W&B id is kept in `RUN_DIR/wandb_run_id`, so `--resume` continues the same W&B
     run. Compute nodes without internet: `wandb_mode: offline` (or `WANDB_MODE=offline`); the
     run is written under `RUN_DIR/wandb/` and uploaded later from a login node with
     `wandb sync RUN_DIR/wandb/offline-run-*`."""
+    NAME = "logging_params"
 
     save_dir: str = "logs_vae"
     """root of run directories"""
-    name: str = "VanillaVAE_sthv2"
+    name: str = field(default="VanillaVAE_sthv2", metadata=FOLDER_NAME)
     """run directory name"""
-    save_every_n_steps: int = 5000
+    save_every_n_steps: int = field(default=5000, metadata=POSITIVE)
     """checkpoint frequency"""
-    log_images_every_n_steps: int = 5000
+    log_images_every_n_steps: int = field(default=5000, metadata=POSITIVE)
     """image grid frequency (and at the end)"""
-    keep_last_checkpoints: int = 3
+    keep_last_checkpoints: int = field(default=3, metadata=NON_NEGATIVE)
     """`step_*.pt` files kept; 0 = all"""
-    num_image_samples: int = 8
+    num_image_samples: int = field(default=8, metadata=POSITIVE)
     """images per grid"""
-    wandb: bool = False
+    wandb: bool = field(default=False, metadata=_rule(
+        lambda v: not v or importlib.util.find_spec("wandb") is not None,
+        "true needs the wandb package, which is not installed (pip install wandb==0.31.0), or "
+        "set it to false", show_value=False))
     """also log to Weights & Biases (see below)"""
     wandb_project: str = "vae-sthv2"
     """W&B project"""
@@ -319,82 +361,50 @@ def _try_build(params):
 
 
 def _validate(cfg, world_size, check_paths=True):
-    """Range and consistency checks that a type alone cannot express."""
+    """The rules across sections (each section's own rules are beside its fields)."""
     def need(ok, key, message):
         if not ok:
             raise ConfigError(f"{key}: {message}")
 
-    m, d, e, t, lg = (cfg.model_params, cfg.data_params, cfg.exp_params,
-                      cfg.trainer_params, cfg.logging_params)
+    model, data, exp, trainer = (cfg.model_params, cfg.data_params, cfg.exp_params,
+                                 cfg.trainer_params)
     if check_paths:
-        need(d.data_path != "", "data_params.data_path",
+        need(data.data_path != "", "data_params.data_path",
              "missing (the folder of video frame folders)")
-        need(os.path.isdir(d.data_path), "data_params.data_path",
-             f"folder {d.data_path!r} does not exist")
-    if "image_size" in m:
-        need(m["image_size"] == d.image_size, "data_params.image_size",
-             f"{d.image_size} differs from model_params.image_size {m['image_size']}")
-        depth = len(m.get("hidden_dims", []))
-        need(m["image_size"] % 2 ** depth == 0 and m["image_size"] >= 2 ** depth,
+        need(os.path.isdir(data.data_path), "data_params.data_path",
+             f"folder {data.data_path!r} does not exist")
+    if "image_size" in model:
+        need(data.image_size in (None, model["image_size"]), "data_params.image_size",
+             f"{data.image_size} differs from model_params.image_size {model['image_size']}")
+        data.image_size = model["image_size"]                # an alias of the model's
+        depth = len(model.get("hidden_dims", []))
+        need(model["image_size"] % 2 ** depth == 0 and model["image_size"] >= 2 ** depth,
              "model_params.image_size",
-             f"{m['image_size']} is not divisible by 2^len(hidden_dims) = {2 ** depth}")
+             f"{model['image_size']} is not divisible by 2^len(hidden_dims) = {2 ** depth}")
     for key in ("in_channels", "latent_dim"):
-        if key in m:
-            need(m[key] > 0, f"model_params.{key}", f"must be positive, got {m[key]}")
-    if "hidden_dims" in m:
-        need(len(m["hidden_dims"]) > 0 and all(h > 0 for h in m["hidden_dims"]),
+        if key in model:
+            need(model[key] > 0, f"model_params.{key}", f"must be positive, got {model[key]}")
+    if "hidden_dims" in model:
+        need(len(model["hidden_dims"]) > 0 and all(h > 0 for h in model["hidden_dims"]),
              "model_params.hidden_dims", "must be a non-empty list of positive ints")
-    pairs = getattr(_model_class(m.get("name")), "takes_pairs", False)
-    need(d.frame_offset >= 0, "data_params.frame_offset", f"must be >= 0, got {d.frame_offset}")
-    need(d.frame_offset > 0 or not pairs, "data_params.frame_offset",
-         f"{m.get('name')} trains on frame pairs: set the offset between them (LAPA: 30)")
-    need(d.frame_offset == 0 or pairs, "data_params.frame_offset",
-         f"{m.get('name')} trains on single frames: leave it at 0")
-    need(not (pairs and d.dataset == "celeba"), "data_params.dataset",
-         f"{m.get('name')} trains on frame pairs of videos; CelebA holds single images")
-    for key in ("image_size", "train_batch_size", "val_batch_size", "frame_stride",
-                "prefetch_factor"):
-        need(getattr(d, key) > 0, f"data_params.{key}", f"must be positive, got {getattr(d, key)}")
-    need(d.num_workers >= 0, "data_params.num_workers", f"must be >= 0, got {d.num_workers}")
-    need(d.worker_timeout >= 0, "data_params.worker_timeout",
-         f"must be >= 0 seconds, got {d.worker_timeout}")
-    need(not (d.resize == "stretch" and d.dataset == "celeba"), "data_params.resize",
+    name = model.get("name")
+    pairs = getattr(_model_class(name), "takes_pairs", False)
+    need(data.frame_offset > 0 or not pairs, "data_params.frame_offset",
+         f"{name} trains on frame pairs: set the offset between them (LAPA: 30)")
+    need(data.frame_offset == 0 or pairs, "data_params.frame_offset",
+         f"{name} trains on single frames: leave it at 0")
+    need(not (pairs and data.dataset == "celeba"), "data_params.dataset",
+         f"{name} trains on frame pairs of videos; CelebA holds single images")
+    need(not (data.resize == "stretch" and data.dataset == "celeba"), "data_params.resize",
          "applies to SthV2 frames; CelebA arrays were cropped by prepare_celeba.py (--crop)")
-    need(0.0 < d.val_fraction < 1.0, "data_params.val_fraction",
-         f"must be in (0, 1), got {d.val_fraction}")
     for key in ("train_batch_size", "val_batch_size"):
-        batch = getattr(d, key)
+        batch = getattr(data, key)
         need(batch % world_size == 0, f"data_params.{key}",
              f"global batch {batch} is not divisible by the {world_size} processes")
-    need(e.LR > 0, "exp_params.LR", f"must be positive, got {e.LR}")
-    need(e.weight_decay >= 0, "exp_params.weight_decay", f"must be >= 0, got {e.weight_decay}")
-    need(0 < e.scheduler_gamma <= 1, "exp_params.scheduler_gamma",
-         f"must be in (0, 1], got {e.scheduler_gamma}")
-    need(e.kld_weight >= 0, "exp_params.kld_weight", f"must be >= 0, got {e.kld_weight}")
-    need(e.max_grad_norm >= 0, "exp_params.max_grad_norm", f"must be >= 0, got {e.max_grad_norm}")
-    need(e.warmup_steps >= 0, "exp_params.warmup_steps", f"must be >= 0, got {e.warmup_steps}")
-    need(t.gradient_clip_val >= 0, "trainer_params.gradient_clip_val",
-         f"must be >= 0, got {t.gradient_clip_val}")
-    need(e.max_grad_norm == t.gradient_clip_val, "exp_params.max_grad_norm",
-         f"{e.max_grad_norm} disagrees with trainer_params.gradient_clip_val "
-         f"{t.gradient_clip_val}; both set the gradient clipping norm (0 = off)")
-    need(t.gpus >= -1, "trainer_params.gpus", f"must be -1 (all), 0 (CPU) or a count, got {t.gpus}")
-    for key in ("max_epochs", "check_val_every_n_epoch", "log_every_n_steps",
-                "max_nonfinite_steps"):
-        need(getattr(t, key) > 0, f"trainer_params.{key}", f"must be positive, got {getattr(t, key)}")
-    need(t.stop_within_s > 0, "trainer_params.stop_within_s",
-         f"must be positive seconds, got {t.stop_within_s}")
-    for key in ("max_steps", "limit_val_batches"):
-        need(getattr(t, key) >= 0, f"trainer_params.{key}", f"must be >= 0, got {getattr(t, key)}")
-    for key in ("save_every_n_steps", "log_images_every_n_steps", "num_image_samples"):
-        need(getattr(lg, key) > 0, f"logging_params.{key}", f"must be positive, got {getattr(lg, key)}")
-    need(lg.keep_last_checkpoints >= 0, "logging_params.keep_last_checkpoints",
-         f"must be >= 0, got {lg.keep_last_checkpoints}")
-    need(lg.name != "" and "/" not in lg.name, "logging_params.name",
-         f"must be a non-empty folder name, got {_short(lg.name)}")
-    need(not lg.wandb or importlib.util.find_spec("wandb") is not None, "logging_params.wandb",
-         "true needs the wandb package, which is not installed (pip install wandb==0.31.0), "
-         "or set it to false")
+    need(trainer.gradient_clip_val in (None, exp.max_grad_norm), "trainer_params.gradient_clip_val",
+         f"{trainer.gradient_clip_val} disagrees with exp_params.max_grad_norm "
+         f"{exp.max_grad_norm}; both name the gradient clipping norm (0 = off): set one")
+    trainer.gradient_clip_val = exp.max_grad_norm            # an alias of the norm
 
 
 def apply_override(raw, assignment):

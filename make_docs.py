@@ -41,6 +41,9 @@ def key_docs(cls):
 
 
 def type_name(annotation):
+    if typing.get_origin(annotation) is typing.Union:          # Optional[X]
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return f"{type_name(inner[0])} or null"
     if typing.get_origin(annotation) is typing.Literal:
         return " \\| ".join(str(a) for a in typing.get_args(annotation))
     if typing.get_origin(annotation) in (list, typing.List):
@@ -55,6 +58,8 @@ def shown(value):
         value = list(value)
     if isinstance(value, bool):
         return str(value).lower()
+    if value is None:
+        return "unset"
     return '""' if value == "" else str(value)
 
 
@@ -70,8 +75,9 @@ def section_table(name, cls):
     lines += ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rule = f.metadata.get("rule")
         lines.append(f"| `{f.name}` | {type_name(hints[f.name])} | {shown(default)} | "
-                     f"{cell(docs[f.name])} |")
+                     f"{cell(docs[f.name])}{f' ({rule[1]})' if rule else ''} |")
     return lines + [""]
 
 

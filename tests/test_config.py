@@ -66,7 +66,11 @@ def test_demo_config_is_valid(demo_data):
     (lambda c: (c["model_params"].update(image_size=34), c["data_params"].update(image_size=34)),
      "not divisible by 2^len(hidden_dims) = 4"),
     (lambda c: c["trainer_params"].update(precision="bf32"), "trainer_params.precision: expected one of"),
-    (lambda c: c["exp_params"].update(max_grad_norm=0.5), "disagrees with trainer_params.gradient_clip_val"),
+    (lambda c: (c["exp_params"].update(max_grad_norm=0.5),
+                c["trainer_params"].update(gradient_clip_val=1.0)),
+     "trainer_params.gradient_clip_val: 1.0 disagrees with exp_params.max_grad_norm 0.5"),
+    (lambda c: c["trainer_params"].update(gradient_clip_val=-1.0),
+     "trainer_params.gradient_clip_val: must be >= 0, got -1.0"),
     (lambda c: c["model_params"].update(name="NoSuchVAE"), "model_params.name: unknown model"),
     (lambda c: c["data_params"].update(dataset="celeba", resize="stretch"),
      "data_params.resize: applies to SthV2 frames"),
@@ -78,6 +82,29 @@ def test_demo_config_is_valid(demo_data):
 def test_malformed_configs_name_the_key(raw, mutate, expected):
     mutate(raw)
     assert expected in error_of(raw)
+
+
+def test_the_seed_configs_aliases_take_the_value_they_name(raw):
+    """data_params.image_size and trainer_params.gradient_clip_val name model_params.image_size
+    and exp_params.max_grad_norm: unset, they are those values; set, they must agree."""
+    raw["data_params"].pop("image_size", None)
+    raw["trainer_params"].pop("gradient_clip_val", None)
+    raw["exp_params"]["max_grad_norm"] = 0.25
+    cfg = config_from_dict(raw, check_paths=False)
+    assert cfg.data_params.image_size == raw["model_params"]["image_size"]
+    assert cfg.trainer_params.gradient_clip_val == 0.25
+    raw["trainer_params"]["gradient_clip_val"] = 0.25
+    assert config_from_dict(raw, check_paths=False).exp_params.max_grad_norm == 0.25
+
+
+def test_a_range_rule_is_checked_before_the_model_families_load(raw, tmp_path):
+    """Each section's own rules are beside its fields and checked as it is built, so precheck
+    (no torch, no model) reports them too."""
+    from config import precheck
+    raw["trainer_params"]["log_every_n_steps"] = 0
+    with pytest.raises(ConfigError, match=r"trainer_params.log_every_n_steps: must be positive, "
+                                          r"got 0$"):
+        precheck(write_config(tmp_path / "c.yaml", raw))
 
 
 def test_global_batch_must_split_over_processes(raw):
