@@ -141,3 +141,12 @@ def test_every_registered_family_implements_the_model_interface():
         assert recon.shape == reconstruction_target(x).shape == model.reconstruct(x).shape, name
         assert all(v.shape == (2,) for v in metrics.values()), name
         assert isinstance(model.noise_dim, int) and isinstance(model.not_applicable, dict), name
+        draw = lambda seed: model.sample(2, "cpu", torch.Generator().manual_seed(seed))  # noqa: E731
+        if model.takes_pairs:        # a draw of the action latent, decoded with each pair
+            generated = model.decode_latent(x, draw(0))
+        else:                        # images in [-1, 1]
+            generated = draw(0)
+            assert generated.abs().max() <= 1 + 1e-6, name
+        assert generated.shape == model.reconstruct(x).shape, name
+        assert torch.isfinite(generated).all(), name
+        assert torch.equal(draw(0), draw(0)) and not torch.equal(draw(0), draw(1)), name
