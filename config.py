@@ -9,36 +9,16 @@ family declares its own keys in one place.
 import dataclasses
 import importlib.util
 import inspect
-import math
 import os
-import re
-import reprlib
 import typing
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Literal, Optional
 
 import yaml
 
+from config_types import check_type, parse_yaml, short
 from errors import ConfigError
 from files import open_regular
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads `1e-4` as a float (PyYAML's YAML 1.1 rules read it as a string)."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-                  |\.[0-9_]+(?:[eE][-+][0-9]+)?
-                  |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
-    list("-+0123456789."),
-)
-
-
-def parse_yaml(text):
-    return yaml.load(text, Loader=_Loader)
 
 
 def _rule(test, says, show_value=True):
@@ -69,7 +49,7 @@ class Section:
             value = getattr(self, f.name)
             if test is not None and not test(value):
                 raise ConfigError(f"{self.NAME}.{f.name}: {says}"
-                                  + (f", got {_short(value)}" if show_value else ""))
+                                  + (f", got {short(value)}" if show_value else ""))
 
 
 @dataclass
@@ -254,41 +234,6 @@ SECTIONS = {"data_params": DataParams, "exp_params": ExpParams,
             "trainer_params": TrainerParams, "logging_params": LoggingParams}
 
 
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 2, 60, 60, 4, 4
-
-
-def _short(value):
-    """A bounded repr for messages: a YAML alias bomb must not be expanded to print it."""
-    return _REPR.repr(value)
-
-
-def _check_type(value, annotation, key):
-    """Return value converted to `annotation` (int -> float only), or raise ConfigError."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin is typing.Union:                          # Optional[X]
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _check_type(value, inner[0], key)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{key}: expected one of {list(args)}, got {_short(value)}")
-        return value
-    if origin in (list, List):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {_short(value)}")
-        return [_check_type(v, args[0], f"{key}[{i}]") for i, v in enumerate(value)]
-    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: must be a finite number, got {_short(value)}")
-        return float(value)
-    if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):
-        raise ConfigError(f"{key}: expected {annotation.__name__}, got "
-                          f"{type(value).__name__} {_short(value)}")
-    return value
-
-
 def _model_class(name):
     from models import MODELS
     return MODELS.get(name)
@@ -297,7 +242,7 @@ def _model_class(name):
 def _model_schema(name):
     from models import MODELS
     if name not in MODELS:
-        raise ConfigError(f"model_params.name: unknown model {_short(name)}; "
+        raise ConfigError(f"model_params.name: unknown model {short(name)}; "
                           f"choose one of {sorted(MODELS)}")
     cls = MODELS[name]
     hints = typing.get_type_hints(cls.__init__)
@@ -311,13 +256,13 @@ def _build_section(cls, raw, section):
     for key in raw:
         if key not in known:
             raise ConfigError(f"{section}.{key}: unknown key (known: {', '.join(sorted(known))})")
-    return cls(**{k: _check_type(v, hints[k], f"{section}.{k}") for k, v in raw.items()})
+    return cls(**{k: check_type(v, hints[k], f"{section}.{k}") for k, v in raw.items()})
 
 
 def _build_model_params(raw):
     if "name" not in raw:
         raise ConfigError("model_params.name: missing (the model to train)")
-    name = _check_type(raw["name"], str, "model_params.name")
+    name = check_type(raw["name"], str, "model_params.name")
     schema = _model_schema(name)
     params = {"name": name}
     for key, value in raw.items():
@@ -326,7 +271,7 @@ def _build_model_params(raw):
         if key not in schema:
             raise ConfigError(f"model_params.{key}: unknown key for {name} "
                               f"(known: {', '.join(sorted(schema))})")
-        params[key] = _check_type(value, schema[key][0], f"model_params.{key}")
+        params[key] = check_type(value, schema[key][0], f"model_params.{key}")
     for key, (_, default) in schema.items():
         if key not in params:
             if default is inspect.Parameter.empty:
@@ -410,11 +355,11 @@ def _validate(cfg, world_size, check_paths=True):
 def apply_override(raw, assignment):
     """Apply one `SECTION.KEY=VALUE` to the raw dict; VALUE is read as YAML."""
     if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
-        raise ConfigError(f"--set {_short(assignment)}: expected SECTION.KEY=VALUE")
+        raise ConfigError(f"--set {short(assignment)}: expected SECTION.KEY=VALUE")
     path, value = assignment.split("=", 1)
     section, key = path.split(".", 1)
     if section not in raw and section not in SECTIONS and section != "model_params":
-        raise ConfigError(f"--set {path}: unknown section {_short(section)}")
+        raise ConfigError(f"--set {path}: unknown section {short(section)}")
     raw.setdefault(section, {})[key] = parse_yaml(value) if value != "" else ""
 
 
@@ -447,7 +392,7 @@ def check_sections(raw):
         if section not in raw:
             raise ConfigError(f"{section}: missing section")
         if not isinstance(raw[section], dict):
-            raise ConfigError(f"{section}: expected a mapping of keys, got {_short(raw[section])}")
+            raise ConfigError(f"{section}: expected a mapping of keys, got {short(raw[section])}")
     return raw, {s: _build_section(cls, raw[s], s) for s, cls in SECTIONS.items()}
 
 
