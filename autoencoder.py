@@ -2,7 +2,8 @@
 optional parts.
 
 The training loop (training.py), the step engine (trainer.py), evaluate.py and
-compare_with_laq.py use a model only through these members. A family subclasses Autoencoder,
+compare_with_laq.py use a model only through these members; the Gaussian KL and the code
+perplexity the families share are at the end. A family subclasses Autoencoder,
 implements the five methods that raise NotImplementedError, overrides what it does differently,
 and is added to models.MODELS; its constructor arguments become the keys of model_params.
 Images are float tensors in [-1, 1], (B, C, S, S); a family with `takes_pairs` takes frame pairs
@@ -86,3 +87,15 @@ class Autoencoder(nn.Module):
     def before_step(self, step: int) -> None:
         """Called before optimizer step `step` (0-based), on every rank alike (latent action
         models refill unused codes here)."""
+
+
+def gaussian_kl(mu, logvar):
+    """KL(N(mu, sigma^2) || N(0, I)) per item in nats, summed over every dimension after the
+    first (>= 0)."""
+    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).flatten(1).sum(1)
+
+
+def perplexity(counts):
+    """exp(entropy) of the code distribution given by `counts` (codes never used count 0)."""
+    p = counts.float() / counts.sum()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())

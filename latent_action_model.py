@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoencoder import Autoencoder
+from autoencoder import Autoencoder, gaussian_kl, perplexity
 from collectives import all_reduce
 
 CODE_GRIDS = {1: (1, 1), 2: (2, 1), 4: (2, 2), 16: (4, 4), 64: (8, 8), 256: (16, 16)}
@@ -364,9 +364,7 @@ class LatentActionModel(Autoencoder):
         recon_loss = F.mse_loss(recon.float(), target.float())
         if self.bottleneck == "nsvq":
             usage = torch.bincount(info["codes"].reshape(-1), minlength=self.codebook_size)
-            p = usage.float() / usage.sum()
-            perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
-            return {"loss": recon_loss, "recon_loss": recon_loss, "perplexity": perplexity,
+            return {"loss": recon_loss, "recon_loss": recon_loss, "perplexity": perplexity(usage),
                     "codes_in_batch": (usage > 0).sum().float(),
                     "codes_refilled": self.codes_refilled.float()}
         kl = gaussian_kl_bits(info["mu"].float(), info["logvar"].float())
@@ -463,4 +461,4 @@ class LatentActionModel(Autoencoder):
 
 def gaussian_kl_bits(mu, logvar):
     """KL(N(mu, sigma^2) || N(0, I)) per pair in bits, summed over positions and dimensions."""
-    return -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).flatten(1).sum(1) / math.log(2)
+    return gaussian_kl(mu, logvar) / math.log(2)

@@ -29,10 +29,9 @@ import zipfile
 import torch
 import torch.nn as nn
 
-from autoencoder import Autoencoder
+from autoencoder import Autoencoder, gaussian_kl
 from errors import PythaeError
 from files import open_regular as open_regular_file
-from vanilla_vae_model import gaussian_kl
 
 HUB_PREFIX = "hf:"
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pck", ".dill")

@@ -114,7 +114,7 @@ class Tracker:
 def start_wandb(cfg):
     """The W&B run of this run directory: a new one the first time, the same one after."""
     import wandb
-    lg = cfg.logging_params
+    logging_params = cfg.logging_params
     id_file = os.path.join(cfg.run_dir, "wandb_run_id")
     if os.path.isfile(id_file):
         with open(id_file) as f:
@@ -124,9 +124,11 @@ def start_wandb(cfg):
         with atomic_write(id_file, "w") as f:
             f.write(run_id + "\n")
     try:
-        run = wandb.init(project=lg.wandb_project, entity=lg.wandb_entity or None,
-                         name=lg.wandb_run_name or lg.name, id=run_id, resume="allow",
-                         dir=cfg.run_dir, config=cfg.to_dict(), mode=lg.wandb_mode or None)
+        run = wandb.init(project=logging_params.wandb_project,
+                         entity=logging_params.wandb_entity or None,
+                         name=logging_params.wandb_run_name or logging_params.name, id=run_id,
+                         resume="allow", dir=cfg.run_dir, config=cfg.to_dict(),
+                         mode=logging_params.wandb_mode or None)
     except Exception as e:                    # no login, no network, a refused project ...
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
         raise TrainingError(f"Weights & Biases could not start ({type(e).__name__}: {reason}); "

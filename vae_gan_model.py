@@ -21,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from autoencoder import gaussian_kl
 from collectives import all_reduce_mean
-from vanilla_vae_model import VanillaVAE, gaussian_kl, output_grid
+from vanilla_vae_model import VanillaVAE, output_grid
 
 
 class BatchStatNorm(nn.BatchNorm2d):

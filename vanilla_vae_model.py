@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoencoder import Autoencoder
+from autoencoder import Autoencoder, gaussian_kl
 
 
 def conv_block(in_ch, out_ch):
@@ -32,11 +32,6 @@ def output_grid(image_size, depth):
         raise ValueError(f"image_size {image_size} is not divisible by 2^{depth} "
                          f"(one halving per hidden dim)")
     return grid
-
-
-def gaussian_kl(mu, logvar):
-    """KL(N(mu, sigma^2) || N(0, I)) per image, summed over latent dimensions (>= 0)."""
-    return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
 class VanillaVAE(Autoencoder):

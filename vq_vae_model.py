@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from autoencoder import Autoencoder
+from autoencoder import Autoencoder, perplexity
 from collectives import all_reduce, broadcast
 from vanilla_vae_model import conv_block, deconv_block, output_grid
 
@@ -135,10 +135,8 @@ class VQVAE(Autoencoder):
             recon_loss = F.mse_loss(recon.float(), x.float())
         vq = vq_loss.mean()
         usage = torch.bincount(codes.flatten(), minlength=self.num_embeddings).float()
-        p = usage / usage.sum()
-        perplexity = torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
         return {"loss": recon_loss + vq, "recon_loss": recon_loss, "vq_loss": vq,
-                "perplexity": perplexity,
+                "perplexity": perplexity(usage),
                 "codebook_usage": (usage > 0).float().mean()}
 
     @torch.no_grad()
