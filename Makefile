@@ -8,7 +8,7 @@ DEMO_RUN := logs_demo/VanillaVAE_demo
 DEMO_ARGS ?=         # extra training arguments, e.g. DEMO_ARGS="--set trainer_params.max_epochs=2"
 DEMO_DATA_ARGS ?=    # extra make_demo_data.py arguments, e.g. DEMO_DATA_ARGS="--videos 64"
 
-.PHONY: demo test venv venv-dev clean-demo
+.PHONY: demo test test-fast venv venv-dev clean-demo
 
 venv: $(VENV)/.runtime            # what the scripts need
 venv-dev: $(VENV)/.dev            # + what the tests need
@@ -42,6 +42,9 @@ demo: venv $(DEMO_DATA)/something-something-v2-train.json
 
 test: venv-dev
 	$(PY) -m pytest -q -n 2 --dist worksteal tests
+
+test-fast: venv-dev               # the edit loop: every test not marked slow, under a minute
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 clean-demo:                       # what make demo and the README's demo commands write
 	rm -rf $(DEMO_DATA) logs_demo eval_demo demo_laq compare_demo report_out

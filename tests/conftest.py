@@ -20,6 +20,11 @@ sys.path.insert(0, ROOT)
 from make_demo_data import make_demo_data  # noqa: E402
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: a test that starts processes or trains for "
+                                       "seconds (make test-fast leaves these out)")
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
     """6 videos x 10 frames in the SthV2 layout, with label files (4 train / 2 val)."""

@@ -70,6 +70,7 @@ def test_prepare_writes_arrays_and_reports_bad_files(celeba, tmp_path):
         CelebAArrays(str(out / "train_data.npy"), 64)
 
 
+@pytest.mark.slow
 def test_interrupted_run_resumes_from_finished_chunks(celeba, tmp_path):
     out, chunks = tmp_path / "out", tmp_path / "chunks"
     args = ["--src", str(celeba), "-o", str(out), "--image-size", "32", "--chunk-size", "5",

@@ -185,6 +185,7 @@ def test_a_fifo_given_as_a_checkpoint_is_one_line_at_every_entry_point(demo_data
         result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_a_compressed_record_is_refused_before_anything_is_inflated(
         tmp_path):
     """A 4-byte tensor whose record is 300 MB of deflated zeros (300 KB on disk): torch would

@@ -70,6 +70,7 @@ def test_quantizer_asks_for_cuda_and_is_redirected():
     assert model.vq.codebooks.device.type == "cpu" and model.vq.codebooks_used.device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, demo_data, tmp_path):
     out = tmp_path / "cmp"
     result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
@@ -118,6 +119,7 @@ def test_pairs_from_the_validation_split(trained_checkpoint, laq_checkpoint, dem
     assert float(((recon[0] - frames[1]) ** 2).mean()) == pytest.approx(float(row["laq_mse"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_seed_one_line_form_with_an_installed_laq_model(trained_checkpoint, tmp_path):
     """`--vae V --laq L --image IMG --output DIR`, LAQ found on the path, LAPA's hyperparameters."""
     torch.manual_seed(1)
@@ -143,6 +145,7 @@ def test_seed_one_line_form_with_an_installed_laq_model(trained_checkpoint, tmp_
     assert report["rfid"] == {"backbone": "skipped with --fid none"}
 
 
+@pytest.mark.slow
 def test_laqs_own_pairs_are_one_per_video_with_the_second_frame_clamped(
         trained_checkpoint, laq_checkpoint, demo_data, tmp_path):
     """--pairs laq (the default): one pair per video, the first frame anywhere in it, the second
@@ -209,6 +212,7 @@ def test_missing_model_dependency_is_named_as_laqs(monkeypatch):
         laq_loader.import_laq_class(os.path.join(STANDIN, "laq_model"))
 
 
+@pytest.mark.slow
 def test_pairs_come_from_the_vae_runs_own_split(trained_checkpoint, laq_checkpoint, demo_data,
                                                 tmp_path):
     """Label files in their own folder (the usual SthV2 layout): the comparison must use the
@@ -356,6 +360,7 @@ def test_a_deeper_checkpoint_is_refused_naming_its_extra_blocks(laq_checkpoint, 
     assert torch.equal(model.state_dict()["enc.1.0.weight"], deeper["enc.1.0.weight"])
 
 
+@pytest.mark.slow
 def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint, demo_data,
                                               tmp_path):
     """Defaults (each model fed as trained), LAQ's training videos left out, the probe, the
@@ -473,6 +478,7 @@ def lam_comparison(trained_checkpoint, laq_checkpoint, action_models, demo_data,
     return out, result
 
 
+@pytest.mark.slow
 def test_latent_action_models_are_extra_rows_of_the_same_comparison(
         trained_checkpoint, laq_checkpoint, action_models, lam_comparison, tmp_path):
     out, result = lam_comparison
@@ -545,6 +551,7 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     assert not (tmp_path / "wrong").exists()
 
 
+@pytest.mark.slow
 def test_a_grey_latent_action_model_is_fed_grey_frames_and_scored_on_the_colour_target(
         trained_checkpoint, laq_checkpoint, demo_data, tmp_path):
     """channels: 1 (LAQ's key): the comparison feeds the model PIL's luminance of the frames
@@ -582,6 +589,7 @@ def test_a_grey_latent_action_model_is_fed_grey_frames_and_scored_on_the_colour_
     assert mse == pytest.approx(float(row["lam_grey_mse"]), rel=1e-4)
 
 
+@pytest.mark.slow
 def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
         lam_comparison, tmp_path):
     """Four comparisons made from one real output: the same settings at seeds 1 and 2 (PSNR

@@ -43,6 +43,7 @@ def config(demo_data, tmp_path, name, **overrides):
             "logging_params.save_every_n_steps": 3, "exp_params.hflip": True, **overrides}))
 
 
+@pytest.mark.slow
 def test_two_rank_run_logs_and_checkpoints_once_and_matches_one_process(demo_data, tmp_path):
     """With sync_batchnorm, 2 ranks x 8 frames == 1 process x 16 frames, to float tolerance;
     without it each rank normalises its own 8 frames and the runs drift apart."""

@@ -19,6 +19,7 @@ def evaluate_cli(*args, env=None):
     return run_in_process("evaluate.py", *args, *fid, "--device", "cpu", "--workers", "0", env=env)
 
 
+@pytest.mark.slow
 def test_evaluate_writes_metrics_csv_and_reconstructions(trained_checkpoint, demo_data, tmp_path):
     out = tmp_path / "eval"
     result = evaluate_cli("--checkpoint", trained_checkpoint, "--output", str(out),

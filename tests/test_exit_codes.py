@@ -57,6 +57,7 @@ SCRIPTS = ["train_single_gpu.py", "train_ddp.py", "test_setup.py", "evaluate.py"
            "make_docs.py"]
 
 
+@pytest.mark.slow
 def test_every_script_answers_help_before_torch_is_imported_in_whole_sentences(tmp_path):
     """--help is parsed before torch is imported (a torch that cannot be imported stands in for
     the 30 s it takes under load), and its description ends a sentence."""

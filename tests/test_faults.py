@@ -66,6 +66,7 @@ def config_dict(demo_data, save_dir, name, **overrides):
         "trainer_params.max_epochs": 100, **overrides})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_stop_signal_saves_exits_75_and_resumes_exactly(sig, reference, demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "run"))
@@ -105,6 +106,7 @@ if os.environ.get("HALF_WRITE_FIFO"):
 """
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_a_checkpoint_loses_nothing(demo_data, tmp_path):
     """kill -9 of the run while a checkpoint is half written, twice (the run waits there and
     says so through a FIFO): every file left loads, the third start resumes and ends with the
@@ -180,6 +182,7 @@ def ddp_reference(demo_data, tmp_path_factory):
     return final_weights(save_dir, "ref")
 
 
+@pytest.mark.slow
 def test_killed_torchrun_worker_restarts_and_resumes(ddp_reference, demo_data, tmp_path):
     path = write_config(tmp_path / "run.yaml", config_dict(
         demo_data, str(tmp_path), "run", **DDP, **{"logging_params.save_every_n_steps": 5}))
@@ -195,6 +198,7 @@ def test_killed_torchrun_worker_restarts_and_resumes(ddp_reference, demo_data, t
     assert "[rank0]:" not in out and "Traceback" not in out.split("resuming from")[0]
 
 
+@pytest.mark.slow
 def test_a_rank_that_cannot_write_the_checkpoint_ends_every_rank_in_one_line_each(
         demo_data, tmp_path):
     """Rank 0 cannot write the checkpoint (a full disk): it says so, and rank 1, waiting for it
@@ -223,6 +227,7 @@ def test_a_rank_that_cannot_write_the_checkpoint_ends_every_rank_in_one_line_eac
     assert torch.load(last, weights_only=True)["step"] == 4
 
 
+@pytest.mark.slow
 def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{"data_params.train_batch_size": 16,
@@ -243,6 +248,7 @@ def test_signal_to_one_rank_stops_every_rank_at_the_same_step(demo_data, tmp_pat
     assert ckpt["step"] == step and len(ckpt["rng"]) == 2     # both ranks reached the save
 
 
+@pytest.mark.slow
 def test_full_disk_is_a_clear_error_and_keeps_the_previous_checkpoint(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{"trainer_params.max_steps": 10}))
@@ -315,6 +321,7 @@ def test_malicious_checkpoint_is_refused_for_resume(demo_data, tmp_path):
     assert not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bit_identical_weights(reference, demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(demo_data, str(tmp_path), "again", **{
         "trainer_params.deterministic": True}))
@@ -325,6 +332,7 @@ def test_same_seed_gives_bit_identical_weights(reference, demo_data, tmp_path):
 
 # --- hostile-cluster faults ------------------------------------------------------------
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_data, tmp_path):
     """A terminal's Ctrl-C reaches the DataLoader workers too: they must not die of it."""
     path = write_config(tmp_path / "c.yaml", config_dict(
@@ -342,6 +350,7 @@ def test_ctrl_c_to_the_process_group_saves_and_resumes_exactly(reference, demo_d
     assert_same(final_weights(str(tmp_path), "run"), reference)
 
 
+@pytest.mark.slow
 def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(
         ddp_reference, demo_data, tmp_path):
     """The run's name ends in a space: run_train.sh finds its stopped.json all the same."""
@@ -362,6 +371,7 @@ def test_sigterm_to_run_train_sh_under_torchrun_exits_75_and_resumes_exactly(
     assert_same(final_weights(str(tmp_path), "run "), ddp_reference)
 
 
+@pytest.mark.slow
 def test_a_second_start_into_a_running_run_is_refused_and_touches_nothing(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{"trainer_params.max_steps": 2000}))
@@ -427,6 +437,7 @@ def test_resume_refuses_changed_data_corrupt_checkpoints_and_strangers(demo_data
         ck.load_training_checkpoint(str(tmp_path / "odd.pt"))
 
 
+@pytest.mark.slow
 def test_a_worker_that_hangs_is_reported_not_waited_for(demo_data, tmp_path):
     import shutil
     data = tmp_path / "data"
@@ -461,6 +472,7 @@ SLOW_STEPS = """\
     module.Trainer.step = slow_step"""
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
         demo_data, tmp_path, sig):
@@ -490,6 +502,7 @@ def test_a_stop_under_torchrun_is_saved_within_its_bound_however_slow_the_steps(
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == stopped
 
 
+@pytest.mark.slow
 def test_a_resume_on_fewer_videos_makes_progress_and_one_on_another_batch_is_refused(
         demo_data, tmp_path):
     """Stopped 4 steps into an epoch of 5; with 2 of the 4 train videos gone an epoch has 2
@@ -555,6 +568,7 @@ def test_a_stop_at_a_periodic_save_step_writes_one_checkpoint(demo_data, tmp_pat
     assert torch.load(tmp_path / "run/checkpoints/last.pt", weights_only=True)["step"] == 4
 
 
+@pytest.mark.slow
 def test_a_cpu_resume_with_another_thread_count_says_it_is_not_exact(demo_data, tmp_path):
     from config import config_from_dict
     from runtime import Runtime
@@ -642,6 +656,7 @@ def own_signal_handlers():
         signal.signal(s, h)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_a_stop_while_waiting_for_a_batch_is_saved_before_another_step_and_resumes_exactly(
         workers, reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
@@ -714,6 +729,7 @@ def test_a_second_ctrl_c_after_the_save_does_not_abort_the_stop(demo_data, tmp_p
     assert json.loads((tmp_path / "run" / "stopped.json").read_text())["step"] == 3
 
 
+@pytest.mark.slow
 def test_a_data_worker_killed_by_the_kernel_saves_and_says_so_in_one_line(
         reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
     """SIGKILL to the DataLoader workers (what the OOM killer sends) after step 3: the run saves
@@ -804,6 +820,7 @@ def test_a_full_disk_for_tensorboard_and_image_grids_warns_once_and_training_goe
     assert {1, 2, 10, 11, 12} <= logged, logged
 
 
+@pytest.mark.slow
 def test_a_resume_from_a_checkpoint_at_an_epoch_end_goes_on_exactly(
         reference, demo_data, tmp_path, monkeypatch, own_signal_handlers):
     """Saved at step 5, the last of epoch 1 (5 steps an epoch), before the epoch is counted

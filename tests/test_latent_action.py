@@ -60,6 +60,7 @@ def laq_parameter_count(dim, quant_dim, codebook_size, image_size, patch_size, s
     return embed + position_bias + encoder + decoder + action + to_pixels
 
 
+@pytest.mark.slow
 def test_parameter_count_at_lapas_settings_is_laqs_hand_count():
     """Every parameter accounted for: the hand count from LAQ's architecture, which for LAPA's
     code gives the 343,796,080 measured on it; the model here has neither the LayerNorm biases
@@ -238,6 +239,7 @@ def final(tmp_path, name):
                       weights_only=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bottleneck", ["nsvq", "gaussian"])
 def test_two_processes_train_exactly_like_one(demo_data, tmp_path, bottleneck):
     """12 steps over a code refill (step 10): 2 ranks x 8 pairs == 1 process x 16 pairs. The
@@ -282,6 +284,7 @@ def test_two_processes_train_exactly_like_one(demo_data, tmp_path, bottleneck):
     assert {"images/reconstructions", "images/samples"} <= set(events.Tags()["images"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bottleneck", ["nsvq", "gaussian"])
 def test_resume_is_exact(demo_data, tmp_path, bottleneck):
     def cfg(name, steps):

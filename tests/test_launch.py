@@ -4,6 +4,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from conftest import (HANG_GUARD, ROOT, run_in_process, run_script, tiny_config, trainer_hook,
@@ -17,6 +18,7 @@ def shell(*args, env=None):
                           env={**os.environ, "PYTHON": sys.executable, **(env or {})})
 
 
+@pytest.mark.slow
 def test_run_train_sh_trains_in_one_process_without_gpus(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(
         demo_data, str(tmp_path / "logs"), **{"trainer_params.max_steps": 3}))
@@ -26,6 +28,7 @@ def test_run_train_sh_trains_in_one_process_without_gpus(demo_data, tmp_path):
     assert (tmp_path / "logs/run/checkpoints/vae_final.pt").exists()
 
 
+@pytest.mark.slow
 def test_run_train_sh_takes_paths_from_where_it_is_called(demo_data, tmp_path):
     """A SLURM job submitted from its own folder: a relative config, and relative paths in it,
     are the caller's, as with python train_single_gpu.py."""
@@ -39,6 +42,7 @@ def test_run_train_sh_takes_paths_from_where_it_is_called(demo_data, tmp_path):
     assert not os.path.exists(os.path.join(ROOT, "logs", "run"))
 
 
+@pytest.mark.slow
 def test_run_train_sh_checks_the_config_before_launching(demo_data, tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(
         demo_data, str(tmp_path / "logs"), **{"trainer_params.gpus": "all"}))
@@ -83,6 +87,7 @@ RANK_STATES = """\
 BATCHNORM_STATISTICS = re.compile(r"running_(mean|var)$|num_batches_tracked$")
 
 
+@pytest.mark.slow
 def test_vq_vae_and_vae_gan_train_under_torchrun_with_the_same_weights_on_every_rank(
         demo_data, tmp_path):
     """VQ-VAE syncs its EMA codebook inside forward; VAE-GAN's three groups are averaged over

@@ -165,6 +165,7 @@ def test_vq_vae_config_rejects_gaussian_keys(demo_data, tmp_path):
     assert isinstance(build_model({"name": "VQVAE", **FAMILY["VQVAE"]}), VQVAE)
 
 
+@pytest.mark.slow
 def test_three_optimizer_resume_is_exact(demo_data, tmp_path):
     def config(name, steps):
         return write_config(tmp_path / f"{name}.yaml", family_config(

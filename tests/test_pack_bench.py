@@ -163,6 +163,7 @@ def test_training_ready_shards_serve_the_frames_the_tree_path_produces(demo_data
     assert torch.load(final, weights_only=True)["step"] == 3
 
 
+@pytest.mark.slow
 def test_bench_train_and_data_print_their_json_line(demo_data, tmp_path):
     train = run_in_process("bench.py", "train", "--config",
                            os.path.join(ROOT, "configs", "demo.yaml"), "--steps", "2", "--warmup",

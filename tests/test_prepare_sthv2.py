@@ -123,6 +123,7 @@ def run_prepare(download, out, *args):
                           str(BROKEN_OK), *args)
 
 
+@pytest.mark.slow
 def test_frames_tree_names_unreadable_videos_and_trains_like_extracted_frames(download, tmp_path):
     result = run_prepare(download, tmp_path / "tree", "--frames", "-j", "2")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -155,6 +156,7 @@ def test_frames_tree_names_unreadable_videos_and_trains_like_extracted_frames(do
                for k in ("numbers", "offsets", "start", "length", "crc32"))
 
 
+@pytest.mark.slow
 def test_webm_to_training_ready_shards_to_training(download, tmp_path):
     from config import config_from_dict
     from runtime import Runtime
@@ -211,6 +213,7 @@ def same_output(straight, out):
     return names
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds the workers through /proc")
 @pytest.mark.parametrize("mode", ["--frames", "--shards"])
 def test_kill_9_of_the_main_process_alone_resumes_to_the_output_of_an_uninterrupted_run(
@@ -313,6 +316,7 @@ ctypes.CDLL = CDLL
 '''
 
 
+@pytest.mark.slow
 def test_auto_takes_the_decoder_that_decodes_when_torchcodec_imports_but_cannot_load_ffmpeg(
         download, tmp_path):
     """On any machine: torchcodec's FFmpeg libraries made unloadable, as on a machine without
@@ -344,6 +348,7 @@ def test_auto_takes_the_decoder_that_decodes_when_torchcodec_imports_but_cannot_
     assert "libavutil.so.58" in lines[0] and not (tmp_path / "forced" / "1000").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["frames", "shards"])
 def test_a_decoder_that_fails_on_most_videos_fails_the_run_and_a_rerun_continues(
         download, tmp_path, monkeypatch, capsys, mode):

@@ -47,6 +47,7 @@ def pair_features(root, video_ids, seed):
     return {"motion": np.array(motion), "colour": np.array(colour)}, np.array(labels)
 
 
+@pytest.mark.slow
 def test_demo_labels_follow_the_motion_and_the_probe_sees_it(motion_data):
     ids = {split: [e["id"] for e in json.load(open(os.path.join(
         motion_data, f"something-something-v2-{name}.json")))]

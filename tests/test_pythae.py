@@ -287,6 +287,7 @@ def hub_cache(cache, repo, folder, commit="0" * 40):
         os.symlink(os.path.relpath(blob, snapshot), snapshot / name)
 
 
+@pytest.mark.slow
 def test_hub_models_load_from_the_cache_offline_and_say_how_to_fetch_otherwise(vae_folder,
                                                                              tmp_path, monkeypatch):
     huggingface_hub = pytest.importorskip("huggingface_hub")
@@ -525,6 +526,7 @@ def test_hub_errors_name_their_own_cause_in_whole(monkeypatch):
         pythae_adapter.hub_folder("hf:someone/model")
 
 
+@pytest.mark.slow
 def test_the_docs_hub_example_scores_a_reproduced_mnist_model_and_checks_its_blobs(
         tmp_path, monkeypatch):
     """docs/evaluation.md's example as written, on a cache laid out as huggingface_hub lays it

@@ -133,6 +133,7 @@ def repo_copy(dest):
     os.symlink(os.path.join(ROOT, ".venv"), os.path.join(dest, ".venv"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isfile(os.path.join(ROOT, ".venv", "bin", "python")),
                     reason="needs the project's .venv (make venv-dev)")
 def test_make_demo_and_the_commands_after_it_work_from_a_fresh_shell(tmp_path):

@@ -15,6 +15,7 @@ from training import train
 wandb = pytest.importorskip("wandb")
 
 
+@pytest.mark.slow
 def test_wandb_offline_mirrors_tensorboard_and_resumes_the_same_run(demo_data, tmp_path,
                                                                    monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")

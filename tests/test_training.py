@@ -89,6 +89,7 @@ def test_a_run_outside_a_git_checkout_says_so(tmp_path):
     assert git_state(str(tmp_path)) == {"commit": None, "note": "not a git checkout"}
 
 
+@pytest.mark.slow
 def test_resumed_run_ends_bit_identical_to_an_uninterrupted_one(demo_data, tmp_path):
     """Also from a checkpoint in the layout written before optimizer states were stored by
     group (one optimizer's state as it is)."""
