@@ -205,26 +205,22 @@ def test_a_rank_that_cannot_write_the_checkpoint_ends_every_rank_in_one_line_eac
     in a collective, says in one line that its peer ended, not with gloo's traceback."""
     path = write_config(tmp_path / "c.yaml", config_dict(
         demo_data, str(tmp_path), "run", **{**DDP, "trainer_params.max_steps": 4}))
-    assert run_in_process(*cli("--config", path)[1:]).returncode == 0
-    last = tmp_path / "run/checkpoints/last.pt"
-    size = last.stat().st_size
 
-    def small_disk():                         # files may not grow past half a checkpoint
-        resource.setrlimit(resource.RLIMIT_FSIZE, (size // 2, size // 2))
+    def small_disk():           # files may not grow past 100 kB: a checkpoint here is ~190 kB
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
 
-    cmd = torchrun(path) + ["--set", "trainer_params.max_steps=8", "--resume", "auto"]
-    result = subprocess.run([c for c in cmd if c != "--max-restarts=1"], cwd=ROOT,
+    result = subprocess.run([c for c in torchrun(path) if c != "--max-restarts=1"], cwd=ROOT,
                             capture_output=True, text=True, preexec_fn=small_disk,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=HANG_GUARD)
     assert result.returncode != 0
     ours = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(ours) == 2, result.stderr[-4000:]
-    assert ours[0].startswith("error: step 8: cannot write checkpoint") or \
-        ours[1].startswith("error: step 8: cannot write checkpoint"), ours
-    assert any(line.startswith("error: rank 1: another process of the run ended or stopped answering (gloo: ")
-               and "are intact" in line for line in ours), "\n".join(ours)
+    assert any(line.startswith("error: step 4: cannot write checkpoint") for line in ours), ours
+    assert any(line.startswith("error: rank 1: another process of the run ended or stopped "
+                               "answering (gloo: ") and "are intact" in line for line in ours), ours
     assert "[rank1]:" not in result.stderr and "[rank0]:" not in result.stderr
-    assert torch.load(last, weights_only=True)["step"] == 4
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert not glob.glob(str(checkpoints / "*.tmp.*")) and not (checkpoints / "last.pt").exists()
 
 
 @pytest.mark.slow
