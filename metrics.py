@@ -19,6 +19,7 @@ this project is computed the same way. Images enter as float tensors in [0, 1], 
         targets and of the reconstructions; images resized to 299 px by piq. A set-level
         number, biased upwards for small sets: compare rFIDs over the same number of images
 """
+import contextlib
 import math
 import os
 import warnings
@@ -48,6 +49,20 @@ def lpips_backbone_file(net):
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
 
+def seeded(untrained):
+    """An untrained backbone is initialised from seed 0, so that its numbers repeat from run to
+    run, without touching the caller's random state; a no-op otherwise."""
+    if not untrained:
+        return contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def fixed():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            yield
+    return fixed()
+
+
 def build_lpips(net, device, random_backbone=False):
     """LPIPS with `net` ('alex' or 'vgg'); fails at once, naming the missing file, when the
     backbone weights are absent (torch.hub would otherwise try to download with no timeout).
@@ -61,8 +76,8 @@ def build_lpips(net, device, random_backbone=False):
                 f"(set TORCH_HOME to move it); on a machine with internet run "
                 f"`python fetch_weights.py --lpips {net}` and copy that file there, "
                 f"or pass --lpips-net none to skip LPIPS")
-    with warnings.catch_warnings():      # lpips calls torchvision's deprecated `pretrained=`
-        warnings.simplefilter("ignore", UserWarning)
+    with warnings.catch_warnings(), seeded(random_backbone):   # the same untrained net each run
+        warnings.simplefilter("ignore", UserWarning)   # lpips uses torchvision's `pretrained=`
         model = lpips.LPIPS(net=net, pnet_rand=random_backbone, verbose=False)
     return model.eval().requires_grad_(False).to(device)
 
@@ -89,7 +104,7 @@ def build_inception(device, random_backbone=False):
         original = fid_inception.models.inception_v3
         with mock.patch.object(fid_inception.models, "inception_v3", untrained), \
                 mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-                warnings.catch_warnings():
+                warnings.catch_warnings(), seeded(True):
             warnings.simplefilter("ignore")       # torchvision's deprecation notes for piq
             net = fid_inception.InceptionV3()
     else:

@@ -82,6 +82,24 @@ def test_lpips_plumbing_with_random_backbone():
     assert isinstance(metrics.lpips, lpips.LPIPS)
 
 
+@pytest.mark.slow
+def test_an_untrained_backbone_is_the_same_each_run_and_leaves_the_random_state_alone():
+    """--lpips-random-backbone / --fid-random-backbone: the untrained network is drawn from
+    its own seed, so two runs print the same (meaningless) numbers, and the caller's random
+    stream goes on as if nothing had been drawn."""
+    from metrics import build_inception
+    torch.manual_seed(1)
+    first = [build_lpips("alex", "cpu", True), build_inception("cpu", True)]
+    after = torch.rand(3)
+    torch.manual_seed(2)
+    second = [build_lpips("alex", "cpu", True), build_inception("cpu", True)]
+    torch.manual_seed(1)
+    assert torch.equal(torch.rand(3), after)                # nothing drawn from the caller's
+    for a, b in zip(first, second):
+        assert all(torch.equal(p, q) for p, q in zip(a.state_dict().values(),
+                                                      b.state_dict().values()))
+
+
 def test_missing_lpips_weights_fail_fast_with_the_fix(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     start = time.perf_counter()
