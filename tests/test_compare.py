@@ -549,6 +549,13 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
                         "--output", str(tmp_path / "wrong"), "--lpips-net", "none", "--fid", "none")
     assert wrong.returncode == 2 and "a VAE goes to --vae" in wrong.stderr
     assert not (tmp_path / "wrong").exists()
+    swapped = compare_cli("--vae", action_models["nsvq"], "--laq", str(laq_checkpoint / "model.pt"),
+                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
+                          "--image", rows[0]["current"], "--output", str(tmp_path / "swapped"),
+                          "--lpips-net", "none", "--fid", "none")
+    assert swapped.returncode == 2 and "a LatentActionModel checkpoint" in swapped.stderr \
+        and "it goes to --model" in swapped.stderr
+    assert not (tmp_path / "swapped").exists()
 
 
 @pytest.mark.slow
