@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-from files import MAX_FILE_BYTES, read_file  # noqa: F401  (the frame readers' import)
+from files import read_file
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
