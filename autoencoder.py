@@ -86,7 +86,19 @@ class Autoencoder(nn.Module):
 
     def before_step(self, step: int) -> None:
         """Called before optimizer step `step` (0-based), on every rank alike (latent action
-        models refill unused codes here)."""
+        models read it for their code refill schedule)."""
+
+    def rank_state(self) -> Dict[str, torch.Tensor]:
+        """State this rank holds on its own, outside the state_dict (a latent action model's
+        code counts; its codebook where each process refills its own, as LAPA). Checkpoints
+        keep every rank's; resume gives each rank its own."""
+        return {}
+
+    def load_rank_state(self, state: Dict[str, torch.Tensor]) -> None:
+        """Take back what rank_state returned."""
+
+    # A family with `takes_pairs` predicts a pair's future frame from its current frame and an
+    # action latent: infer_actions(pairs), prior_actions(n), predict(current, actions).
 
 
 def gaussian_kl(mu, logvar):

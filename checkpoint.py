@@ -164,19 +164,23 @@ def prune_step_checkpoints(ckpt_dir, keep):
         os.remove(path)
 
 
-def save_step_checkpoint(ckpt_dir, state, rt, keep, also=None, alone=False):
+def save_step_checkpoint(ckpt_dir, state, rt, keep, also=None, alone=False, rank_state=None):
     """Write step_{step}.pt and last.pt (and `also`, e.g. vae_final.pt) from rank 0 with every
-    rank's RNG states, prune old step files, then wait for rank 0. Collective: every rank
-    calls it at the same step. Returns the step file's path.
+    rank's RNG states and `rank_state` (what the model holds per rank: Autoencoder.rank_state),
+    prune old step files, then wait for rank 0. Collective: every rank calls it at the same
+    step. Returns the step file's path.
 
     `alone`: this rank writes, without the others (which may be waiting in a step for it);
     between steps every rank holds the same weights and optimizer state, and only the other
     ranks' RNG states are missing (restore_rng says so on resume)."""
-    rngs = [rng_state()] if alone else all_gather_object(rng_state())
+    own = {"rng": rng_state(), "model": rank_state or {}}
+    ranks = [own] if alone else all_gather_object(own)
     path = os.path.join(ckpt_dir, f"step_{state['step']:07d}.pt")
     if rt.is_main or alone:
         try:
-            save_atomic({**state, "rng": rngs, "world_size": rt.world_size,
+            save_atomic({**state, "rng": [r["rng"] for r in ranks],
+                         "rank_model_state": [r["model"] for r in ranks],
+                         "world_size": rt.world_size,
                          "threads": torch.get_num_threads()}, path)
             for name in ["last.pt"] + ([also] if also else []):
                 link_atomic(path, os.path.join(ckpt_dir, name))
@@ -191,6 +195,19 @@ def save_step_checkpoint(ckpt_dir, state, rt, keep, also=None, alone=False):
     if not alone:
         barrier()
     return path
+
+
+def restore_rank_model_state(model, state, rt):
+    """This rank's own model state (Autoencoder.rank_state) from a checkpoint written by as
+    many ranks; rank 0's, with a warning, from one of another world size."""
+    saved = state.get("rank_model_state") or []
+    if not any(saved):
+        return
+    if len(saved) != rt.world_size:
+        log.warning("the checkpoint was written by %d processes and this run has %d: every "
+                    "process continues from rank 0's own model state (%s)", len(saved),
+                    rt.world_size, ", ".join(sorted(saved[0])))
+    model.load_rank_state(saved[rt.rank] if len(saved) == rt.world_size else saved[0])
 
 
 def restore_rng(state, rt):
@@ -209,3 +226,38 @@ def restore_rng(state, rt):
                     "processes' random states are not restored; the data order, latent noise "
                     "and flips still continue exactly (they come from the run's own generators)",
                     len(state["rng"]), rt.world_size)
+
+
+def blocks_of(keys, limit=4):
+    """Where keys belong, for messages: each key cut after its first numbered part
+    ('temporal.layers.9.attn.to_q.weight' -> 'temporal.layers.9'), distinct, a few named."""
+    blocks = []
+    for key in keys:
+        parts = key.split(".")
+        cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 2)
+        block = ".".join(parts[:cut + 1])
+        if block not in blocks:
+            blocks.append(block)
+    return ", ".join(blocks[:limit]) + (f" and {len(blocks) - limit} more" if len(blocks) > limit
+                                        else "")
+
+
+@torch.no_grad()
+def init_from(model, path):
+    """Start `model` from checkpoint `path`'s tensors where names and shapes match (its
+    "model" entry); the rest keep their initial values. Returns (copied, new, unused) names.
+    CheckpointError when nothing matches: then it is not a checkpoint of this kind of model."""
+    ckpt = load_checkpoint(path)
+    theirs = ckpt.get("model")
+    if not isinstance(theirs, dict) or not all(torch.is_tensor(v) for v in theirs.values()):
+        raise CheckpointError(f"trainer_params.init_from: {path} has no 'model' tensors: not a "
+                              f"checkpoint of this project (convert a LAQ one with "
+                              f"convert_laq.py)")
+    own = model.state_dict()
+    copied = [k for k in own if k in theirs and theirs[k].shape == own[k].shape]
+    if not copied:
+        raise CheckpointError(f"trainer_params.init_from: no tensor of {path} fits this model "
+                              f"by name and shape")
+    for key in copied:
+        own[key].copy_(theirs[key])
+    return copied, [k for k in own if k not in copied], [k for k in theirs if k not in copied]

@@ -16,6 +16,16 @@ def distributed():
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def world_size():
+    """How many processes train together (1 without a process group)."""
+    return dist.get_world_size() if distributed() else 1
+
+
+def rank():
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if distributed() else 0
+
+
 def all_reduce(tensor, op="sum"):
     """Sum (or "max") `tensor` in place over every process; returns it."""
     if distributed():

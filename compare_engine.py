@@ -156,20 +156,24 @@ class LatentActionScored(Scored):
         other = {}
         if controllable:
             shifted = torch.roll(torch.arange(len(batch)), 1)     # the next pair's action
+            current = x[:, 0]
             other["psnr_other_action"] = to_target(
-                self.model.reconstruct(x, action_from=x[shifted]))
-            other["psnr_prior_action"] = to_target(self.model.decode_latent(
-                x, self.model.sample(len(x), x.device, generator)))
+                self.model.predict(current, self.model.infer_actions(x[shifted])))
+            other["psnr_prior_action"] = to_target(self.model.predict(
+                current, self.model.prior_actions(len(x), x.device, generator)))
         latents = {k: v.cpu() for k, v in latents.items()}
         return Prediction(to_target(out), codes=latents.get("codes"),
                           per_pair=kl_bits(model_metrics), other=other, latents=latents)
 
     def rate_latent(self, latents, codes, num_pairs):
-        if self.model.bottleneck == "nsvq":
+        if "codes" in latents[0]:
             codes = torch.cat([b["codes"] for b in latents])
             return ({**code_rate(codes, self.model.codebook_size),
                      "note": "discrete: code entropy; bound code_seq_len x log2(codebook_size)"},
                     codebook_diagnostics(codes, self.model.codebook_size))
+        if "mu" not in latents[0]:
+            return ({"kl_bits_mean": 0.0, "bound_bits": 0.0,
+                     "note": "no action: the future frame from the current one alone"}, {})
         latent = latent_summary(latents)
         return ({"kl_bits_mean": latent["kl_total"] / math.log(2),
                  "target_rate_bits": self.model.target_rate_bits,
@@ -177,11 +181,13 @@ class LatentActionScored(Scored):
 
     def probe_features(self, batch):
         """Its action latent: the Gaussian's mean; NSVQ's codes one-hot and pre-quantisation
-        vectors."""
+        vectors; none without an action."""
         x = batch.pixels(self.view, self.channels)
         _, _, latents = self.model.evaluate_batch(x.float() / 127.5 - 1)
         if "mu" in latents:
             return {f"{self.name}_action_mu": latents["mu"].cpu().numpy()}
+        if "codes" not in latents:                 # no action: nothing to probe
+            return {}
         return {f"{self.name}_codes_onehot": F.one_hot(
                     latents["codes"].cpu(), self.model.codebook_size).flatten(1).float().numpy(),
                 f"{self.name}_action_continuous": latents["action"].cpu().numpy()}

@@ -12,7 +12,7 @@ import inspect
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import List, Literal, Optional
 
 import yaml
 
@@ -111,6 +111,11 @@ class ExpParams(Section):
     """gradient clipping norm, 0 = off (`trainer_params.gradient_clip_val`, if set, must agree)"""
     optimizer: Literal["adam", "adamw"] = "adam"
     """`adam` or `adamw` (fused on GPU)"""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999], metadata=_rule(
+        lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), "must be two numbers in [0, 1)"))
+    """Adam's moment decay rates (LAPA's LAQ trainer: [0.9, 0.99])"""
+    eps: float = field(default=1e-8, metadata=POSITIVE)
+    """Adam's denominator epsilon"""
     warmup_steps: int = field(default=0, metadata=NON_NEGATIVE)
     """linear learning-rate warm-up steps"""
     hflip: bool = False
@@ -160,6 +165,10 @@ class TrainerParams(Section):
     """`torch.use_deterministic_algorithms(True)`, no cuDNN autotuning"""
     max_nonfinite_steps: int = field(default=20, metadata=POSITIVE)
     """stop after this many non-finite steps in a row"""
+    init_from: str = ""
+    """a checkpoint whose tensors start this run where names and shapes match (a converted LAQ
+    for a Gaussian or no-action twin: everything but the bottleneck); the log lists what was
+    copied and what is new. Only a fresh run: `--resume` restores its own checkpoint"""
     stop_within_s: float = field(default=20.0, metadata=POSITIVE_SECONDS)
     """warn when a stop signal could take longer than this to act on (two steps under DDP, one
     alone, at the measured step time)"""
@@ -346,6 +355,9 @@ def _validate(cfg, world_size, check_paths=True):
         batch = getattr(data, key)
         need(batch % world_size == 0, f"data_params.{key}",
              f"global batch {batch} is not divisible by the {world_size} processes")
+    if check_paths and trainer.init_from:
+        need(os.path.isfile(trainer.init_from), "trainer_params.init_from",
+             f"{trainer.init_from!r} is not a file (a checkpoint to start from)")
     need(trainer.gradient_clip_val in (None, exp.max_grad_norm), "trainer_params.gradient_clip_val",
          f"{trainer.gradient_clip_val} disagrees with exp_params.max_grad_norm "
          f"{exp.max_grad_norm}; both name the gradient clipping norm (0 = off): set one")

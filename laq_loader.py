@@ -18,7 +18,7 @@ import torch
 import yaml
 from torch.overrides import TorchFunctionMode
 
-from checkpoint import load_checkpoint
+from checkpoint import blocks_of, load_checkpoint
 from errors import CheckpointError, LaqError
 
 # LAPA's SthV2 hyperparameters for LatentActionQuantization (--laq-config overrides them).
@@ -179,20 +179,6 @@ def laq_state_dict(path, weights="ema"):
     state = {(k[len("module."):] if k.startswith("module.") else k): v
              for k, v in state.items() if torch.is_tensor(v)}
     return state, layout
-
-
-def blocks_of(keys, limit=4):
-    """Where keys belong, for messages: each key cut after its first numbered part
-    ('temporal.layers.9.attn.to_q.weight' -> 'temporal.layers.9'), distinct, a few named."""
-    blocks = []
-    for key in keys:
-        parts = key.split(".")
-        cut = next((i for i, p in enumerate(parts) if p.isdigit()), len(parts) - 2)
-        block = ".".join(parts[:cut + 1])
-        if block not in blocks:
-            blocks.append(block)
-    return ", ".join(blocks[:limit]) + (f" and {len(blocks) - limit} more" if len(blocks) > limit
-                                        else "")
 
 
 def load_laq(args, device):

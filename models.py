@@ -20,9 +20,9 @@ def completed(model_params):
     return {**(family.LEGACY_DEFAULTS if family else {}), **model_params}
 
 
-def reconstruction_target(x):
-    """What model.reconstruct(x) is scored against: the image, or a pair's second frame."""
-    return x[:, -1] if x.dim() == 5 else x
+def reconstruction_target(model, x):
+    """What model.reconstruct(x) is scored against: the image, or a pair's future frame."""
+    return x[:, -1] if model.takes_pairs else x
 
 
 def image_channels(model_params):

@@ -96,7 +96,8 @@ class Trainer:
                        for name, params in model.optimizer_groups().items()}
         opt_cls = torch.optim.AdamW if e.optimizer == "adamw" else torch.optim.Adam
         self.optimizers = {name: make_optimizer(opt_cls, params, lr=e.LR,
-                                                weight_decay=e.weight_decay)
+                                                weight_decay=e.weight_decay,
+                                                betas=tuple(e.betas), eps=e.eps)
                            for name, params in self.groups.items()}
         self.schedulers = {name: torch.optim.lr_scheduler.LambdaLR(
             opt, make_lr_lambda(e.warmup_steps, e.scheduler_gamma, steps_per_epoch))

@@ -80,7 +80,7 @@ class Run:
                  **self.trainer.state_dict()}
         return ck.save_step_checkpoint(os.path.join(self.cfg.run_dir, "checkpoints"), saved,
                                        self.rt, self.cfg.logging_params.keep_last_checkpoints,
-                                       also, alone)
+                                       also, alone, self.trainer.bare.rank_state())
 
 
 def train(cfg, rt, resume=None, allow_data_change=False):
@@ -167,6 +167,8 @@ def set_up(cfg, rt, resume, allow_data_change):
     if saved is not None:
         restore(trainer, saved, state, data, allow_data_change, dp.train_batch_size,
                 steps_per_epoch, rt)
+    elif tp.init_from:
+        start_from(trainer.bare, tp.init_from)
     tracker = fixed_images = None
     if rt.is_main:
         tracker = Tracker(cfg, state.step)
@@ -203,7 +205,17 @@ def restore(trainer, saved, state, data, allow_data_change, global_batch, steps_
         state.epoch = state.step // steps_per_epoch
         log.info("%d steps per epoch now (%d in the checkpoint): step %d is in epoch %d",
                  steps_per_epoch, saved["steps_per_epoch"], state.step, state.epoch + 1)
+    ck.restore_rank_model_state(trainer.bare, saved, rt)
     ck.restore_rng(saved, rt)
+
+
+def start_from(model, path):
+    """trainer_params.init_from: a fresh run's weights from another checkpoint, where names and
+    shapes match (every rank reads the same file, so they start alike)."""
+    copied, new, unused = ck.init_from(model, path)
+    log.info("init_from %s: %d tensors copied, %d new%s%s", path, len(copied), len(new),
+             f" ({ck.blocks_of(new)})" if new else "",
+             f"; {len(unused)} of its tensors unused ({ck.blocks_of(unused)})" if unused else "")
 
 
 def train_one_epoch(run, state):
@@ -335,7 +347,7 @@ def validate(model, loader, rt, cfg, stop=None, step=0):
         x = to_model_input(images, rt.device)
         out = model(x, None if noise is None else noise[:len(x)])
         losses = model.loss_function(x, out, cfg.exp_params.kld_weight)
-        scores = image_metrics((reconstruction_target(x) + 1) / 2,
+        scores = image_metrics((reconstruction_target(model, x) + 1) / 2,
                                (model.reconstruct(x).float() + 1) / 2, VAL_IMAGE_METRICS)
         values = {**{k: v.double() * len(x) for k, v in losses.items()},
                   **{k: scores[k].sum().to(rt.device) for k in VAL_IMAGE_METRICS}}
@@ -363,9 +375,9 @@ def log_images(model, images, tracker, run_dir, step, seed):
     device = next(model.parameters()).device
     x = to_model_input(images, device)
     recon = model.reconstruct(x)
-    if x.dim() == 5:
+    if model.takes_pairs:
         rows = [x[:, 0], x[:, 1], recon]
-        generated = torch.cat([x[:, 0], model.reconstruct(x, action_from=x.roll(1, 0))])
+        generated = torch.cat([x[:, 0], model.predict(x[:, 0], model.infer_actions(x.roll(1, 0)))])
     else:
         rows = [x, recon]
         generated = model.sample(len(x), device, torch.Generator(device=device).manual_seed(seed))

@@ -514,7 +514,7 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     # the batch's last pair
     last = [decoded(rows[-1][k], 32).float() / 127.5 - 1
             for k in ("current", "target")]
-    other = (model.reconstruct(torch.stack(frames)[None], action_from=torch.stack(last)[None])
+    other = (model.predict(frames[0][None], model.infer_actions(torch.stack(last)[None]))
              + 1).div(2).clamp(0, 1)[0]
     psnr = 10 * math.log10(1 / float(((other - (frames[1] + 1) / 2) ** 2).mean()))
     assert psnr == pytest.approx(float(row["lam_nsvq_psnr_other_action"]), rel=1e-4)

@@ -125,8 +125,11 @@ def test_every_registered_family_implements_the_model_interface():
     from autoencoder import Autoencoder
     from models import build_model, item_shape, reconstruction_target
     for name, cls in MODELS.items():
-        for member in ("forward", "loss_function", "evaluate_batch", "reconstruct", "sample"):
-            assert getattr(cls, member) is not getattr(Autoencoder, member), (name, member)
+        own = ("forward", "loss_function", "evaluate_batch", "reconstruct") + (
+            ("infer_actions", "prior_actions", "predict") if cls.takes_pairs else ("sample",))
+        for member in own:
+            assert getattr(cls, member, None) is not getattr(Autoencoder, member, None), \
+                (name, member)
         params = _small_params(name)
         model = build_model(params)
         x = torch.rand(2, *item_shape(params)) * 2 - 1
@@ -138,13 +141,18 @@ def test_every_registered_family_implements_the_model_interface():
         assert all(objective.dim() == 0 for objective, _ in updates.values()), name
         model.eval()
         recon, metrics, _ = model.evaluate_batch(x)
-        assert recon.shape == reconstruction_target(x).shape == model.reconstruct(x).shape, name
+        assert recon.shape == reconstruction_target(model, x).shape == model.reconstruct(x).shape, name
         assert all(v.shape == (2,) for v in metrics.values()), name
         assert isinstance(model.noise_dim, int) and isinstance(model.not_applicable, dict), name
-        draw = lambda seed: model.sample(2, "cpu", torch.Generator().manual_seed(seed))  # noqa: E731
         if model.takes_pairs:        # a draw of the action latent, decoded with each pair
-            generated = model.decode_latent(x, draw(0))
+            draw = lambda seed: model.prior_actions(  # noqa: E731
+                2, "cpu", torch.Generator().manual_seed(seed))
+            generated = model.predict(x[:, 0], draw(0))
+            assert torch.equal(model.predict(x[:, 0], model.infer_actions(x)), recon), name
+            assert model.cannot_sample, name
         else:                        # images in [-1, 1]
+            draw = lambda seed: model.sample(  # noqa: E731
+                2, "cpu", torch.Generator().manual_seed(seed))
             generated = draw(0)
             assert generated.abs().max() <= 1 + 1e-6, name
         assert generated.shape == model.reconstruct(x).shape, name

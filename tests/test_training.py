@@ -187,10 +187,10 @@ def test_a_non_finite_codebook_is_named_when_the_run_stops(demo_data, tmp_path, 
     def poisoned(self, step):
         original(self, step)
         with torch.no_grad():
-            self.codebook[3] = float("nan")
+            self.bottleneck.codebook[3] = float("nan")
     monkeypatch.setattr(LatentActionModel, "before_step", poisoned)
     with pytest.raises(TrainingError, match=r"the model's own tensors are not finite: "
-                                            r"codebook; resume from a checkpoint before this"):
+                                            r"bottleneck.codebook; resume from a checkpoint before this"):
         train(config_from_dict(cfg), Runtime())
 
 
