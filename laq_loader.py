@@ -106,27 +106,34 @@ LAQ_ARGUMENTS = {"dim": (int, 1, 16384), "quant_dim": (int, 1, 4096),
 MAX_CONFIG_BYTES = 1 << 16
 
 
-def laq_config(path, laq_class):
-    """LAPA's hyperparameters, overridden by a YAML mapping; keys must be constructor args,
-    each of its type and in a range that builds (checked before anything is built)."""
-    config = dict(LAPA_LAQ_CONFIG)
+def laq_overrides(path, known):
+    """The constructor arguments a --laq-config YAML sets (a mapping; each key in `known`)."""
+    try:
+        if os.path.getsize(path) > MAX_CONFIG_BYTES:
+            raise LaqError(f"--laq-config {path} is {os.path.getsize(path)} bytes: a LAQ "
+                           f"config is a few lines of constructor arguments")
+        with open(path) as f:
+            override = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise LaqError(f"cannot read --laq-config {path}: {e}") from None
+    if not isinstance(override, dict):
+        raise LaqError(f"--laq-config {path} must be a mapping of constructor arguments")
+    for key in override:
+        if key not in known:
+            raise LaqError(f"--laq-config {path}: {key} is not an argument of "
+                           f"LatentActionQuantization (known: {', '.join(sorted(known))})")
+    return override
+
+
+def laq_config(path, laq_class=None, base=None):
+    """LAPA's hyperparameters (or `base`), overridden by a YAML mapping; keys must be
+    constructor args (of `laq_class`, else the ones listed here), each of its type and in a
+    range that builds (checked before anything is built)."""
+    config = dict(base or LAPA_LAQ_CONFIG)
     if path:
-        try:
-            if os.path.getsize(path) > MAX_CONFIG_BYTES:
-                raise LaqError(f"--laq-config {path} is {os.path.getsize(path)} bytes: a LAQ "
-                               f"config is a few lines of constructor arguments")
-            with open(path) as f:
-                override = yaml.safe_load(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise LaqError(f"cannot read --laq-config {path}: {e}") from None
-        if not isinstance(override, dict):
-            raise LaqError(f"--laq-config {path} must be a mapping of constructor arguments")
-        known = set(inspect.signature(laq_class.__init__).parameters) - {"self"}
-        for key, value in override.items():
-            if key not in known:
-                raise LaqError(f"--laq-config {path}: {key} is not an argument of "
-                               f"LatentActionQuantization (known: {', '.join(sorted(known))})")
-            config[key] = value
+        known = (set(inspect.signature(laq_class.__init__).parameters) - {"self"}
+                 if laq_class else set(LAQ_ARGUMENTS))
+        config.update(laq_overrides(path, known))
     where = f"--laq-config {path}" if path else "LAQ config"
     for key, value in config.items():
         if key not in LAQ_ARGUMENTS:

@@ -216,6 +216,7 @@ def start_from(model, path):
     log.info("init_from %s: %d tensors copied, %d new%s%s", path, len(copied), len(new),
              f" ({ck.blocks_of(new)})" if new else "",
              f"; {len(unused)} of its tensors unused ({ck.blocks_of(unused)})" if unused else "")
+    return copied, new, unused
 
 
 def train_one_epoch(run, state):
