@@ -105,8 +105,8 @@ def from_laq(args):
     for reason in report["no_place"].values():
         reasons[reason] = reasons.get(reason, 0) + 1
     print(f"LAQ {args.laq} ({layout}): {report['placed']} tensors placed, "
-          f"{len(report['no_place'])} with no place here"
-          + "".join(f"; {n}: {reason}" for reason, n in reasons.items()))
+          f"{len(report['no_place'])} with no place here ("
+          + "; ".join(f"{n} x {reason}" for reason, n in reasons.items()) + ")")
     print(f"wrote {args.out}: LatentActionModel, architecture laq, bottleneck nsvq, "
           f"{size:,} parameters, " + ", ".join(f"{k} {v}" for k, v in arguments.items()))
 

@@ -38,3 +38,21 @@ def read_templates(labels_dir):
         except (KeyError, TypeError) as e:
             raise DataError(f"cannot read video templates from {path}: {e}") from None
     return templates
+
+
+def read_instructions(labels_dir):
+    """{video id: its instruction} from the SthV2 label files in `labels_dir`: each entry's
+    `label` (the template with its objects named, as LAPA's instructions are), else its
+    `template`. {} when the folder holds no label files."""
+    paths = [os.path.join(labels_dir, name) for name in LABEL_FILES.values()]
+    instructions = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        for vid, entry in _entries(path, "video labels"):
+            text = entry.get("label", entry.get("template")) if isinstance(entry, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"cannot read the instruction of video {vid} from {path}: it "
+                                f"has no 'label' or 'template' text")
+            instructions[vid] = text
+    return instructions
