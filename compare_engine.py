@@ -214,19 +214,53 @@ BASELINES = (CopyCurrent, MeanColour)
 
 
 @torch.no_grad()
+class Agreement:
+    """How far a model of this repository that should compute LAQ's function (a converted LAQ
+    checkpoint: architecture laq, nsvq) is from LAQ run by LAPA's code, on the same pairs:
+    the share of pairs whose whole code sequence is LAQ's, and of single codes, and the
+    largest and mean |difference| of the predicted frames on the scoring target."""
+    TOLERANCE = 1e-4                         # on [0, 1] pixels; float32 reorderings: ~1e-6
+
+    def __init__(self, model, reference="laq"):
+        self.model, self.reference = model, reference
+        self.pairs = self.sequences = self.codes = self.total_codes = 0
+        self.max_diff, self.sum_diff = 0.0, 0.0
+
+    def add(self, predicted):
+        mine, theirs = predicted[self.model], predicted[self.reference]
+        diff = (mine.recon.float() - theirs.recon.float()).abs().flatten(1)
+        same = mine.codes.cpu() == theirs.codes.cpu()
+        self.pairs += len(diff)
+        self.sequences += int(same.all(1).sum())
+        self.codes, self.total_codes = self.codes + int(same.sum()), self.total_codes + same.numel()
+        self.max_diff = max(self.max_diff, float(diff.max()))
+        self.sum_diff += float(diff.mean(1).sum())
+
+    def report(self):
+        agree = self.sequences == self.pairs and self.max_diff <= self.TOLERANCE
+        return {"pairs": self.pairs, "code_sequences_identical": self.sequences / self.pairs,
+                "codes_identical": self.codes / self.total_codes,
+                "prediction_max_abs_diff": self.max_diff,
+                "prediction_mean_abs_diff": self.sum_diff / self.pairs,
+                "tolerance": self.TOLERANCE, "agree": agree}
+
+
 def compare(scored, pairs, metrics, fid, geometry, batch_size, device, picks=(),
-            controllability=True):
+            controllability=True, agreements=()):
     """Score every Scored thing on every readable pair; returns the rows (one per pair), each
     thing's latents and codes ({name: [per batch]}), and the picked pairs' pictures.
     Controllability (Genie's delta PSNR): a thing with an action also predicts each future
     frame with the action inferred for the next pair of the batch, and a latent action model
-    with a draw from its prior: the `{name}_psnr_other_action` / `_prior_action` columns."""
+    with a draw from its prior: the `{name}_psnr_other_action` / `_prior_action` columns.
+    Each of `agreements` (Agreement) sees every batch's predictions."""
     rows, examples = [], []
     latents, codes = {s.name: [] for s in scored}, {s.name: [] for s in scored}
     generator = torch.Generator(device=device).manual_seed(0)
     for batch in pair_batches(pairs, geometry, batch_size, device):
         predicted = {s.name: s.predict(batch, generator, controllability and len(batch) > 1)
                      for s in scored}
+        for agreement in agreements:
+            agreement.add(predicted)
         for name, p in predicted.items():
             latents[name].append(p.latents)
             if p.codes is not None:

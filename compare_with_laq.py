@@ -132,6 +132,17 @@ def load_latent_action_models(paths, device):
     return scored, files, settings
 
 
+def laq_twins(extras, laq_config, laq_view):
+    """An Agreement for each --model that computes LAQ's function at --laq's sizes and is fed
+    as LAQ is (a converted LAQ checkpoint is one): it is checked against LAQ itself."""
+    from compare_engine import Agreement
+    return [Agreement(s.name) for s in extras
+            if getattr(s.model, "architecture", None) == "laq"
+            and s.model.bottleneck_name == "nsvq" and s.view == laq_view
+            and all(getattr(s.model, k) == laq_config[k]
+                    for k in ("code_seq_len", "codebook_size", "quant_dim"))]
+
+
 def action_probe(args, scored, vae_config, geometry, device, templates):
     """Train-split pairs -> val-split pairs linear probe of the action template (probe.py) on
     every model's frozen features; `templates`: {video id: template} as labels_of read them
@@ -202,11 +213,12 @@ def main(args):
     scored = [AutoencoderScored(vae, vae_view), LaqScored(runner, config["codebook_size"],
                                                           laq_view),
               *extras, *(baseline() for baseline in BASELINES)]
+    agreements = laq_twins(extras, config, laq_view)
     start_outputs(args.output, OUTPUTS)       # an interrupted run leaves no mix of two runs
     start = time.perf_counter()
     rows, latents, codes, examples = compare(scored, pairs, metrics, fid, geometry,
                                              args.batch_size, device, figure_picks(pairs),
-                                             args.controllability != "none")
+                                             args.controllability != "none", agreements)
     seconds = time.perf_counter() - start
     if not rows:
         exit_bad_input("none of the frame pairs could be read")
@@ -232,6 +244,8 @@ def main(args):
                      "laq": {"family": "LAQ", "seed": None, "settings": config},
                      **extra_settings},
         "pairs_per_sec": len(rows) / seconds}
+    if agreements:
+        report["laq_agreement"] = {a.model: a.report() for a in agreements}
     if args.probe:
         report["probe"] = action_probe(args, scored, vae_config, geometry, device, templates)
     d = data_params_of(vae_config, data_path=args.data_path)
@@ -249,6 +263,12 @@ def main(args):
     if report.get("probe"):
         from probe import print_probe
         print_probe(report["probe"])
+    for name, a in report.get("laq_agreement", {}).items():
+        print(f"\n{name} against LAQ run by LAPA's code: code sequences identical on "
+              f"{a['code_sequences_identical']:.1%} of {a['pairs']} pairs, predictions within "
+              f"{a['prediction_max_abs_diff']:.2g} (max |difference|): "
+              + ("they agree" if a["agree"] else "they DIFFER (is it a conversion of this "
+                 "--laq checkpoint?)"))
     print(f"\nwrote {args.output}/comparison.png, plots.png, metrics.json, per_pair.csv"
           + (", probe.json" if report.get("probe") else ""))
 

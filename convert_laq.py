@@ -81,6 +81,7 @@ def study_config(arguments):
         raw = parse_yaml(f)
     raw["model_params"].update(arguments, architecture="laq", bottleneck="nsvq")
     raw["data_params"]["image_size"] = arguments["image_size"]
+    raw["logging_params"]["name"] = "laq_converted"        # its row in compare_with_laq.py
     return config_from_dict(raw, check_paths=False).to_dict()
 
 

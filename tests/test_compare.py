@@ -13,6 +13,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from conftest import ROOT, run_in_process, run_script
 import laq_loader
@@ -704,3 +705,72 @@ def test_laq_config_values_are_checked_before_anything_is_built(text, expected, 
     with pytest.raises(laq_loader.LaqError) as info:
         laq_loader.laq_config(str(tmp_path / "laq.yaml"), cls)
     assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+TWIN_LAQ = '''"""LAQ's interface around this repository's model of LAQ's function: a --laq for checking
+the agreement of a converted checkpoint with the LAQ it came from."""
+import torch.nn as nn
+
+from latent_action_model import LatentActionModel
+
+
+class Quantizer(nn.Module):
+    def inference(self, *args, **kwargs):   # never reached: the codes come from a second pass
+        raise NotImplementedError
+
+
+class LatentActionQuantization(nn.Module):
+    def __init__(self, *, dim, quant_dim, codebook_size, image_size, patch_size, spatial_depth,
+                 temporal_depth, dim_head=64, heads=8, channels=3, attn_dropout=0.,
+                 ff_dropout=0., code_seq_len=1):
+        super().__init__()
+        self.twin = LatentActionModel(dim, quant_dim, codebook_size, image_size, patch_size,
+                                      spatial_depth, temporal_depth, dim_head, heads,
+                                      code_seq_len, channels, architecture="laq")
+        self.vq = Quantizer()
+
+    def inference(self, video, step=0, return_only_codebook_ids=False):
+        out, _, latents = self.twin.evaluate_batch(video.permute(0, 2, 1, 3, 4) * 2 - 1)
+        return latents["codes"] if return_only_codebook_ids else (out + 1) / 2
+'''
+
+
+@pytest.mark.slow
+def test_a_converted_laq_is_checked_against_laq_itself(trained_checkpoint, demo_data, tmp_path):
+    """--model checkpoints that compute LAQ's function at --laq's sizes are compared with LAQ
+    pair by pair: the same weights agree; other weights are reported as differing, with the
+    share of identical codes the per-pair table shows."""
+    from convert_laq import study_config
+    from latent_action_model import LatentActionModel
+    (tmp_path / "laq_model").mkdir()
+    (tmp_path / "laq_model" / "latent_action_quantization.py").write_text(TWIN_LAQ)
+    laq_model = laq_loader.import_laq_class(str(tmp_path / "laq_model"))
+    torch.manual_seed(0)
+    laq = laq_model(**SMALL_LAQ)
+    torch.save(laq.state_dict(), tmp_path / "laq.pt")
+    (tmp_path / "laq.yaml").write_text(yaml.safe_dump(SMALL_LAQ))
+    config = study_config({**SMALL_LAQ, "channels": 3})
+    torch.save({"model": laq.twin.state_dict(), "config": config}, tmp_path / "converted.pt")
+    torch.manual_seed(1)
+    other = LatentActionModel(**SMALL_LAQ, architecture="laq")
+    config["logging_params"]["name"] = "other"
+    torch.save({"model": other.state_dict(), "config": config}, tmp_path / "other.pt")
+    out = tmp_path / "cmp"
+    result = compare_cli("--vae", trained_checkpoint, "--laq", str(tmp_path / "laq.pt"),
+                         "--laq-repo", str(tmp_path), "--laq-config", str(tmp_path / "laq.yaml"),
+                         "--model", str(tmp_path / "converted.pt"), "--model",
+                         str(tmp_path / "other.pt"), "--data-path", demo_data, "--num-pairs",
+                         "12", "--offset", "3", "--pairs", "exact", "--vae-resize", "stretch",
+                         "--controllability", "none", "--output", str(out), "--lpips-net",
+                         "none", "--fid", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    agreement = json.loads((out / "metrics.json").read_text())["laq_agreement"]
+    same, differs = agreement["laq_converted"], agreement["other"]
+    assert same["agree"] and same["pairs"] == 12 and same["code_sequences_identical"] == 1.0
+    assert same["prediction_max_abs_diff"] <= 1e-6
+    assert not differs["agree"] and differs["prediction_max_abs_diff"] > 1e-3
+    rows = list(csv.DictReader(open(out / "per_pair.csv")))
+    assert differs["code_sequences_identical"] == pytest.approx(
+        np.mean([r["other_codes"] == r["laq_codes"] for r in rows]))
+    assert "laq_converted against LAQ run by LAPA's code: code sequences identical on 100.0% " \
+           "of 12 pairs" in result.stdout and "they DIFFER" in result.stdout
