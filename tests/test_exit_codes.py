@@ -27,6 +27,9 @@ def cases(tmp):
         "bench.py": ["data", "--data-path", MISSING],
         "make_demo_data.py": ["--out", out, "--videos", "1"],
         "fetch_weights.py": ["--lpips", "resnet"],
+        "convert_laq.py": ["--laq", f"{MISSING}.pt", "--out", os.path.join(out, "twin.pt")],
+        "label_actions.py": ["--model", f"{MISSING}.pt", "--data-path", MISSING,
+                             "--out", os.path.join(out, "labels.jsonl"), "--device", "cpu"],
     }
 
 
@@ -54,7 +57,7 @@ def test_bad_input_exits_2_with_one_error_line(script, tmp_path, monkeypatch, ca
 SCRIPTS = ["train_single_gpu.py", "train_ddp.py", "test_setup.py", "evaluate.py",
            "compare_with_laq.py", "report.py", "prepare_sthv2.py", "pack_frames.py",
            "prepare_celeba.py", "bench.py", "make_demo_data.py", "fetch_weights.py",
-           "make_docs.py"]
+           "make_docs.py", "convert_laq.py", "label_actions.py"]
 
 
 @pytest.mark.slow
