@@ -213,7 +213,6 @@ class MeanColour(Scored):
 BASELINES = (CopyCurrent, MeanColour)
 
 
-@torch.no_grad()
 class Agreement:
     """How far a model of this repository that should compute LAQ's function (a converted LAQ
     checkpoint: architecture laq, nsvq) is from LAQ run by LAPA's code, on the same pairs:

@@ -133,7 +133,9 @@ def print_table(report, names):
     bits = []
     for m in models:
         rate = report["rate"][m]
-        if rate.get("kl_bits_mean") is not None:
+        if rate.get("bound_bits") == 0:
+            bits.append("0 (no action)")
+        elif rate.get("kl_bits_mean") is not None:
             bits.append(f"{rate['kl_bits_mean']:.2f} (KL)")
         elif "code_entropy_joint_bits" in rate:
             bits.append(f"{rate['code_entropy_joint_bits']:.2f} (joint codes; bound "
