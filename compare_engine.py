@@ -31,8 +31,12 @@ class Prediction(NamedTuple):
 
 class Scored:
     """One scored thing: `name` prefixes its columns and keys, `label` heads its column in the
-    table; `view` is the (image size, resize) it is fed, None for a baseline."""
-    name, label, view, is_model = "", "", None, True
+    table; `view` is the (image size, resize) it is fed, None for a baseline; `patch_grid` the
+    side of the patch grid its decoder sees the current frame at (latent action models);
+    `decoder` what it shares with its no-action twin (decoder_key), `has_action` whether it
+    reads one."""
+    name, label, view, is_model, patch_grid, decoder, has_action = \
+        "", "", None, True, None, None, False
 
     def predict(self, batch, generator, controllable) -> Prediction:
         """Its prediction of each pair's future frame; with `controllable` also with other
@@ -105,8 +109,11 @@ class LaqScored(Scored):
     inferred from the pair predict the future frame."""
     name, label = "laq", "LAQ"
 
-    def __init__(self, runner, codebook_size, view):
+    has_action = True
+
+    def __init__(self, runner, codebook_size, view, patch_grid=None, decoder=None):
         self.runner, self.codebook_size, self.view = runner, codebook_size, view
+        self.patch_grid, self.decoder = patch_grid, decoder
 
     def clip(self, batch):
         return batch.frames(self.view).permute(0, 2, 1, 3, 4)               # (B, 3, 2, S, S)
@@ -148,14 +155,16 @@ class LatentActionScored(Scored):
     def __init__(self, name, model, view, channels=3):
         self.name = self.label = name
         self.model, self.view, self.channels = model, view, channels
+        self.patch_grid, self.decoder = model.grid, decoder_key(model, view)
+        self.has_action = model.bottleneck.reads_action
 
     def predict(self, batch, generator, controllable):
         x = batch.frames(self.view, self.channels) * 2 - 1
         out, model_metrics, latents = self.model.evaluate_batch(x, generator)
         to_target = lambda y: batch.to_target((y.float() + 1) / 2, self.name)  # noqa: E731
         other = {}
-        if controllable:
-            shifted = torch.roll(torch.arange(len(batch)), 1)     # the next pair's action
+        if controllable and self.has_action:
+            shifted = torch.roll(torch.arange(len(batch)), 1)     # the previous pair's action
             current = x[:, 0]
             other["psnr_other_action"] = to_target(
                 self.model.predict(current, self.model.infer_actions(x[shifted])))
@@ -193,6 +202,31 @@ class LatentActionScored(Scored):
                 f"{self.name}_action_continuous": latents["action"].cpu().numpy()}
 
 
+DECODER_PARTS = ("patch_embed", "position_bias", "dec_spatial", "to_pixels")
+
+
+def decoder_key(model, view):
+    """What a latent action model and its no-action twin share, so that their difference is
+    the action's worth: the architecture, the input, and the names and shapes of the tensors
+    that carry the current frame to the prediction."""
+    shapes = tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()
+                   if k.split(".")[0] in DECODER_PARTS)
+    return model.architecture, model.channels, tuple(view), shapes
+
+
+def laq_decoder_key(config, view):
+    """decoder_key of a model of this repository that computes LAQ's function at LAQ's sizes
+    (built on the meta device: no memory, no weights)."""
+    import inspect
+
+    from latent_action_model import LatentActionModel
+    known = inspect.signature(LatentActionModel).parameters
+    with torch.device("meta"):
+        model = LatentActionModel(**{k: v for k, v in config.items() if k in known},
+                                  architecture="laq", bottleneck="nsvq")
+    return decoder_key(model, view)
+
+
 class CopyCurrent(Scored):
     """Predicts the future frame as the current one: a model that does not beat it carries no
     action."""
@@ -202,15 +236,45 @@ class CopyCurrent(Scored):
         return Prediction(batch.current)
 
 
-class MeanColour(Scored):
-    """Predicts each future frame as its own mean colour."""
-    name, is_model = "mean_colour", False
+class CurrentMeanColour(Scored):
+    """Predicts the future frame as the current frame's mean colour: what a model knows of the
+    target from the current frame's colours alone."""
+    name, is_model = "current_mean_colour", False
+
+    def predict(self, batch, generator, controllable):
+        return Prediction(batch.current.mean((2, 3), keepdim=True).expand_as(batch.current))
+
+
+class CurrentPatches(Scored):
+    """Predicts the future frame as the current frame averaged over a `grid` x `grid` patch
+    grid, a latent action model's: what its decoder could carry over with no action and no
+    detail (the patch means; it sees each patch's pixels normalised)."""
+    is_model = False
+
+    def __init__(self, grid):
+        self.grid, self.name = grid, f"current_patches_{grid}x{grid}"
+
+    def predict(self, batch, generator, controllable):
+        size = batch.current.shape[-2:]
+        means = F.adaptive_avg_pool2d(batch.current, self.grid)
+        return Prediction(F.interpolate(means, size=size, mode="nearest"))
+
+
+class OracleMeanColour(Scored):
+    """Predicts each future frame as its own mean colour: an oracle (it reads the target), a
+    floor for how little a prediction may know, not a competitor."""
+    name, is_model = "oracle_mean_colour", False
 
     def predict(self, batch, generator, controllable):
         return Prediction(batch.target.mean((2, 3), keepdim=True).expand_as(batch.target))
 
 
-BASELINES = (CopyCurrent, MeanColour)
+def baselines(scored):
+    """The baselines every comparison holds: copying the current frame, its mean colour, the
+    current frame at each patch resolution a model decodes at, and the oracle mean colour."""
+    grids = sorted({s.patch_grid for s in scored if s.patch_grid})
+    return [CopyCurrent(), CurrentMeanColour(), *(CurrentPatches(g) for g in grids),
+            OracleMeanColour()]
 
 
 class Agreement:

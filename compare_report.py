@@ -8,7 +8,7 @@ import os
 
 from evaluation import section, write_report
 from files import atomic_write
-from stats import PAIRED_METHOD, paired_difference, share, summarize
+from stats import PAIRED_METHOD, holm, paired_difference, share, summarize
 
 FID_MIN_IMAGES = 1000
 
@@ -46,7 +46,62 @@ def build_report(rows, scored, latents, codes, metric_names, skipped, fid, fid_b
                                                                 [r[f"{b}_{n}"] for r in rows],
                                                                 videos) for n in metric_names}
                            for a, b in itertools.combinations(labels, 2)}}
+    adjust_family(report["paired"], metric_names)
+    report["action_worth"] = action_worth(rows, videos, models)
     return report
+
+
+def action_worth(rows, videos, models):
+    """Does the action help? Per model with an action and a no-action twin among the models
+    (the same decoder: decoder_key), PSNR and SSIM of the model minus its twin's, paired by
+    video, with Holm-adjusted p-values over the models so tested."""
+    out = {}
+    for s in models:
+        twins = [t for t in models if not t.has_action and t.decoder and t.decoder == s.decoder]
+        if s.has_action and twins:
+            out[s.name] = {"twin": twins[0].name, **{n: paired_difference(
+                [r[f"{s.name}_{n}"] for r in rows], [r[f"{twins[0].name}_{n}"] for r in rows],
+                videos) for n in ("psnr", "ssim")}}
+    for n in ("psnr", "ssim"):
+        for test, p in zip(out.values(), holm([t[n]["p_value"] for t in out.values()])):
+            test[n]["p_holm"] = p
+    return {"method": "model minus its no-action twin (bottleneck none, the same decoder), "
+                      "paired by video; > 0: the action helps. " + PAIRED_METHOD, **out}
+
+
+def adjust_family(paired, metric_names):
+    """Holm-adjusted p-values (`p_holm`) beside the raw ones: per metric, the tests of every two
+    models are one family."""
+    couples = [c for c, d in paired.items() if isinstance(d, dict)]
+    for n in metric_names:
+        tests = [paired[c][n] for c in couples if n in paired[c]]
+        for test, p in zip(tests, holm([t["p_value"] for t in tests])):
+            test["p_holm"] = p
+    paired["adjustment"] = ("Holm, per metric over every two models (p_holm); p_value is each "
+                            "test alone")
+
+
+def identity_report(rows, identity_rows, scored, kept):
+    """How many pairs had their future frame clamped onto the current one, and each thing's
+    PSNR on them: they are left out of every other number unless `kept` (they are then among
+    `rows`), since copying scores them perfectly and they would dominate the means. Marks
+    every row's `identity_pair` column."""
+    if kept:
+        identity_rows = [r for r in rows if r["video"] and r["current_frame"] == r["target_frame"]]
+    total = len(rows) + (0 if kept else len(identity_rows))
+    for row in rows:                                  # per_pair.csv's column
+        row["identity_pair"] = 0
+    for row in identity_rows:
+        row["identity_pair"] = 1
+    out = {"count": len(identity_rows), "share": len(identity_rows) / total,
+           "left_out": not kept and bool(identity_rows),
+           "note": "pairs whose future frame is the current frame (clamped at the video's "
+                   "end); " + ("scored with the rest (--keep-identity-pairs)" if kept else
+                               "left out of every other number, reported here")}
+    if identity_rows:
+        out["psnr"] = {s.name: summarize([r[f"{s.name}_psnr"] for r in identity_rows])
+                       for s in scored}
+    return out
 
 
 def controllability_report(rows, videos, labels):
@@ -143,6 +198,18 @@ def print_table(report, names):
         else:
             bits.append("n/a")
     print(f"{'bits':<7} " + " ".join(f"{b:>{width}}" for b in bits))
+    for m, w in report["action_worth"].items():
+        if m != "method":
+            d = w["psnr"]
+            print(f"does the action help? {models[m]} - {models[w['twin']]} (no action): "
+                  f"{d['mean_difference']:+.3f} dB [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], "
+                  f"p={d['p_value']:.3g} (Holm {d['p_holm']:.3g})")
+    identity = report.get("identity_pairs", {})
+    if identity.get("count"):
+        print(f"identity pairs (future frame = current frame, clamped at a video's end): "
+              f"{identity['count']} of {report['pairs'] + identity['count'] * identity['left_out']}"
+              + (", left out of every number here; scored apart in metrics.json (identity_pairs)"
+                 if identity["left_out"] else ", scored with the rest (--keep-identity-pairs)"))
     base = report["baselines"]
     print("baselines: " + ", ".join(f"{b} PSNR {cell(base[b]['psnr'])}" for b in base))
     for m, c in report["controllability"].items():
@@ -159,7 +226,7 @@ def print_table(report, names):
             d = diffs["psnr"]
             print(f"paired PSNR {models[a]} - {models[b]}: {d['mean_difference']:+.3f} dB "
                   f"[{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}], p={d['p_value']:.3g} "
-                  f"({d['videos']} videos)")
+                  f"(Holm {d['p_holm']:.3g}; {d['videos']} videos)")
     for m, label in models.items():
         latent = report["latent"][m]
         if latent and "unique_codes" in latent:
@@ -174,8 +241,9 @@ def print_table(report, names):
           f"(LAQ: {report['laq_passes']} pass{'es' if report['laq_passes'] > 1 else ''} per batch)")
 
 
-def write_outputs(args, report, rows, examples, kl_per_dim):
-    write_report(args.output, report, rows, "per_pair.csv")        # the numbers first
+def write_outputs(args, report, rows, examples, kl_per_dim, identity_rows=()):
+    """The files; per_pair.csv also holds the identity pairs left out of the numbers."""
+    write_report(args.output, report, [*rows, *identity_rows], "per_pair.csv")   # numbers first
     from plots import comparison_figure, summary_figure
     shown = ("psnr", "ssim", "lpips")
     for e in examples:

@@ -57,6 +57,10 @@ def parse_args(argv=None):
                         help="laq: one pair per video drawn as LAQ's loader draws its training "
                              "pairs (LAQ's operating point); exact: every (t, t + offset) pair "
                              "inside a video equally likely")
+    parser.add_argument("--keep-identity-pairs", action="store_true",
+                        help="score pairs whose future frame is clamped onto the current one "
+                             "(offset past a video's end) with the rest; by default they are "
+                             "counted and reported apart (identity_pairs)")
     parser.add_argument("--vae-resize", choices=["crop", "stretch"],
                         help="how the VAE's frames are prepared (default: as it was trained, "
                              "the checkpoint's data_params.resize)")
@@ -89,7 +93,8 @@ def parse_args(argv=None):
 RESERVED_NAMES = {"vae", "laq", "pairs", "inputs", "rate", "latent", "rfid", "models", "probe",
                   "checkpoints", "laq_config", "device", "resize", "image_sizes", "baselines",
                   "paired", "controllability", "beats_copy_current", "manifest", "settings",
-                  "copy_current", "mean_colour"}
+                  "copy_current", "current_mean_colour", "oracle_mean_colour", "laq_agreement",
+                  "action_worth", "identity_pairs"}
 OUTPUTS = ("metrics.json", "per_pair.csv", "probe.json", "comparison.png", "plots.png")
 
 
@@ -122,6 +127,8 @@ def load_latent_action_models(paths, device):
                                   f"checkpoint; --model takes latent action models trained here "
                                   f"(LatentActionModel); a VAE goes to --vae")
         base = str(ckpt["config"].get("logging_params", {}).get("name") or "model")
+        if base.startswith("current_patches_"):           # a baseline's name
+            base = f"model_{base}"
         name, k = base, 2
         while name in files or name in RESERVED_NAMES:
             name, k = f"{base}_{k}", k + 1
@@ -171,8 +178,9 @@ def action_probe(args, scored, vae_config, geometry, device, templates):
         features, kept = probe_features([s for s in scored if s.is_model], pairs, geometry,
                                         args.batch_size, device, cache, split)
         labels = np.array([classes.get(templates.get(pairs[i].video), -1) for i in kept])
+        videos = np.array([str(pairs[i].video) for i in kept])
         known = labels >= 0
-        sets[split] = ({n: x[known] for n, x in features.items()}, labels[known])
+        sets[split] = ({n: x[known] for n, x in features.items()}, labels[known], videos[known])
     report = run_probe(sets["train"], sets["val"], len(classes), seed=args.seed)
     report["offset"], report["labels"] = args.offset, d.labels_path or d.data_path
     return report
@@ -185,16 +193,17 @@ def main(args):
     if (args.image or args.frames) and args.fid != "none":
         args.fid = "none"           # a Frechet distance needs many images, not one pair
         print("note: rFID is skipped for a single pair (--image / --frames)")
-    from compare_engine import BASELINES, AutoencoderScored, LaqScored, compare
-    from compare_report import build_report, print_table, run_settings, summary_lines, \
-        write_outputs
+    from compare_engine import AutoencoderScored, LaqScored, baselines, compare, \
+        laq_decoder_key
+    from compare_report import build_report, identity_report, print_table, run_settings, \
+        summary_lines, write_outputs
     from config import data_params_of
     from errors import exit_bad_input
     from evaluation import start_outputs
     from laq_loader import LaqRunner, load_laq
     from manifest import manifest
     from metrics import ImageMetrics, build_fid
-    from pairs import Geometry, figure_picks, frame_pairs, labels_of
+    from pairs import Geometry, figure_picks, frame_pairs, is_identity, labels_of
     from runtime import pick_device
     from stats import CI_METHOD
 
@@ -205,14 +214,22 @@ def main(args):
     extras, extra_files, extra_settings = load_latent_action_models(args.model, device)
     laq, config, key_report = load_laq(args, device)
     pairs, inputs, index = frame_pairs(args, vae_config)
+    identity = [p for p in pairs if is_identity(p)] if not args.keep_identity_pairs else []
+    pairs = [p for p in pairs if not is_identity(p)] if identity else pairs
+    if not pairs:
+        exit_bad_input(f"every one of the {len(identity)} pairs has its future frame clamped "
+                       f"onto the current one (offset past the videos' ends): lower --offset, "
+                       f"or score them with --keep-identity-pairs")
     vae_view = (vae_config["model_params"]["image_size"],
                 args.vae_resize or data_params_of(vae_config).resize)
     laq_view = (config["image_size"], args.laq_resize)
     geometry = Geometry({"vae": vae_view, "laq": laq_view, **{s.name: s.view for s in extras}})
     runner = LaqRunner(laq)
-    scored = [AutoencoderScored(vae, vae_view), LaqScored(runner, config["codebook_size"],
-                                                          laq_view),
-              *extras, *(baseline() for baseline in BASELINES)]
+    models = [AutoencoderScored(vae, vae_view),
+              LaqScored(runner, config["codebook_size"], laq_view,
+                        config["image_size"] // config["patch_size"],
+                        laq_decoder_key(config, laq_view)), *extras]
+    scored = [*models, *baselines(models)]
     agreements = laq_twins(extras, config, laq_view)
     start_outputs(args.output, OUTPUTS)       # an interrupted run leaves no mix of two runs
     start = time.perf_counter()
@@ -222,8 +239,10 @@ def main(args):
     seconds = time.perf_counter() - start
     if not rows:
         exit_bad_input("none of the frame pairs could be read")
+    identity_rows = compare(scored, identity, metrics, None, geometry, args.batch_size, device,
+                            controllability=False)[0] if identity else []
     templates = labels_of(vae_config, args) if args.data_path else {}
-    for row in rows:
+    for row in rows + identity_rows:
         row["label"] = templates.get(row["video"], "")
     grey = {s.name: s.channels for s in extras if s.channels != 3}
     report = {
@@ -244,6 +263,8 @@ def main(args):
                      "laq": {"family": "LAQ", "seed": None, "settings": config},
                      **extra_settings},
         "pairs_per_sec": len(rows) / seconds}
+    report["identity_pairs"] = identity_report(rows, identity_rows, scored,
+                                               args.keep_identity_pairs)
     if agreements:
         report["laq_agreement"] = {a.model: a.report() for a in agreements}
     if args.probe:
@@ -256,7 +277,8 @@ def main(args):
     if report.get("probe"):
         report["probe"]["manifest"] = report["manifest"]
     report["summary_lines"] = summary_lines(report)
-    write_outputs(args, report, rows, examples, (report["latent"]["vae"] or {}).get("kl_per_dim"))
+    write_outputs(args, report, rows, examples, (report["latent"]["vae"] or {}).get("kl_per_dim"),
+                  identity_rows)
     if inputs.get("note"):
         print(f"note: {inputs['note']}")
     print_table(report, metrics.names)

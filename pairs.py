@@ -105,6 +105,12 @@ def choose(pairs, positions, n, seed, how="exact"):
     return out
 
 
+def is_identity(pair):
+    """A pair of a video whose future frame was clamped onto the current one (the current frame
+    is the video's last): every model that copies scores it perfectly."""
+    return bool(pair.video) and pair.current_frame == pair.target_frame
+
+
 def frame_pairs(args, vae_config):
     """(pairs, inputs, frame index or None): what is compared and a description of where it
     came from."""

@@ -104,16 +104,18 @@ def summary_figure(report, rows, kl_per_dim, path):
             label="LAQ: bound, sum of per-position entropies")
     _ci_bar(ax, rate["laq"]["bound_bits"], psnr["laq"], fmt="^", mfc="none",
             label="LAQ: bound, code_seq_len x log2(codebook)")
-    for b, style in (("copy_current", "--"), ("mean_colour", ":")):
+    for b, style in (("copy_current", "--"), ("current_mean_colour", "-."),
+                     ("oracle_mean_colour", ":")):
         if b in report.get("baselines", {}):
             ax.axhline(report["baselines"][b]["psnr"]["mean"], color="grey", ls=style,
                        label=f"baseline: {b.replace('_', ' ')}")
     for k, (m, label) in enumerate((m, label) for m, label in report["models"].items()
                                    if m not in ("vae", "laq")):
         bits = rate[m].get("kl_bits_mean", rate[m].get("code_entropy_joint_bits"))
-        kind = "KL" if "kl_bits_mean" in rate[m] else "joint code entropy"
+        kind = ("no action" if rate[m].get("bound_bits") == 0 else
+                "KL" if "kl_bits_mean" in rate[m] else "joint code entropy")
         _ci_bar(ax, bits, report[m]["psnr"], fmt="D", color=f"C{k + 3}",
-                label=f"{label}: {kind} (bits)")
+                label=f"{label}: {kind}" + ("" if kind == "no action" else " (bits)"))
     ax.set_xscale("symlog", linthresh=1)
     ax.set(xlabel="bits per pair spent on the target frame (log scale)",
            ylabel="PSNR (dB), mean with 95% CI",

@@ -21,7 +21,7 @@ import numpy as np
 
 from errors import DataError
 from files import atomic_write
-from stats import mcnemar, summarize
+from stats import holm, mcnemar, summarize_clustered
 
 
 class FeatureCache:
@@ -62,11 +62,27 @@ PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 CV_FOLDS = 5
 
 
-def fit_probe(x_train, y_train, x_test, y_test, num_classes, seed=0):
+def folds_by_video(y_train, videos):
+    """The cross-validation folds (train indices, held-out indices) of the train pairs: up to
+    CV_FOLDS, stratified by template, each video's pairs all on one side."""
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    distinct = len(np.unique(videos))
+    folds = max(2, int(min(CV_FOLDS, np.bincount(y_train).max(), distinct)))
+    if distinct == len(videos):                      # one pair per video: nothing to keep together
+        return list(StratifiedKFold(n_splits=folds).split(np.zeros(len(y_train)), y_train))
+    return list(StratifiedGroupKFold(n_splits=folds).split(np.zeros(len(y_train)), y_train,
+                                                           videos))
+
+
+def fit_probe(x_train, y_train, x_test, y_test, num_classes, seed=0, groups=None):
     """Top-1 (and, with more than 5 classes, top-5) accuracy of a logistic-regression probe,
     with 95% CIs; its inverse regularisation C is chosen among PROBE_CS by 5-fold
     cross-validation on the train pairs (a fixed C would favour some feature sizes). Also
-    returns each test pair's top-1 correctness, for McNemar's test between feature sets."""
+    returns each test pair's top-1 correctness, for McNemar's test between feature sets.
+
+    `groups` = (train videos, test videos): the folds never split a video (pairs of one video
+    would otherwise sit on both sides of a fold and favour features that recognise the video),
+    and the intervals resample whole videos."""
     import warnings
 
     from sklearn.linear_model import LogisticRegressionCV
@@ -75,12 +91,13 @@ def fit_probe(x_train, y_train, x_test, y_test, num_classes, seed=0):
     if len(np.unique(y_train)) < 2:
         raise DataError("the probe's train pairs hold a single action template; add pairs "
                         "(--probe-pairs) or videos")
-    folds = int(min(CV_FOLDS, np.bincount(y_train).max()))
-    model = make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=list(PROBE_CS), cv=max(2, folds), scoring="accuracy", max_iter=2000,
-        random_state=seed))
+    train_groups, test_groups = groups if groups is not None else (
+        np.arange(len(y_train)), np.arange(len(y_test)))
     with warnings.catch_warnings():       # rare templates have fewer pairs than folds
         warnings.filterwarnings("ignore", message="The least populated class")
+        splits = folds_by_video(y_train, train_groups)
+        model = make_pipeline(StandardScaler(), LogisticRegressionCV(
+            Cs=list(PROBE_CS), cv=splits, scoring="accuracy", max_iter=2000, random_state=seed))
         # scikit-learn 1.9 announces new defaults; the ones used here are spelled out above
         warnings.filterwarnings("ignore", message="The fitted attributes of LogisticRegressionCV")
         warnings.filterwarnings("ignore", message="The default value for l1_ratios")
@@ -88,46 +105,56 @@ def fit_probe(x_train, y_train, x_test, y_test, num_classes, seed=0):
     probabilities = model.predict_proba(x_test)
     classes = model.classes_
     top1 = top_k_correct(probabilities, classes, y_test, 1)
-    out = {"top1": summarize(top1), "feature_dim": int(x_train.shape[1]),
-           "C": float(model[-1].C_[0]), "cv_folds": max(2, folds)}
+    out = {"top1": summarize_clustered(top1, test_groups), "feature_dim": int(x_train.shape[1]),
+           "C": float(model[-1].C_[0]), "cv_folds": len(splits)}
     if num_classes > 5:
-        out["top5"] = summarize(top_k_correct(probabilities, classes, y_test, 5))
+        out["top5"] = summarize_clustered(top_k_correct(probabilities, classes, y_test, 5),
+                                          test_groups)
     return out, top1
 
 
-def baselines(y_train, y_test, num_classes):
+def baselines(y_train, y_test, num_classes, test_groups):
     """Chance (uniform guessing over all templates) and majority-class accuracy."""
     values, counts = np.unique(y_train, return_counts=True)
     ranked = values[np.argsort(-counts, kind="stable")]
     ks = (1, 5) if num_classes > 5 else (1,)
     return {"chance": {f"top{k}": min(k, num_classes) / num_classes for k in ks},
-            "majority": {f"top{k}": summarize(np.isin(y_test, ranked[:k]).astype(np.float64))
-                         for k in ks}}
+            "majority": {f"top{k}": summarize_clustered(
+                np.isin(y_test, ranked[:k]).astype(np.float64), test_groups) for k in ks}}
 
 
 def run_probe(train, test, num_classes, seed=0):
-    """train/test: (features {set name: (n, d) array}, labels (n,) int). Returns probe.json's
-    body: one entry per feature set, the baselines, and McNemar's test between every two
-    feature sets on the same test pairs."""
-    (x_train, y_train), (x_test, y_test) = train, test
+    """train/test: (features {set name: (n, d) array}, labels (n,) int, videos (n,)). Returns
+    probe.json's body: one entry per feature set, the baselines, and McNemar's test between
+    every two feature sets on the same test pairs, with Holm-adjusted p-values (one family)."""
+    (x_train, y_train, g_train), (x_test, y_test, g_test) = train, test
     report = {"num_classes": num_classes, "train_pairs": int(len(y_train)),
-              "test_pairs": int(len(y_test)), **baselines(y_train, y_test, num_classes),
+              "test_pairs": int(len(y_test)), "train_videos": int(len(np.unique(g_train))),
+              "test_videos": int(len(np.unique(g_test))),
+              **baselines(y_train, y_test, num_classes, g_test),
               "feature_sets": {}, "regularisation": f"C chosen among {list(PROBE_CS)} by "
-                                                    f"cross-validation on the train pairs"}
+                                                    f"cross-validation on the train pairs, "
+                                                    f"folds grouped by video",
+              "intervals": "95% bootstrap over test videos (pairs of one video together)"}
     correct = {}
     for name in x_train:
         report["feature_sets"][name], correct[name] = fit_probe(
-            x_train[name], y_train, x_test[name], y_test, num_classes, seed)
-    report["mcnemar"] = {f"{a}_vs_{b}": mcnemar(correct[a], correct[b])
-                         for a, b in itertools.combinations(correct, 2)}
+            x_train[name], y_train, x_test[name], y_test, num_classes, seed, (g_train, g_test))
+    tests = {f"{a}_vs_{b}": mcnemar(correct[a], correct[b])
+             for a, b in itertools.combinations(correct, 2)}
+    for test, p in zip(tests.values(), holm([t["p_value"] for t in tests.values()])):
+        test["p_holm"] = p
+    report["mcnemar"] = tests
     return report
 
 
 def print_probe(report):
     def cell(s):
         return f"{s['mean']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
-    print(f"\nlinear probe of the action template: {report['train_pairs']} train pairs -> "
-          f"{report['test_pairs']} val pairs, {report['num_classes']} templates")
+    print(f"\nlinear probe of the action template: {report['train_pairs']} train pairs "
+          f"({report['train_videos']} videos) -> {report['test_pairs']} val pairs "
+          f"({report['test_videos']} videos), {report['num_classes']} templates; intervals "
+          f"over videos")
     ks = [k for k in ("top1", "top5") if k in report["chance"]]
     w = max(26, *(len(name) for name in report["feature_sets"]))
     print(f"{'features':<{w}} " + " ".join(f"{k[:3]}-{k[3:]} [95% CI]".rjust(24) for k in ks)
@@ -138,10 +165,13 @@ def print_probe(report):
     print(f"{'majority class':<{w}} " + " ".join(f"{cell(majority[k]):>24}" for k in ks))
     print(f"{'chance':<{w}} " + " ".join(f"{chance[k]:>24.3f}" for k in ks))
     tests = report.get("mcnemar", {})
-    different = sorted(((m["p_value"], pair) for pair, m in tests.items() if m["p_value"] < 0.05))
+    different = sorted(((m["p_value"], m["p_holm"], pair) for pair, m in tests.items()
+                        if m["p_value"] < 0.05))
+    held = sum(m["p_holm"] < 0.05 for m in tests.values())
     print(f"McNemar's test on the val pairs: {len(different)} of {len(tests)} couples of feature "
-          f"sets differ at p < 0.05" + (", the strongest:" if different else ""))
-    for p, pair in different[:5]:
-        print(f"  {pair.replace('_vs_', ' vs ')}  p={p:.3g}")
+          f"sets differ at p < 0.05, {held} after Holm's adjustment for {len(tests)} tests"
+          + (", the strongest:" if different else ""))
+    for p, p_holm, pair in different[:5]:
+        print(f"  {pair.replace('_vs_', ' vs ')}  p={p:.3g} (Holm {p_holm:.3g})")
     if len(different) > 5:
         print(f"  and {len(different) - 5} more (probe.json: mcnemar)")

@@ -89,3 +89,28 @@ def mcnemar(correct_a, correct_b):
     only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
     p = 1.0 if only_a + only_b == 0 else binomtest(only_a, only_a + only_b, 0.5).pvalue
     return {"only_a": only_a, "only_b": only_b, "p_value": float(p)}
+
+
+def holm(p_values):
+    """Holm's step-down adjustment of a family of p-values (it controls the chance of any false
+    rejection in the family at the nominal level): the i-th smallest of m is multiplied by
+    m - i (i from 0), made non-decreasing in that order and capped at 1. None stays None."""
+    known = sorted((p, i) for i, p in enumerate(p_values) if p is not None)
+    adjusted, running = [None] * len(p_values), 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def summarize_clustered(values, clusters, resamples=2000, seed=0):
+    """summarize() with the interval from resampling whole clusters (videos): pairs of one video
+    are not independent, and resampling them one by one gives too narrow an interval."""
+    v = np.asarray(values, dtype=np.float64)
+    keep = np.isfinite(v)
+    out = summarize(v, resamples, seed)
+    if out["n"] > 1 and len(np.unique(np.asarray(clusters)[keep])) > 1:
+        _, means = cluster_bootstrap(v, clusters, resamples, seed)
+        out["ci95"] = [float(x) for x in np.percentile(means, [2.5, 97.5])]
+    out["clusters"] = int(len(np.unique(np.asarray(clusters)[keep])))
+    return out

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -174,6 +175,50 @@ def test_laqs_own_pairs_are_one_per_video_with_the_second_frame_clamped(
     exact, exact_rows = run("c", "--pairs", "exact", "--num-pairs", "12")
     assert exact["inputs"]["pairs"] == "exact"
     assert all(int(r["target_frame"]) - int(r["current_frame"]) == 6 for r in exact_rows)
+
+
+@pytest.mark.slow
+def test_identity_pairs_are_counted_and_left_out_of_the_means(
+        trained_checkpoint, laq_checkpoint, demo_data, tmp_path):
+    """Videos cut to one frame give pairs whose future frame is the current one (LAQ's clamp):
+    counted, marked in per_pair.csv, scored apart, and out of every other number unless
+    --keep-identity-pairs."""
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    train_ids = [str(e["id"]) for e in json.load(open(data / "something-something-v2-train.json"))]
+    for vid in train_ids[:3]:
+        for frame in sorted((data / vid).iterdir())[1:]:
+            frame.unlink()
+
+    def run(name, *extra):
+        result = compare_cli("--vae", trained_checkpoint, "--laq",
+                             str(laq_checkpoint / "model.pt"), "--laq-repo", STANDIN, "--laq-config",
+                             str(laq_checkpoint / "laq.yaml"), "--data-path", str(data),
+                             "--split", "train", "--offset", "6", "--output", str(tmp_path / name),
+                             "--lpips-net", "none", "--fid", "none", "--controllability", "none",
+                             *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return (json.loads((tmp_path / name / "metrics.json").read_text()),
+                list(csv.DictReader(open(tmp_path / name / "per_pair.csv"))), result.stdout)
+
+    report, rows, printed = run("apart")
+    same = [r for r in rows if r["current_frame"] == r["target_frame"]]
+    rest = [r for r in rows if r["current_frame"] != r["target_frame"]]
+    assert len(same) >= 3 and {r["video"] for r in same} >= set(train_ids[:3])
+    assert [r["identity_pair"] for r in same] == ["1"] * len(same)
+    assert {r["identity_pair"] for r in rest} == {"0"}
+    identity = report["identity_pairs"]
+    assert identity["count"] == len(same) and identity["left_out"]
+    assert report["pairs"] == len(rest) and "identity pairs" in printed
+    assert report["baselines"]["copy_current"]["psnr"]["mean"] == pytest.approx(
+        np.mean([float(r["copy_current_psnr"]) for r in rest]))
+    assert identity["psnr"]["copy_current"]["mean"] == pytest.approx(
+        np.mean([float(r["copy_current_psnr"]) for r in same]))
+    kept, kept_rows, _ = run("kept", "--keep-identity-pairs")
+    assert kept["pairs"] == len(kept_rows) == len(rows) and not kept["identity_pairs"]["left_out"]
+    assert kept["identity_pairs"]["count"] == len(same)
+    assert kept["baselines"]["copy_current"]["psnr"]["mean"] == pytest.approx(
+        np.mean([float(r["copy_current_psnr"]) for r in kept_rows]))
 
 
 def test_wrong_checkpoint_is_reported_with_its_missing_keys(trained_checkpoint, laq_checkpoint,
@@ -453,7 +498,7 @@ def action_models(demo_data, tmp_path_factory):
     from training import train
     save_dir = str(tmp_path_factory.mktemp("lam"))
     paths = {}
-    for bottleneck in ("nsvq", "gaussian"):
+    for bottleneck in ("nsvq", "gaussian", "none"):
         cfg = tiny_config(demo_data, save_dir, **{
             "data_params.frame_offset": 3, "data_params.resize": "stretch",
             "trainer_params.max_steps": 4, "logging_params.name": f"lam_{bottleneck}"})
@@ -471,6 +516,7 @@ def lam_comparison(trained_checkpoint, laq_checkpoint, action_models, demo_data,
     result = compare_cli("--vae", trained_checkpoint, "--laq", str(laq_checkpoint / "model.pt"),
                          "--laq-repo", STANDIN, "--laq-config", str(laq_checkpoint / "laq.yaml"),
                          "--model", action_models["nsvq"], "--model", action_models["gaussian"],
+                         "--model", action_models["none"],
                          "--data-path", demo_data, "--num-pairs", "8", "--offset", "3", "--pairs", "exact",
                          "--vae-resize", "stretch", "--probe", "--probe-pairs", "20",
                          "--output", str(out), "--lpips-net", "none",
@@ -485,7 +531,18 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     out, result = lam_comparison
     report = json.loads((out / "metrics.json").read_text())
     assert report["models"] == {"vae": "VAE", "laq": "LAQ", "lam_nsvq": "lam_nsvq",
-                                "lam_gaussian": "lam_gaussian"}
+                                "lam_gaussian": "lam_gaussian", "lam_none": "lam_none"}
+    # the action's worth: each model with an action against its no-action twin, by hand
+    rows = list(csv.DictReader(open(out / "per_pair.csv")))
+    worth = report["action_worth"]
+    assert {m: w["twin"] for m, w in worth.items() if m != "method"} == {   # the stand-in
+        "laq": "lam_none", "lam_nsvq": "lam_none", "lam_gaussian": "lam_none"}  # LAQ's sizes
+    for m in ("lam_nsvq", "lam_gaussian"):
+        assert worth[m]["psnr"]["mean_difference"] == pytest.approx(np.mean(
+            [float(r[f"{m}_psnr"]) - float(r["lam_none_psnr"]) for r in rows]))
+    assert "does the action help? lam_nsvq - lam_none (no action)" in result.stdout
+    assert report["rate"]["lam_none"]["kl_bits_mean"] == 0 and "0 (no action)" in result.stdout
+    assert "lam_none_psnr_other_action" not in rows[0]
     assert report["resize"] == dict.fromkeys(report["models"], "stretch")
     for name in ("lam_nsvq", "lam_gaussian"):
         assert {"mean", "std", "ci95"} <= set(report[name]["psnr"]), name
@@ -530,8 +587,24 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     assert float(row["copy_current_mse"]) == pytest.approx(float(((current - target) ** 2).mean()),
                                                            rel=1e-5)
     mean_colour = target.mean((1, 2), keepdim=True)
-    assert float(row["mean_colour_mse"]) == pytest.approx(
+    assert float(row["oracle_mean_colour_mse"]) == pytest.approx(
         float(((mean_colour - target) ** 2).mean()), rel=1e-5)
+    assert float(row["current_mean_colour_mse"]) == pytest.approx(
+        float(((current.mean((1, 2), keepdim=True) - target) ** 2).mean()), rel=1e-5)
+    # the current frame's patch means at the models' patch grids (4x4 here), by reshaping
+    patched = [b for b in report["baselines"] if b.startswith("current_patches_")]
+    assert "current_patches_4x4" in patched
+    for name in patched:
+        g = int(name.rsplit("x", 1)[1])
+        blocks = current.numpy().reshape(3, g, 32 // g, g, 32 // g).mean((2, 4))
+        guess = np.repeat(np.repeat(blocks, 32 // g, 1), 32 // g, 2)
+        assert float(row[f"{name}_mse"]) == pytest.approx(
+            float(((guess - target.numpy()) ** 2).mean()), rel=1e-5)
+    # Holm over every two models' PSNR tests, beside each raw p-value
+    from stats import holm
+    tests = [d["psnr"] for d in report["paired"].values() if isinstance(d, dict)]
+    assert [t["p_holm"] for t in tests] == holm([t["p_value"] for t in tests])
+    assert all(t["p_holm"] >= t["p_value"] for t in tests) and "Holm" in result.stdout
     beats = [float(r["lam_nsvq_psnr"]) > float(r["copy_current_psnr"]) for r in rows]
     assert report["beats_copy_current"]["lam_nsvq"]["share"] == pytest.approx(np.mean(beats))
     assert report["baselines"]["copy_current"]["psnr"]["mean"] == pytest.approx(

@@ -9,7 +9,9 @@ from PIL import Image
 
 from labels import read_templates
 import make_demo_data as demo
-from probe import PROBE_CS, FeatureCache, baselines, run_probe
+import probe
+from probe import PROBE_CS, FeatureCache, baselines, folds_by_video, run_probe
+from stats import summarize, summarize_clustered
 
 OFFSET = 4
 
@@ -34,7 +36,7 @@ def pair_features(root, video_ids, seed):
     the motion), and the current frame's mean colour (does not), with the template."""
     templates = read_templates(root)
     order = list(demo.ACTIONS)
-    motion, colour, labels = [], [], []
+    motion, colour, labels, videos = [], [], [], []
     for vid in video_ids:
         k = int(vid) - 1000
         plan = demo.plan_video(demo.video_rng(seed, k), 12, demo.ACTIONS[order[k % 4]])
@@ -44,7 +46,9 @@ def pair_features(root, video_ids, seed):
                           main_shape_centre(a, plan["colours"][0]))
             colour.append(np.asarray(Image.open(a)).reshape(-1, 3).mean(0))
             labels.append(order.index(templates[vid]))
-    return {"motion": np.array(motion), "colour": np.array(colour)}, np.array(labels)
+            videos.append(vid)
+    return ({"motion": np.array(motion), "colour": np.array(colour)}, np.array(labels),
+            np.array(videos))
 
 
 @pytest.mark.slow
@@ -76,13 +80,15 @@ def test_the_probe_chooses_stronger_regularisation_for_features_of_noise():
     signal = (y + 0.5 * rng.standard_normal(300))[:, None]
     noisy = np.hstack([signal, rng.standard_normal((300, 1000))])
     train, test = slice(0, 200), slice(200, 300)
-    report = run_probe(({"signal": signal[train], "noisy": noisy[train]}, y[train]),
-                       ({"signal": signal[test], "noisy": noisy[test]}, y[test]), num_classes=3)
+    report = run_probe(({"signal": signal[train], "noisy": noisy[train]}, y[train], np.arange(200)),
+                       ({"signal": signal[test], "noisy": noisy[test]}, y[test], np.arange(100)),
+                       num_classes=3)
     assert report["feature_sets"]["noisy"]["C"] < report["feature_sets"]["signal"]["C"]
 
 
 def test_baselines_are_chance_and_the_most_frequent_train_classes():
-    report = baselines(np.array([2, 2, 2, 1, 1, 0]), np.array([2, 1, 0, 2]), num_classes=10)
+    report = baselines(np.array([2, 2, 2, 1, 1, 0]), np.array([2, 1, 0, 2]), num_classes=10,
+                       test_groups=np.arange(4))
     assert report["chance"] == {"top1": 0.1, "top5": 0.5}
     assert report["majority"]["top1"]["mean"] == 0.5        # class 2: two of four test pairs
     assert report["majority"]["top5"]["mean"] == 1.0        # classes 2, 1, 0 cover all
@@ -98,3 +104,34 @@ def test_feature_cache_reuses_finished_chunks_and_recomputes_damaged_ones(tmp_pa
     with open(cache.path("train", 0), "wb") as f:
         f.write(b"cut short")
     assert cache.get("train", 0) is None
+
+
+def test_cross_validation_folds_never_split_a_video(monkeypatch):
+    """Pairs of one video share its look: folds that split a video let the probe recognise the
+    video instead of the action. Every fold the probe fits holds each video on one side."""
+    rng = np.random.default_rng(1)
+    videos = np.repeat(np.arange(30), 7)                     # 30 videos of 7 pairs
+    y = videos % 3
+    for splits in (folds_by_video(y, videos), folds_by_video(y[:60], videos[:60])):
+        assert len(splits) >= 2
+        for fit, held in splits:
+            assert not set(videos[fit]) & set(videos[held])
+    used = []
+    monkeypatch.setattr(probe, "folds_by_video", lambda y_, g: used.append(g) or
+                        folds_by_video(y_, g))
+    x = {"look": np.eye(30)[videos] + 0.01 * rng.standard_normal((len(y), 30))}
+    report = run_probe((x, y, videos), (x, y, videos), num_classes=3)
+    assert len(used) == 1 and np.array_equal(used[0], videos)
+    assert report["train_videos"] == 30 and report["feature_sets"]["look"]["cv_folds"] == 5
+
+
+def test_probe_intervals_resample_videos():
+    """With 20 identical pairs per video, the interval over videos is the interval of the 10
+    video means (the same draws), and wider than one that takes the 200 pairs as independent."""
+    per_video = np.array([1, 0, 1, 1, 0, 0, 1, 0, 1, 1], dtype=float)
+    values, videos = np.repeat(per_video, 20), np.repeat(np.arange(10), 20)
+    clustered = summarize_clustered(values, videos)
+    assert clustered["ci95"] == summarize(per_video)["ci95"]
+    assert clustered["mean"] == pytest.approx(0.6) and clustered["clusters"] == 10
+    iid = summarize(values)["ci95"]
+    assert clustered["ci95"][1] - clustered["ci95"][0] > 2 * (iid[1] - iid[0])

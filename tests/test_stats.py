@@ -56,3 +56,12 @@ def test_mcnemar_is_the_exact_binomial_test_on_the_discordant_items():
     assert (result["only_a"], result["only_b"]) == (8, 1)
     assert result["p_value"] == pytest.approx(2 * (math.comb(9, 0) + math.comb(9, 1)) / 2 ** 9)
     assert mcnemar([1, 0], [1, 0])["p_value"] == 1.0
+
+
+def test_holm_against_a_hand_computation():
+    """p = 0.01, 0.04, 0.03, 0.005 (m = 4): sorted 0.005 x 4 = 0.02, 0.01 x 3 = 0.03,
+    0.03 x 2 = 0.06, 0.04 x 1 = 0.04 -> 0.06 (never below the one before); None stays None."""
+    from stats import holm
+    assert holm([0.01, 0.04, None, 0.03, 0.005]) == pytest.approx(
+        [0.03, 0.06, None, 0.06, 0.02])
+    assert holm([0.5, 0.6]) == [1.0, 1.0] and holm([]) == []
