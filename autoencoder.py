@@ -24,6 +24,9 @@ class Autoencoder(nn.Module):
     takes_pairs: bool = False
     """Items are (current, future) frame pairs (data_params.frame_offset)."""
 
+    loss_settings: Tuple[str, ...] = ("kld_weight",)
+    """The exp_params keys its loss reads beside the model's own (a run's settings in reports)."""
+
     not_applicable: Dict[str, str] = {}
     """Evaluation metrics the family does not define, each with the reason (metrics.json)."""
 

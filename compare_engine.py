@@ -313,7 +313,7 @@ def compare(scored, pairs, metrics, fid, geometry, batch_size, device, picks=(),
     """Score every Scored thing on every readable pair; returns the rows (one per pair), each
     thing's latents and codes ({name: [per batch]}), and the picked pairs' pictures.
     Controllability (Genie's delta PSNR): a thing with an action also predicts each future
-    frame with the action inferred for the next pair of the batch, and a latent action model
+    frame with the action inferred for the previous pair of the batch, and a latent action model
     with a draw from its prior: the `{name}_psnr_other_action` / `_prior_action` columns.
     Each of `agreements` (Agreement) sees every batch's predictions."""
     rows, examples = [], []

@@ -4,6 +4,7 @@ probe.json, comparison.png, plots.png, TensorBoard).
 """
 import itertools
 import json
+import math
 import os
 
 from evaluation import section, write_report
@@ -105,20 +106,22 @@ def identity_report(rows, identity_rows, scored, kept):
 
 
 def controllability_report(rows, videos, labels):
-    """Per model with an action latent: PSNR with its own action, with the next pair's action
-    and (latent action models) with a prior draw, and the paired difference own - other."""
+    """Per model with an action latent: PSNR with its own action, with another pair's action
+    (the previous pair's of its batch) and (latent action models) with a prior draw, and the
+    paired difference own - other, over the pairs that have them (a batch of one pair has no
+    other pair)."""
     out = {"method": "delta PSNR (Genie): the current frame decoded with its own inferred "
                      "action minus with the action inferred for another pair of the batch "
                      "(other_action) or drawn from the model's prior (prior_action); > 0 "
                      "means the action controls the prediction. " + PAIRED_METHOD}
     for m in labels:
-        if f"{m}_psnr_other_action" not in rows[0]:
+        if not any(f"{m}_psnr_other_action" in r for r in rows):
             continue
         own = [r[f"{m}_psnr"] for r in rows]
         out[m] = {"psnr": summarize(own)}
         for kind in ("other_action", "prior_action"):
-            if f"{m}_psnr_{kind}" in rows[0]:
-                other = [r[f"{m}_psnr_{kind}"] for r in rows]
+            if any(f"{m}_psnr_{kind}" in r for r in rows):     # a lone pair's batch has none
+                other = [r.get(f"{m}_psnr_{kind}", math.nan) for r in rows]
                 out[m][f"psnr_{kind}"] = summarize(other)
                 out[m][f"delta_psnr_{kind}"] = paired_difference(own, other, videos)
     return out
@@ -126,21 +129,24 @@ def controllability_report(rows, videos, labels):
 
 def run_settings(config):
     """What report.py groups runs by: the model family and every training setting that
-    changes the result, with the seed apart (runs that differ only in it are one point)."""
+    changes the result (the family's own: its model_params, the exp_params its loss reads and
+    LR), with the seed apart (runs that differ only in it are one point)."""
+    from models import MODELS
     m, e = config["model_params"], config.get("exp_params", {})
     family = m["name"] + (f" ({m['bottleneck']})" if "bottleneck" in m else "")
+    used = (*getattr(MODELS.get(m["name"]), "loss_settings", ("kld_weight",)), "LR")
     return {"family": family, "seed": e.get("seed"),
             "settings": {**{k: v for k, v in m.items() if k != "name"},
-                         **{k: e[k] for k in ("kld_weight", "LR") if k in e}}}
+                         **{k: e[k] for k in used if k in e}}}
 
 
 def summary_lines(report):
     """The comparison's settings in a few lines, for the pictures."""
     inputs, ck = report["inputs"], report["checkpoints"]
-    lines = [f"VAE {os.path.basename(ck['vae'])}  |  LAQ {os.path.basename(ck['laq'])} "
-             f"({ck['laq_keys']['layout']})"
-             + "".join(f"  |  {name} {os.path.basename(path)}"
-                       for name, path in ck.get("models", {}).items()),
+    files = [f"{label} {os.path.basename(ck[m] if m in ck else ck['models'][m])}"
+             + (f" ({ck['laq_keys']['layout']})" if m == "laq" else "")
+             for m, label in report["models"].items()]
+    lines = ["  |  ".join(files),
              f"{report['pairs']} pairs from {inputs['source']}"
              + (f", {inputs['split']} split ({inputs['split_source']}), offset {inputs['offset']}"
                 if "split" in inputs else "")
@@ -174,7 +180,7 @@ def print_table(report, names):
     for name in names:
         print(f"{name:<7} " + " ".join(f"{cell(report[m][name]):>{width}}" for m in models))
     rfid = report["rfid"]
-    if rfid.get("vae") is not None:
+    if any(rfid.get(m) is not None for m in models):
         print(f"{'rFID':<7} " + " ".join(f"{rfid[m]:>{width}.4g}" for m in models)
               + f"   ({rfid['images']} images"
               + f"{', random backbone' if 'random' in rfid['backbone'] else ''})")
@@ -191,7 +197,7 @@ def print_table(report, names):
         if rate.get("bound_bits") == 0:
             bits.append("0 (no action)")
         elif rate.get("kl_bits_mean") is not None:
-            bits.append(f"{rate['kl_bits_mean']:.2f} (KL)")
+            bits.append(f"{rate['kl_bits_mean']:.2f} (KL)")      # KL / ln 2: bits
         elif "code_entropy_joint_bits" in rate:
             bits.append(f"{rate['code_entropy_joint_bits']:.2f} (joint codes; bound "
                         f"{rate['bound_bits']:g})")
@@ -234,11 +240,13 @@ def print_table(report, names):
                   f"perplexity {latent['perplexity']:.2f}")
         elif latent and latent.get("active_units") is not None:
             print(f"{label} latent: {latent['active_units']}/{latent['latent_dim']} active units, "
-                  f"KL {latent['kl_total']:.2f} nats")
+                  f"KL {latent['kl_total']:.2f} nats = {latent['kl_total'] / math.log(2):.2f} "
+                  f"bits")
         elif latent and "kl_total" in latent:
             print(f"{label} latent: KL {latent['kl_total']:.2f} nats ({latent['note']})")
-    print(f"{report['pairs_per_sec']:.2f} pairs/s on {report['device']} "
-          f"(LAQ: {report['laq_passes']} pass{'es' if report['laq_passes'] > 1 else ''} per batch)")
+    passes = report.get("laq_passes")
+    print(f"{report['pairs_per_sec']:.2f} pairs/s on {report['device']}"
+          + (f" (LAQ: {passes} pass{'es' if passes > 1 else ''} per batch)" if passes else ""))
 
 
 def write_outputs(args, report, rows, examples, kl_per_dim, identity_rows=()):

@@ -29,8 +29,8 @@ from options import (MATPLOTLIB, SKLEARN, Formatter, add_fid_arguments, add_lpip
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
-    parser.add_argument("--vae", required=True, help="VAE checkpoint of this project")
-    parser.add_argument("--laq", required=True, help="LAQ checkpoint (any layout LAPA writes)")
+    parser.add_argument("--vae", help="VAE checkpoint of this project")
+    parser.add_argument("--laq", help="LAQ checkpoint (any layout LAPA writes)")
     parser.add_argument("--laq-repo", help="folder containing laq_model/ (LAPA's laq/)")
     parser.add_argument("--laq-config", help="YAML of LatentActionQuantization arguments")
     parser.add_argument("--laq-weights", choices=["ema", "online"], default="ema",
@@ -48,6 +48,9 @@ def parse_args(argv=None):
     source.add_argument("--frames", nargs=2, metavar=("FIRST", "SECOND"))
     source.add_argument("--data-path", help="SthV2 frames folder; pairs from --split of the "
                                             "VAE run's own split (its label files, val_fraction)")
+    parser.add_argument("--split-config", metavar="YAML",
+                        help="a config of this project whose data_params define the split "
+                             "(default: the VAE run's, else the first --model's)")
     parser.add_argument("--split", choices=["val", "train"], default="val",
                         help="the split of the VAE run the pairs come from")
     parser.add_argument("--num-pairs", type=int, default=64, help="pairs scored (--data-path)")
@@ -83,6 +86,16 @@ def parse_args(argv=None):
     add_lpips_arguments(parser)
     add_fid_arguments(parser)
     args = parser.parse_args(argv)
+    if not (args.vae or args.laq or args.model):
+        parser.error("nothing to compare: give at least one model (--vae, --laq, --model)")
+    for flag in ("laq_repo", "laq_config", "laq_allow_unused_keys"):
+        if getattr(args, flag) and not args.laq:
+            parser.error(f"--{flag.replace('_', '-')} needs --laq")
+    if args.vae_resize and not args.vae:
+        parser.error("--vae-resize needs --vae")
+    if args.data_path and not (args.vae or args.model or args.split_config):
+        parser.error("--data-path with only --laq: name the split with --split-config YAML "
+                     "(a config of this project, e.g. config_vae_sthv2.yaml)")
     if min(args.num_pairs, args.offset, args.batch_size, args.probe_pairs) < 1:
         parser.error("--num-pairs, --offset, --batch-size and --probe-pairs must be >= 1")
     if args.probe and not args.data_path:
@@ -112,14 +125,15 @@ def load_vae(path, device):
 
 def load_latent_action_models(paths, device):
     """A LatentActionScored per --model checkpoint, each a latent action model trained here,
-    named by its run (logging_params.name), made unique; {name: path}; {name: run_settings}."""
+    named by its run (logging_params.name), made unique; {name: path}; {name: run_settings};
+    their configs."""
     from compare_engine import LatentActionScored
     from compare_report import run_settings
     from config import data_params_of
     from errors import CheckpointError
     from evaluation import load_model
     from models import image_channels
-    scored, files, settings = [], {}, {}
+    scored, files, settings, configs = [], {}, {}, []
     for path in paths:
         model, ckpt = load_model(path, device)
         if not model.takes_pairs:
@@ -136,7 +150,17 @@ def load_latent_action_models(paths, device):
         scored.append(LatentActionScored(name, model, view,
                                          image_channels(ckpt["config"]["model_params"])))
         files[name], settings[name] = os.path.abspath(path), run_settings(ckpt["config"])
-    return scored, files, settings
+        configs.append(ckpt["config"])
+    return scored, files, settings, configs
+
+
+def split_config(args, vae_config, model_configs):
+    """The config whose data_params define the split the pairs come from: --split-config, else
+    the VAE run's, else the first --model's (None for --image / --frames)."""
+    if args.split_config:
+        from config import load_config
+        return load_config(args.split_config, check_paths=False).to_dict()
+    return vae_config or (model_configs[0] if model_configs else None)
 
 
 def laq_twins(extras, laq_config, laq_view):
@@ -150,7 +174,7 @@ def laq_twins(extras, laq_config, laq_view):
                     for k in ("code_seq_len", "codebook_size", "quant_dim"))]
 
 
-def action_probe(args, scored, vae_config, geometry, device, templates):
+def action_probe(args, scored, run_config, geometry, device, templates):
     """Train-split pairs -> val-split pairs linear probe of the action template (probe.py) on
     every model's frozen features; `templates`: {video id: template} as labels_of read them
     ({} when the files are missing)."""
@@ -159,19 +183,20 @@ def action_probe(args, scored, vae_config, geometry, device, templates):
     from compare_engine import probe_features
     from config import data_params_of
     from labels import read_templates
-    from pairs import choose, read_video_ids, split_pairs
+    from pairs import choose, is_identity, read_video_ids, split_pairs
     from probe import FeatureCache, run_probe
-    d = data_params_of(vae_config, data_path=args.data_path)
+    d = data_params_of(run_config, data_path=args.data_path)
     templates = templates or read_templates(d.labels_path or d.data_path)   # names what is missing
     classes = {t: c for c, t in enumerate(sorted(set(templates.values())))}
     exclude = read_video_ids(args.laq_train_videos) if args.laq_train_videos else set()
     sets = {}
     for split, seed, skip in (("train", args.seed + 1, set()), ("val", args.seed + 2, exclude)):
-        pairs_ds, positions, _, _ = split_pairs(args, vae_config, split, skip)
+        pairs_ds, positions, _, _ = split_pairs(args, run_config, split, skip)
         pairs = choose(pairs_ds, positions, args.probe_pairs, seed, args.pairs)
+        pairs = [p for p in pairs if args.keep_identity_pairs or not is_identity(p)]
         cache = FeatureCache(os.path.join(args.output, "probe_cache"), {
-            "vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
-            "vae_mtime": os.path.getmtime(args.vae), "laq_mtime": os.path.getmtime(args.laq),
+            **{k: (os.path.abspath(f), os.path.getmtime(f)) for k, f in
+               (("vae", args.vae), ("laq", args.laq)) if f},
             "pairs": [(p.current, p.target) for p in pairs], "geometry": geometry.describe(),
             "laq_weights": args.laq_weights, "features": 2, "batch_size": args.batch_size,
             "models": [(os.path.abspath(p), os.path.getmtime(p)) for p in args.model]})
@@ -188,7 +213,7 @@ def action_probe(args, scored, vae_config, geometry, device, templates):
 
 def main(args):
     check_exist(args, "--vae", "--laq", "--laq-repo", "--laq-config", "--model", "--image",
-                "--frames", "--data-path", "--laq-train-videos")   # inputs, then weight files
+                "--frames", "--data-path", "--laq-train-videos", "--split-config")   # inputs, then weight files
     require(MATPLOTLIB, *([SKLEARN] if args.probe else []))           # before the hour of work
     if (args.image or args.frames) and args.fid != "none":
         args.fid = "none"           # a Frechet distance needs many images, not one pair
@@ -210,27 +235,32 @@ def main(args):
     device = pick_device(args.device, gpus=-1)
     metrics = ImageMetrics(device, args.lpips_net, args.lpips_random_backbone)  # fail fast
     fid = build_fid(args, device)
-    vae, vae_config = load_vae(args.vae, device)
-    extras, extra_files, extra_settings = load_latent_action_models(args.model, device)
-    laq, config, key_report = load_laq(args, device)
-    pairs, inputs, index = frame_pairs(args, vae_config)
+    vae, vae_config = load_vae(args.vae, device) if args.vae else (None, None)
+    extras, extra_files, extra_settings, extra_configs = load_latent_action_models(args.model,
+                                                                                   device)
+    laq, config, key_report = load_laq(args, device) if args.laq else (None, None, None)
+    run_config = split_config(args, vae_config, extra_configs)
+    pairs, inputs, index = frame_pairs(args, run_config)
     identity = [p for p in pairs if is_identity(p)] if not args.keep_identity_pairs else []
     pairs = [p for p in pairs if not is_identity(p)] if identity else pairs
     if not pairs:
         exit_bad_input(f"every one of the {len(identity)} pairs has its future frame clamped "
                        f"onto the current one (offset past the videos' ends): lower --offset, "
                        f"or score them with --keep-identity-pairs")
-    vae_view = (vae_config["model_params"]["image_size"],
-                args.vae_resize or data_params_of(vae_config).resize)
-    laq_view = (config["image_size"], args.laq_resize)
-    geometry = Geometry({"vae": vae_view, "laq": laq_view, **{s.name: s.view for s in extras}})
-    runner = LaqRunner(laq)
-    models = [AutoencoderScored(vae, vae_view),
-              LaqScored(runner, config["codebook_size"], laq_view,
-                        config["image_size"] // config["patch_size"],
-                        laq_decoder_key(config, laq_view)), *extras]
+    models, runner, agreements = [], None, []
+    if vae:
+        models.append(AutoencoderScored(vae, (vae_config["model_params"]["image_size"],
+                                              args.vae_resize
+                                              or data_params_of(vae_config).resize)))
+    if laq:
+        laq_view, runner = (config["image_size"], args.laq_resize), LaqRunner(laq)
+        models.append(LaqScored(runner, config["codebook_size"], laq_view,
+                                config["image_size"] // config["patch_size"],
+                                laq_decoder_key(config, laq_view)))
+        agreements = laq_twins(extras, config, laq_view)
+    models += extras
+    geometry = Geometry({s.name: s.view for s in models})
     scored = [*models, *baselines(models)]
-    agreements = laq_twins(extras, config, laq_view)
     start_outputs(args.output, OUTPUTS)       # an interrupted run leaves no mix of two runs
     start = time.perf_counter()
     rows, latents, codes, examples = compare(scored, pairs, metrics, fid, geometry,
@@ -241,7 +271,7 @@ def main(args):
         exit_bad_input("none of the frame pairs could be read")
     identity_rows = compare(scored, identity, metrics, None, geometry, args.batch_size, device,
                             controllability=False)[0] if identity else []
-    templates = labels_of(vae_config, args) if args.data_path else {}
+    templates = labels_of(run_config, args) if args.data_path else {}
     for row in rows + identity_rows:
         row["label"] = templates.get(row["video"], "")
     grey = {s.name: s.channels for s in extras if s.channels != 3}
@@ -255,30 +285,35 @@ def main(args):
         **build_report(rows, scored, latents, codes, metrics.names,
                        {} if metrics.lpips else {"lpips": "skipped with --lpips-net none"},
                        fid, fid_label(args)),
-        "checkpoints": {"vae": os.path.abspath(args.vae), "laq": os.path.abspath(args.laq),
-                        "laq_keys": key_report, "laq_weights": args.laq_weights,
+        "checkpoints": {**({"vae": os.path.abspath(args.vae)} if vae else {}),
+                        **({"laq": os.path.abspath(args.laq), "laq_keys": key_report,
+                            "laq_weights": args.laq_weights} if laq else {}),
                         "models": extra_files},
-        "laq_config": config, "device": str(device), "laq_passes": runner.passes,
-        "settings": {"vae": run_settings(vae_config),
-                     "laq": {"family": "LAQ", "seed": None, "settings": config},
+        "device": str(device),
+        "settings": {**({"vae": run_settings(vae_config)} if vae else {}),
+                     **({"laq": {"family": "LAQ", "seed": None, "settings": config}}
+                        if laq else {}),
                      **extra_settings},
         "pairs_per_sec": len(rows) / seconds}
+    if laq:
+        report["laq_config"], report["laq_passes"] = config, runner.passes
     report["identity_pairs"] = identity_report(rows, identity_rows, scored,
                                                args.keep_identity_pairs)
     if agreements:
         report["laq_agreement"] = {a.model: a.report() for a in agreements}
     if args.probe:
-        report["probe"] = action_probe(args, scored, vae_config, geometry, device, templates)
-    d = data_params_of(vae_config, data_path=args.data_path)
+        report["probe"] = action_probe(args, scored, run_config, geometry, device, templates)
+    d = data_params_of(run_config or {}, data_path=args.data_path)
     report["manifest"] = manifest(
-        files={"vae": args.vae, "laq": args.laq, **extra_files}, index=index,
+        files={**{k: f for k, f in (("vae", args.vae), ("laq", args.laq)) if f},
+               **extra_files}, index=index,
         labels_dir=(d.labels_path or d.data_path) if args.data_path else None,
-        laq_repo=os.path.dirname(key_report["package"]))
+        laq_repo=os.path.dirname(key_report["package"]) if laq else None)
     if report.get("probe"):
         report["probe"]["manifest"] = report["manifest"]
     report["summary_lines"] = summary_lines(report)
-    write_outputs(args, report, rows, examples, (report["latent"]["vae"] or {}).get("kl_per_dim"),
-                  identity_rows)
+    write_outputs(args, report, rows, examples,
+                  (report["latent"].get("vae") or {}).get("kl_per_dim"), identity_rows)
     if inputs.get("note"):
         print(f"note: {inputs['note']}")
     print_table(report, metrics.names)

@@ -70,6 +70,7 @@ class LatentActionModel(Autoencoder):
     """LAQ's shape with a `nsvq` (discrete), `gaussian` (continuous) or `none` action."""
 
     takes_pairs = True                  # items are (current, future) frame pairs
+    loss_settings = ()                  # kld_weight is not in its loss
     not_applicable = {"vq_loss": "NSVQ trains its codebook through the reconstruction loss",
                       "elbo": "the model predicts the future frame; it has no image likelihood"}
     cannot_sample = ("a latent action model predicts a future frame from a current one: draw "

@@ -1,8 +1,8 @@
 """The comparison's frame pairs and how each model sees them.
 
-Which pairs: from the split the VAE's own run defined (its label files and val_fraction;
-dataset_sthv2.build_split), drawn as LAQ's loader draws its training pairs or uniformly over
-every (t, t + offset) pair, less the videos LAQ trained on. How each model sees them
+Which pairs: from the split a run defined (the VAE's, else the first latent action model's;
+its label files and val_fraction: dataset_sthv2.build_split), drawn as LAQ's loader draws its
+training pairs or uniformly over every (t, t + offset) pair, less the videos LAQ trained on. How each model sees them
 (Geometry): every model is fed frames prepared the way it was trained (its size and resize
 mode), and all are scored on one target: the shared mode, or the centre square of the future
 frame when the modes differ, each stretch model's output mapped back onto it.
@@ -59,15 +59,17 @@ def read_video_ids(path):
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
-def split_pairs(args, vae_config, split, exclude=()):
-    """The pairs of the split of the VAE run's own data settings, less the videos in `exclude`:
+def split_pairs(args, run_config, split, exclude=()):
+    """The pairs of the split a run's data settings define (the VAE's, else the first
+    --model's, or --split-config), less the videos in `exclude`:
     with --pairs exact every (t, t + offset) pair inside a video, with --pairs laq every t with
     the second frame at min(t + offset, last) as LAQ trains; returns (dataset, kept pair
     positions, dropped pairs, dropped videos)."""
-    d = data_params_of(vae_config, data_path=args.data_path,
+    d = data_params_of(run_config, data_path=args.data_path,
                        index_cache_dir=args.index_cache_dir or None)
     if d.dataset != "sthv2":
-        raise DataError(f"the VAE was trained on {d.dataset}; frame pairs need SthV2 videos")
+        raise DataError(f"the split comes from a run on {d.dataset} data (data_params.dataset); "
+                        f"frame pairs need SthV2 videos")
     pairs = build_split(d, split, image_size=None, pair_offset=args.offset,
                         clamp_pairs=args.pairs == "laq")
     excluded = np.array([vid in exclude for vid in pairs.index.videos] + [False], dtype=bool)
@@ -111,7 +113,7 @@ def is_identity(pair):
     return bool(pair.video) and pair.current_frame == pair.target_frame
 
 
-def frame_pairs(args, vae_config):
+def frame_pairs(args, run_config):
     """(pairs, inputs, frame index or None): what is compared and a description of where it
     came from."""
     if args.image:
@@ -124,18 +126,19 @@ def frame_pairs(args, vae_config):
         return [Pair(first, second, "", -1, -1, lambda: [read_file(first), read_file(second)])], {
             "source": "frames", "identity_clip": False}, None
     exclude = read_video_ids(args.laq_train_videos) if args.laq_train_videos else set()
-    pairs, positions, dropped, dropped_videos = split_pairs(args, vae_config, args.split, exclude)
+    pairs, positions, dropped, dropped_videos = split_pairs(args, run_config, args.split, exclude)
     chosen = choose(pairs, positions, args.num_pairs, args.seed, args.pairs)
     overlap = ({"excluded": True, "file": os.path.abspath(args.laq_train_videos),
                 "dropped_pairs": dropped, "dropped_videos": dropped_videos,
                 "note": f"left out {dropped} pairs from {dropped_videos} videos that LAQ "
                         f"trained on (--laq-train-videos)"} if args.laq_train_videos else
-               {"excluded": False, "note": OVERLAP_NOTE.format(split=args.split)})
+               {"excluded": False, "note": OVERLAP_NOTE.format(split=args.split)}
+               if args.laq else None)
     return chosen, {"source": "data_path", "identity_clip": False, "data_path": args.data_path,
                     "split": args.split, "split_source": pairs.source, "offset": args.offset,
                     "pairs": args.pairs, "pairs_note": PAIRS_NOTE[args.pairs],
                     "seed": args.seed, "available_pairs": len(positions),
-                    "laq_training_overlap": overlap,
+                    **({"laq_training_overlap": overlap} if overlap else {}),
                     "videos": sorted({p.video for p in chosen}, key=str)}, pairs.index
 
 
@@ -149,9 +152,9 @@ def figure_picks(pairs, n=FIGURE_ROWS):
     return {first_of_video[videos[i]][len(first_of_video[videos[i]]) // 2] for i in spread}
 
 
-def labels_of(vae_config, args):
+def labels_of(run_config, args):
     """{video id: action template} when the run's label files are there, else {}."""
-    d = data_params_of(vae_config, data_path=args.data_path)
+    d = data_params_of(run_config, data_path=args.data_path)
     folder = d.labels_path or d.data_path
     if not all(os.path.isfile(os.path.join(folder, n)) for n in LABEL_FILES.values()):
         return {}
@@ -183,7 +186,7 @@ def at_size(x, size):
 class Geometry:
     """Sizes and resize modes: each model's input (as it was trained, unless overridden) and
     the scoring target (the smallest size; the shared mode, or the centre square when the
-    modes differ). `inputs`: {model: (image size, resize)}, "vae" and "laq" first."""
+    modes differ). `inputs`: {model: (image size, resize)}."""
 
     def __init__(self, inputs):
         self.inputs = dict(inputs)

@@ -3,8 +3,9 @@
 comparison_figure: example pairs, one per row, from distinct videos: current frame, target,
 each model's reconstruction (VAE, LAQ, latent action models trained here), and their error
 maps on one colour scale with a colour bar.
-summary_figure: per-pair PSNR of the VAE against LAQ, LAQ's code usage, the VAE's KL per
-latent dimension, rate against distortion, and probe accuracy with 95% intervals.
+summary_figure: per-pair PSNR of the first two models, the first discrete model's code usage,
+the VAE's KL per latent dimension, rate against distortion, and probe accuracy with 95%
+intervals.
 Both return the figure (for TensorBoard) after saving it.
 """
 import textwrap
@@ -31,9 +32,12 @@ def comparison_figure(examples, models, header, path):
     names = list(models)
     errors = [[(e["models"][m] - e["target"]).abs().mean(0) for m in names] for e in examples]
     vmax = max(float(err.max()) for row in errors for err in row) or 1.0
-    titles = ["current frame", "target frame", *(models[m] for m in names),
-              *(f"|{models[m]} - target|" for m in names)]
-    columns, rows, head = len(titles), len(examples), 0.2 + 0.17 * len(header)
+    titles = [textwrap.fill(t, 20) for t in ["current frame", "target frame",
+                                             *(models[m] for m in names),
+                                             *(f"|{models[m]} - target|" for m in names)]]
+    title_lines = max(t.count("\n") + 1 for t in titles)   # wrapped: narrow columns
+    columns, rows = len(titles), len(examples)
+    head = 0.2 + 0.17 * len(header) + 0.15 * title_lines
     height = 2.25 * rows + head
     fig, axes = plt.subplots(rows, columns, figsize=(2.15 * columns + 0.1, height), squeeze=False)
     fig.subplots_adjust(left=0.09, right=0.92, bottom=0.02, top=1 - head / height,
@@ -50,7 +54,7 @@ def comparison_figure(examples, models, header, path):
             axes[r, c].set_xticks([])
             axes[r, c].set_yticks([])
             if r == 0:
-                axes[r, c].set_title(titles[c], fontsize=9)
+                axes[r, c].set_title(titles[c], fontsize=8)
         for c, m in enumerate(names, start=2):
             axes[r, c].set_xlabel(example["scores"][m], fontsize=6)
     fig.text(0.01, 1 - 0.1 / height, "\n".join(header), fontsize=8, va="top")
@@ -60,91 +64,123 @@ def comparison_figure(examples, models, header, path):
     return fig
 
 
-def _ci_bar(ax, x, summary, **kwargs):
+def _ci_bar(ax, x, summary, horizontal=False, **kwargs):
     lo, hi = summary["ci95"]
-    ax.errorbar(x, summary["mean"], yerr=[[summary["mean"] - lo], [hi - summary["mean"]]],
-                capsize=4, **kwargs)
+    error = [[summary["mean"] - lo], [hi - summary["mean"]]]
+    if horizontal:
+        ax.errorbar(summary["mean"], x, xerr=error, capsize=4, **kwargs)
+    else:
+        ax.errorbar(x, summary["mean"], yerr=error, capsize=4, **kwargs)
+
+
+def _pair_scatter(ax, report, rows):
+    """Per-pair PSNR of the first two models, or of the one model against copying."""
+    models = list(report["models"])
+    (a, la), (b, lb) = ((m, report["models"][m]) for m in models[:2]) if len(models) > 1 else \
+        ((models[0], report["models"][models[0]]), ("copy_current", "copy current frame"))
+    x, y = (np.array([r[f"{m}_psnr"] for r in rows]) for m in (a, b))
+    ax.scatter(x, y, s=12, alpha=0.7)
+    low, high = float(min(x.min(), y.min())) - 1, float(max(x.max(), y.max())) + 1
+    ax.plot([low, high], [low, high], "k--", lw=1, label="equal PSNR")
+    ax.set(xlim=(low, high), ylim=(low, high), xlabel=f"{la} PSNR (dB)", ylabel=f"{lb} PSNR (dB)",
+           title=f"per-pair PSNR ({len(rows)} pairs; above the line: {lb} better)")
+    ax.legend(loc="upper left", fontsize=8)
+
+
+def _code_usage(ax, report):
+    coded = [m for m in report["models"] if "histogram" in (report["latent"][m] or {})]
+    if not coded:
+        ax.text(0.5, 0.5, "no model with discrete codes", ha="center")
+        ax.set_axis_off()
+        return
+    codes, label = report["latent"][coded[0]], report["models"][coded[0]]
+    ax.bar(range(len(codes["histogram"])), codes["histogram"])
+    ax.set(xlabel=f"{label} code index", ylabel="uses (over all positions and pairs)",
+           title=f"{label} codebook: {codes['unique_codes']}/{codes['codebook_size']} used, "
+                 f"perplexity {codes['perplexity']:.2f}")
+
+
+def _rate_distortion(ax, legend_ax, report):
+    """Each model's PSNR at its rate: KL for a Gaussian latent, the joint entropy of its codes
+    (LAQ also with its two upper bounds), 0 for a model without an action; the baselines as
+    lines. The legend goes on `legend_ax`, clear of the points."""
+    rate, most = report["rate"], 1.0
+    for k, (m, label) in enumerate(report["models"].items()):
+        r = rate[m]
+        kind = ("no action" if r.get("bound_bits") == 0 else
+                "KL" if r.get("kl_bits_mean") is not None else "joint code entropy")
+        bits = 0 if kind == "no action" else r.get("kl_bits_mean", r.get("code_entropy_joint_bits"))
+        if bits is None:
+            continue
+        most = max(most, bits, r.get("bound_bits") or 0)
+        _ci_bar(ax, bits, report[m]["psnr"], fmt="osD^vP*Xph"[k % 10], color=f"C{k}",
+                label=f"{label}: {kind}" + ("" if kind == "no action" else " (bits)"))
+        if m == "laq":
+            for key, marker, what in (("code_entropy_bits", "s", "sum of per-position entropies"),
+                                      ("bound_bits", "^", "code_seq_len x log2(codebook)")):
+                _ci_bar(ax, r[key], report[m]["psnr"], fmt=marker, mfc="none", color=f"C{k}",
+                        label=f"{label}: bound, {what}")
+    for b, style in (("copy_current", "--"), ("current_mean_colour", "-."),
+                     ("oracle_mean_colour", ":")):
+        if b in report.get("baselines", {}):
+            ax.axhline(report["baselines"][b]["psnr"]["mean"], color="grey", ls=style,
+                       label=f"baseline: {b.replace('_', ' ')}")
+    ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(-0.5, most * 2)           # bits are never negative: no tick below 0
+    ax.set(xlabel="bits per pair spent on the target frame, on the scored pairs (log scale)",
+           ylabel="PSNR (dB), mean with 95% CI",
+           title="rate against distortion (the action models also see the current frame)")
+    legend_ax.set_axis_off()
+    legend_ax.legend(*ax.get_legend_handles_labels(), fontsize=8, loc="upper left",
+                     borderaxespad=0)
+
+
+def _probe(ax, probe):
+    if not probe:
+        ax.text(0.5, 0.5, "action probe: run with --probe", ha="center")
+        ax.set_axis_off()
+        return
+    names = list(probe["feature_sets"])
+    for k, name in enumerate(names):
+        _ci_bar(ax, k, probe["feature_sets"][name]["top1"], horizontal=True, fmt="o",
+                color="C0", label="top-1" if k == 0 else None)
+        if "top5" in probe["feature_sets"][name]:
+            _ci_bar(ax, k + 0.25, probe["feature_sets"][name]["top5"], horizontal=True,
+                    fmt="s", color="C1", label="top-5" if k == 0 else None)
+    ax.axvline(probe["chance"]["top1"], color="C0", ls=":", label="chance top-1")
+    ax.axvline(probe["majority"]["top1"]["mean"], color="C0", ls="--", label="majority top-1")
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set(xlim=(0, 1.02), xlabel="accuracy on val pairs (95% CI, videos resampled)",
+           title=f"action probe ({probe['num_classes']} templates)")
+    ax.legend(fontsize=8, loc="lower right")
 
 
 def summary_figure(report, rows, kl_per_dim, path):
-    """The five summary plots of one comparison (probe panel only with --probe)."""
-    fig, axes = plt.subplots(2, 3, figsize=(15, 9))
-    ax = axes[0, 0]                                          # per-pair PSNR
-    vae, laq = np.array([r["vae_psnr"] for r in rows]), np.array([r["laq_psnr"] for r in rows])
-    ax.scatter(vae, laq, s=12, alpha=0.7)
-    low, high = float(min(vae.min(), laq.min())) - 1, float(max(vae.max(), laq.max())) + 1
-    ax.plot([low, high], [low, high], "k--", lw=1, label="equal PSNR")
-    ax.set(xlim=(low, high), ylim=(low, high), xlabel="VAE PSNR (dB)", ylabel="LAQ PSNR (dB)",
-           title=f"per-pair PSNR ({len(rows)} pairs; above the line: LAQ better)")
-    ax.legend(loc="upper left", fontsize=8)
-
-    ax = axes[0, 1]                                          # LAQ code usage
-    codes = report["latent"]["laq"]
-    ax.bar(range(len(codes["histogram"])), codes["histogram"])
-    ax.set(xlabel="LAQ code index", ylabel="uses (over all positions and pairs)",
-           title=f"LAQ codebook: {codes['unique_codes']}/{codes['codebook_size']} used, "
-                 f"perplexity {codes['perplexity']:.2f}")
-
-    ax = axes[0, 2]                                          # VAE KL per dimension
+    """The summary plots of one comparison: per-pair PSNR, code usage, the VAE's KL per
+    dimension, rate against distortion, the probe (with --probe) and the settings."""
+    probe = report.get("probe")
+    tall = 0.3 * len(probe["feature_sets"]) if probe else 3
+    fig = plt.figure(figsize=(16, 9.5 + max(3.0, tall)), layout="constrained")
+    grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, max(1.0, tall / 4.5)])
+    _pair_scatter(fig.add_subplot(grid[0, 0]), report, rows)
+    _code_usage(fig.add_subplot(grid[0, 1]), report)
+    ax = fig.add_subplot(grid[0, 2])                         # VAE KL per dimension
     if kl_per_dim is not None:
         kl = np.sort(np.asarray(kl_per_dim))[::-1] / np.log(2)
         ax.bar(range(len(kl)), kl, width=1.0)
         ax.set(xlabel="latent dimension (sorted)", ylabel="KL (bits)",
                title=f"VAE KL per dimension (total {kl.sum():.1f} bits)")
     else:
-        ax.text(0.5, 0.5, "the VAE reports no Gaussian posterior", ha="center")
+        ax.text(0.5, 0.5, "the VAE reports no Gaussian posterior" if "vae" in report["models"]
+                else "no VAE in this comparison", ha="center")
         ax.set_axis_off()
-
-    ax = axes[1, 0]                                          # rate vs distortion
-    rate, psnr = report["rate"], {m: report[m]["psnr"] for m in ("vae", "laq")}
-    _ci_bar(ax, rate["vae"]["kl_bits_mean"], psnr["vae"], fmt="o", label="VAE: KL (bits)")
-    _ci_bar(ax, rate["laq"]["code_entropy_joint_bits"], psnr["laq"], fmt="s",
-            label="LAQ: joint code entropy (bits)")
-    _ci_bar(ax, rate["laq"]["code_entropy_bits"], psnr["laq"], fmt="s", mfc="none",
-            label="LAQ: bound, sum of per-position entropies")
-    _ci_bar(ax, rate["laq"]["bound_bits"], psnr["laq"], fmt="^", mfc="none",
-            label="LAQ: bound, code_seq_len x log2(codebook)")
-    for b, style in (("copy_current", "--"), ("current_mean_colour", "-."),
-                     ("oracle_mean_colour", ":")):
-        if b in report.get("baselines", {}):
-            ax.axhline(report["baselines"][b]["psnr"]["mean"], color="grey", ls=style,
-                       label=f"baseline: {b.replace('_', ' ')}")
-    for k, (m, label) in enumerate((m, label) for m, label in report["models"].items()
-                                   if m not in ("vae", "laq")):
-        bits = rate[m].get("kl_bits_mean", rate[m].get("code_entropy_joint_bits"))
-        kind = ("no action" if rate[m].get("bound_bits") == 0 else
-                "KL" if "kl_bits_mean" in rate[m] else "joint code entropy")
-        _ci_bar(ax, bits, report[m]["psnr"], fmt="D", color=f"C{k + 3}",
-                label=f"{label}: {kind}" + ("" if kind == "no action" else " (bits)"))
-    ax.set_xscale("symlog", linthresh=1)
-    ax.set(xlabel="bits per pair spent on the target frame (log scale)",
-           ylabel="PSNR (dB), mean with 95% CI",
-           title="rate against distortion (LAQ also sees the current frame)")
-    ax.legend(fontsize=8)
-
-    ax = axes[1, 1]                                          # probe
-    probe = report.get("probe")
-    if probe:
-        names = list(probe["feature_sets"])
-        for k, name in enumerate(names):
-            _ci_bar(ax, k, probe["feature_sets"][name]["top1"], fmt="o", color="C0",
-                    label="top-1" if k == 0 else None)
-            if "top5" in probe["feature_sets"][name]:
-                _ci_bar(ax, k + 0.15, probe["feature_sets"][name]["top5"], fmt="s", color="C1",
-                        label="top-5" if k == 0 else None)
-        ax.axhline(probe["chance"]["top1"], color="C0", ls=":", label="chance top-1")
-        ax.axhline(probe["majority"]["top1"]["mean"], color="C0", ls="--", label="majority top-1")
-        ax.set_xticks(range(len(names)), names, rotation=20, fontsize=8)
-        ax.set(ylim=(0, 1.02), ylabel="accuracy on val pairs (95% CI)",
-               title=f"action probe ({probe['num_classes']} templates)")
-        ax.legend(fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "action probe: run with --probe", ha="center")
-        ax.set_axis_off()
-    axes[1, 2].set_axis_off()
+    _rate_distortion(fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2]), report)
+    _probe(fig.add_subplot(grid[2, :2]), probe)
+    ax = fig.add_subplot(grid[2, 2])
+    ax.set_axis_off()
     lines = [wrapped for line in report["summary_lines"]
-             for wrapped in textwrap.wrap(line, 60, subsequent_indent="  ")]
-    axes[1, 2].text(0, 1, "\n".join(lines), va="top", fontsize=8, family="monospace")
-    fig.tight_layout()
+             for wrapped in textwrap.wrap(line, 52, subsequent_indent="  ")]
+    ax.text(0, 1, "\n".join(lines), va="top", fontsize=8, family="monospace")
     fig.savefig(path, dpi=100)
     return fig

@@ -6,9 +6,12 @@ Each DIR is the output of one compare_with_laq.py run (its metrics.json, and pro
 --probe): a VAE at one kld_weight, latent action models at one target rate, a seed, a LAQ
 checkpoint. Every model of every DIR is one run; runs whose family and training settings agree
 and that were scored under the same protocol (pairs, offset, split, scoring target) are one
-point, averaged over their seeds (mean and sd). Writes OUT/report.md and OUT/report.csv (one
-row per point) and OUT/rate_distortion.png (PSNR, LPIPS, rFID and probe top-1 against bits
-per pair, one marker per model family, error bars over seeds).
+point, averaged over their seeds (mean and sd). A family swept over its rate (target_rate_bits,
+kld_weight, ...) is also read at LAQ's rate, seed by seed, between the swept points. Rates are
+the comparison's: measured on the pairs it scored, not on training batches. Writes
+OUT/report.md and OUT/report.csv (one row per point), OUT/rate_matched.csv (each family at
+LAQ's rate) and OUT/rate_distortion.png (PSNR, LPIPS, rFID and probe top-1 against bits per
+pair, one marker per model family, error bars over seeds; a panel per metric that has data).
 """
 import argparse
 import csv
@@ -139,6 +142,62 @@ def group(runs):
     return sorted(out, key=lambda p: (p["family"], p["rate_bits"] is None, p["rate_bits"] or 0))
 
 
+SWEPT = ("target_rate_bits", "kld_weight", "beta", "codebook_size", "code_seq_len")
+MATCHED = ("psnr", "lpips", "probe_top1")
+
+
+def curves(runs):
+    """A family's rate-distortion curves: its runs under one protocol whose settings differ
+    only in what a sweep varies (SWEPT) and the seed."""
+    out = {}
+    for run in runs:
+        if run["family"] != "LAQ" and run["rate_bits"] is not None:
+            fixed = {k: v for k, v in run["settings"].items() if k not in SWEPT}
+            key = json.dumps([run["family"], fixed, run["protocol"]], sort_keys=True)
+            out.setdefault(key, []).append(run)
+    return out
+
+
+def at_rate(members, rate, metric):
+    """One value per seed: the metric of that seed's runs at `rate`, linear between the two
+    swept rates around it; a seed whose runs do not span it gives none (no extrapolation)."""
+    import numpy as np
+    values = []
+    for seed in sorted({str(m["seed"]) for m in members}):
+        known = sorted((m["rate_bits"], m[metric]) for m in members
+                       if str(m["seed"]) == seed and m[metric] is not None)
+        rates = [r for r, _ in known]
+        if len(set(rates)) > 1 and rates[0] <= rate <= rates[-1]:
+            values.append(float(np.interp(rate, rates, [v for _, v in known])))
+    return values
+
+
+def rate_matched(runs, points):
+    """Each family's distortion and probe at each LAQ point's rate (measured on the pairs the
+    comparison scored), read off the family's curve seed by seed (at_rate), then over seeds
+    (mean and 95% t interval): rows of rate_matched.csv."""
+    from stats import over_seeds
+    out = []
+    for members in curves(runs).values():
+        first = members[0]
+        span = [min(m["rate_bits"] for m in members), max(m["rate_bits"] for m in members)]
+        for laq in (p for p in points if p["family"] == "LAQ" and p["rate_bits"] is not None
+                    and p["protocol"] == first["protocol"]):
+            if len({m["rate_bits"] for m in members}) < 2:
+                continue                                       # a point, not a curve
+            swept = sorted(k for k in SWEPT if len({json.dumps(m["settings"].get(k))
+                                                    for m in members}) > 1)
+            row = {"family": first["family"], "swept": swept, "swept_rates": span,
+                   "settings": {k: v for k, v in first["settings"].items() if k not in SWEPT},
+                   "protocol": first["protocol"], "laq_rate_bits": laq["rate_bits"],
+                   "laq_folders": laq["folders"]}
+            for metric in MATCHED:
+                row[metric] = over_seeds(at_rate(members, laq["rate_bits"], metric))
+                row[f"laq_{metric}"] = laq[metric]
+            out.append(row)
+    return out
+
+
 def short(settings, keep=("kld_weight", "beta", "target_rate_bits", "bottleneck",
                           "codebook_size", "code_seq_len", "latent_dim")):
     """The settings a reader tells the points apart by."""
@@ -151,7 +210,32 @@ def fmt(value, sd=None):
     return f"{value:.4g}" + (f" ± {sd:.2g}" if sd is not None else "")
 
 
-def write_table(points, folder, run_manifest):
+def interval(summary):
+    if summary["mean"] is None:
+        return "- (no seed spans it)"
+    if summary["ci95"] is None:
+        return f"{summary['mean']:.4g} (1 seed)"
+    return f"{summary['mean']:.4g} [{summary['ci95'][0]:.4g}, {summary['ci95'][1]:.4g}]"
+
+
+def write_matched(matched, folder):
+    with atomic_write(os.path.join(folder, "rate_matched.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["family", "swept", "settings", "protocol", "laq_rate_bits",
+                         "swept_min_bits", "swept_max_bits"]
+                        + [c for m in MATCHED for c in (m, f"{m}_ci_low", f"{m}_ci_high",
+                                                        f"{m}_seeds", f"laq_{m}")])
+        for r in matched:
+            writer.writerow([r["family"], " ".join(r["swept"]),
+                             json.dumps(r["settings"], sort_keys=True),
+                             json.dumps(r["protocol"], sort_keys=True), r["laq_rate_bits"],
+                             *r["swept_rates"]]
+                            + [c for m in MATCHED for c in (
+                                r[m]["mean"], *(r[m]["ci95"] or (None, None)), r[m]["n"],
+                                r[f"laq_{m}"])])
+
+
+def write_table(points, folder, run_manifest, matched=()):
     columns = ["family", "settings", "seeds", *METRICS]
     with atomic_write(os.path.join(folder, "report.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -172,6 +256,21 @@ def write_table(points, folder, run_manifest):
     for p in points:
         lines.append("| " + " | ".join([p["family"], short(p["settings"]), " ".join(p["seeds"])]
                                        + [fmt(p[m], p[f"{m}_sd"]) for m in METRICS]) + " |")
+    if matched:
+        lines += ["", "## At LAQ's rate", "",
+                  "Each family's curve (its runs that differ only in the swept settings and the "
+                  "seed) read at LAQ's rate, measured on the pairs the comparison scored: seed "
+                  "by seed, linear between the two swept points around it (none outside them), "
+                  "then mean [95% t interval] over the seeds that span it.", "",
+                  "| family | swept | settings | LAQ bits | swept bits | seeds | "
+                  + " | ".join(f"{LABELS[m]} | LAQ {LABELS[m]}" for m in MATCHED) + " |",
+                  "|" + "---|" * (6 + 2 * len(MATCHED))]
+        for r in matched:
+            lines.append("| " + " | ".join(
+                [r["family"], ", ".join(r["swept"]), short(r["settings"]),
+                 f"{r['laq_rate_bits']:.4g}", "{:.4g}–{:.4g}".format(*r["swept_rates"]),
+                 str(r["psnr"]["n"])]
+                + [c for m in MATCHED for c in (interval(r[m]), fmt(r[f"laq_{m}"]))]) + " |")
     protocols = {json.dumps(p["protocol"], sort_keys=True) for p in points}
     lines += ["", "Protocols (pairs, offset, split, scoring target): " + "; ".join(sorted(protocols)),
               "", "## Manifest", "", "```json", json.dumps(run_manifest, indent=1), "```", ""]
@@ -179,13 +278,25 @@ def write_table(points, folder, run_manifest):
         f.write("\n".join(lines))
 
 
-def draw(points, path):
+def draw(points, matched, path):
+    """One panel per metric that some point has (rate against it), LAQ's rate as a dotted line
+    and each family's value read there (rate_matched) as a star with its interval."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     families = sorted({p["family"] for p in points})
-    fig, axes = plt.subplots(2, 2, figsize=(12, 9))
-    for ax, metric in zip(axes.flat, ("psnr", "lpips", "rfid", "probe_top1")):
+    shown = [m for m in ("psnr", "lpips", "rfid", "probe_top1")
+             if any(p[m] is not None and p["rate_bits"] is not None for p in points)]
+    if not shown:
+        print("warning: no point has both a rate and a score: rate_distortion.png is not drawn",
+              file=sys.stderr)
+        return False
+    columns = min(2, len(shown))
+    rows = -(-len(shown) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.5 * rows), squeeze=False)
+    for ax in axes.flat[len(shown):]:
+        ax.remove()
+    for ax, metric in zip(axes.flat, shown):
         for k, family in enumerate(families):
             mine = [p for p in points if p["family"] == family and p[metric] is not None
                     and p["rate_bits"] is not None]
@@ -196,18 +307,25 @@ def draw(points, path):
                         yerr=[p[f"{metric}_sd"] or 0 for p in mine], fmt=MARKERS[k % 10],
                         color=f"C{k}", capsize=3, label=family, linestyle="-" if len(mine) > 1
                         else "none")
+            for r in (r for r in matched if r["family"] == family and metric in r
+                      and r[metric]["mean"] is not None):
+                ci = r[metric]["ci95"] or [r[metric]["mean"]] * 2
+                ax.errorbar([r["laq_rate_bits"]], [r[metric]["mean"]], capsize=3, fmt="*",
+                            markersize=12, color=f"C{k}", yerr=[[r[metric]["mean"] - ci[0]],
+                                                                [ci[1] - r[metric]["mean"]]])
+        for rate in sorted({r["laq_rate_bits"] for r in matched if metric in r}):
+            ax.axvline(rate, color="grey", ls=":", lw=1)
         ax.set_xscale("symlog", linthresh=1)
-        ax.set(xlabel="bits per pair (log scale)", ylabel=LABELS[metric],
+        ax.set_xlim(left=0)
+        ax.set(xlabel="bits per pair on the scored pairs (log scale)", ylabel=LABELS[metric],
                title=f"{LABELS[metric]} against rate")
-        if ax.has_data():
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, f"no {LABELS[metric]} in these comparisons", ha="center",
-                    transform=ax.transAxes)
-    fig.suptitle("error bars: sd over seeds (points with one seed have none)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.suptitle("error bars: sd over seeds (points with one seed have none); stars: a family "
+                 "read at LAQ's rate (dotted), 95% t interval over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+    return True
 
 
 def main():
@@ -222,10 +340,13 @@ def main():
     os.makedirs(args.output, exist_ok=True)
     run_manifest = manifest(files={f"{folder}/metrics.json": os.path.join(folder, "metrics.json")
                                    for folder in args.folders})
-    write_table(points, args.output, run_manifest)
-    draw(points, os.path.join(args.output, "rate_distortion.png"))
-    print(f"{len(runs)} runs, {len(points)} points; wrote {args.output}/report.md, report.csv, "
-          f"rate_distortion.png")
+    matched = rate_matched(runs, points)
+    write_table(points, args.output, run_manifest, matched)
+    write_matched(matched, args.output)
+    drawn = draw(points, matched, os.path.join(args.output, "rate_distortion.png"))
+    print(f"{len(runs)} runs, {len(points)} points, {len(matched)} read at LAQ's rate; wrote "
+          f"{args.output}/report.md, report.csv, rate_matched.csv"
+          + (", rate_distortion.png" if drawn else ""))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,20 @@ def holm(p_values):
     return adjusted
 
 
+def over_seeds(values):
+    """mean, sd and a 95% Student-t interval of the mean over independent seeds (None below
+    two seeds: one run gives no spread)."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if len(v) == 0:
+        return {"mean": None, "sd": None, "ci95": None, "n": 0}
+    if len(v) == 1:
+        return {"mean": float(v[0]), "sd": None, "ci95": None, "n": 1}
+    from scipy.stats import t
+    half = float(t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / np.sqrt(len(v)))
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)),
+            "ci95": [float(v.mean()) - half, float(v.mean()) + half], "n": int(len(v))}
+
+
 def summarize_clustered(values, clusters, resamples=2000, seed=0):
     """summarize() with the interval from resampling whole clusters (videos): pairs of one video
     are not independent, and resampling them one by one gives too narrow an interval."""

@@ -371,7 +371,7 @@ def validate(model, loader, rt, cfg, stop=None, step=0):
 def log_images(model, images, tracker, run_dir, step, seed):
     """Fixed validation frames above their reconstructions; samples from fixed noise. Frame
     pairs (latent action models): current, future and predicted frames, and below them the
-    current frames decoded with the action of the next pair."""
+    current frames decoded with the action of the previous pair."""
     model.eval()
     device = next(model.parameters()).device
     x = to_model_input(images, device)

@@ -87,6 +87,8 @@ class VectorQuantizer(nn.Module):
 
 
 class VQVAE(Autoencoder):
+    loss_settings = ()                  # kld_weight is not in its loss
+
     def __init__(self, in_channels: int = 3, hidden_dims: List[int] = (64, 128, 256, 512, 1024),
                  image_size: int = 256, num_embeddings: int = 512, embedding_dim: int = 64,
                  beta: float = 0.25, ema: bool = False, ema_decay: float = 0.99,

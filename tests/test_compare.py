@@ -190,7 +190,7 @@ def test_identity_pairs_are_counted_and_left_out_of_the_means(
         for frame in sorted((data / vid).iterdir())[1:]:
             frame.unlink()
 
-    def run(name, *extra):
+    def run(name, *extra, data=data):
         result = compare_cli("--vae", trained_checkpoint, "--laq",
                              str(laq_checkpoint / "model.pt"), "--laq-repo", STANDIN, "--laq-config",
                              str(laq_checkpoint / "laq.yaml"), "--data-path", str(data),
@@ -214,6 +214,15 @@ def test_identity_pairs_are_counted_and_left_out_of_the_means(
         np.mean([float(r["copy_current_psnr"]) for r in rest]))
     assert identity["psnr"]["copy_current"]["mean"] == pytest.approx(
         np.mean([float(r["copy_current_psnr"]) for r in same]))
+    # the probe is tested on one pair per val video: a one-frame val video gives only an
+    # identity pair, which the probe leaves out as well
+    cut_val = tmp_path / "cut_val"
+    shutil.copytree(demo_data, cut_val)
+    val_ids = [str(e["id"]) for e in json.load(open(cut_val / "something-something-v2-validation.json"))]
+    for frame in sorted((cut_val / val_ids[0]).iterdir())[1:]:
+        frame.unlink()
+    probed, _, _ = run("probe", "--probe", data=cut_val)
+    assert probed["probe"]["test_videos"] == probed["probe"]["test_pairs"] == len(val_ids) - 1
     kept, kept_rows, _ = run("kept", "--keep-identity-pairs")
     assert kept["pairs"] == len(kept_rows) == len(rows) and not kept["identity_pairs"]["left_out"]
     assert kept["identity_pairs"]["count"] == len(same)
@@ -440,6 +449,9 @@ def test_full_comparison_outputs_on_demo_data(trained_checkpoint, laq_checkpoint
     assert 0 <= report["rate"]["laq"]["code_entropy_bits"] <= 12
     kl_bits = np.mean([float(r["vae_kl_bits"]) for r in rows])
     assert report["rate"]["vae"]["kl_bits_mean"] == pytest.approx(kl_bits, rel=1e-6)
+    nats = report["latent"]["vae"]["kl_total"]          # from the posteriors' mu and logvar
+    assert kl_bits == pytest.approx(nats / math.log(2), rel=1e-5)           # bits, not nats
+    assert f"KL {nats:.2f} nats = {nats / math.log(2):.2f} bits" in result.stdout
     assert report["rfid"] == {"backbone": "skipped with --fid none"}
     probe = json.loads((out / "probe.json").read_text())
     import hashlib
@@ -543,6 +555,11 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     assert "does the action help? lam_nsvq - lam_none (no action)" in result.stdout
     assert report["rate"]["lam_none"]["kl_bits_mean"] == 0 and "0 (no action)" in result.stdout
     assert "lam_none_psnr_other_action" not in rows[0]
+    settings = report["settings"]           # each family lists the settings it uses
+    assert {"kld_weight", "LR"} <= set(settings["vae"]["settings"])
+    assert "LR" in settings["lam_nsvq"]["settings"]
+    assert not {"kld_weight"} & {k for m in ("lam_nsvq", "lam_gaussian", "lam_none")
+                                 for k in settings[m]["settings"]}
     assert report["resize"] == dict.fromkeys(report["models"], "stretch")
     for name in ("lam_nsvq", "lam_gaussian"):
         assert {"mean", "std", "ci95"} <= set(report[name]["psnr"]), name
@@ -630,6 +647,56 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     assert swapped.returncode == 2 and "a LatentActionModel checkpoint" in swapped.stderr \
         and "it goes to --model" in swapped.stderr
     assert not (tmp_path / "swapped").exists()
+
+
+@pytest.mark.slow
+def test_a_comparison_of_latent_action_models_alone(action_models, demo_data, tmp_path):
+    """Neither --vae nor --laq: the split comes from the first --model's run, and the action's
+    worth is measured against the no-action twin."""
+    out = tmp_path / "cmp"
+    result = compare_cli("--model", action_models["nsvq"], "--model", action_models["none"],
+                         "--data-path", demo_data, "--num-pairs", "8", "--offset", "3",
+                         "--pairs", "exact", "--output", str(out), "--lpips-net", "none",
+                         "--fid", "none")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["models"] == {"lam_nsvq": "lam_nsvq", "lam_none": "lam_none"}
+    assert set(report["checkpoints"]) == {"models"} and "laq_config" not in report
+    assert set(report["manifest"]["files"]) == {"lam_nsvq", "lam_none"}
+    assert report["inputs"]["split"] == "val" and "laq_training_overlap" not in report["inputs"]
+    rows = list(csv.DictReader(open(out / "per_pair.csv")))
+    assert report["action_worth"]["lam_nsvq"]["psnr"]["mean_difference"] == pytest.approx(
+        np.mean([float(r["lam_nsvq_psnr"]) - float(r["lam_none_psnr"]) for r in rows]))
+    assert "does the action help? lam_nsvq - lam_none (no action)" in result.stdout
+    speed = next(line for line in result.stdout.splitlines() if "pairs/s on" in line)
+    assert "LAQ" not in speed                                      # no LAQ passes to count
+    assert (out / "plots.png").stat().st_size > 20_000
+
+
+@pytest.mark.parametrize("args, says", [
+    ([], "nothing to compare: give at least one model (--vae, --laq, --model)"),
+    (["--model", "m.pt", "--laq-config", "c.yaml"], "--laq-config needs --laq"),
+    (["--model", "m.pt", "--vae-resize", "crop"], "--vae-resize needs --vae"),
+    (["--laq", "l.pt"], "--data-path with only --laq: name the split with --split-config"),
+])
+def test_which_models_are_compared_is_checked_first(args, says, tmp_path):
+    result = run_script("compare_with_laq.py", *args, "--data-path", str(tmp_path),
+                        "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and says in result.stderr, result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_controllability_is_over_the_pairs_that_have_another_pairs_action():
+    """A batch of one pair has no other pair to take an action from: its row has no
+    other-action column, and the difference is over the rows that do."""
+    from compare_report import controllability_report
+    rows = [{"video": "a", "m_psnr": 20.0, "m_psnr_other_action": 18.0},
+            {"video": "b", "m_psnr": 22.0, "m_psnr_other_action": 21.0},
+            {"video": "c", "m_psnr": 30.0}]                          # the lone last pair
+    out = controllability_report(rows, [r["video"] for r in rows], {"m": "M"})
+    delta = out["m"]["delta_psnr_other_action"]
+    assert delta["mean_difference"] == pytest.approx(1.5) and delta["n"] == 2
+    assert out["m"]["psnr"]["mean"] == pytest.approx(24.0)
 
 
 @pytest.mark.slow
@@ -754,6 +821,61 @@ def test_report_groups_runs_that_differ_only_in_their_seed_and_draws_the_figure(
     assert "lacks settings['laq']" in broken(
         "no_settings", lambda r: {**r, "settings": {k: v for k, v in r["settings"].items()
                                                     if k != "laq"}})
+
+
+@pytest.mark.slow
+def test_report_reads_a_swept_family_at_laqs_rate_seed_by_seed(lam_comparison, tmp_path,
+                                                               monkeypatch):
+    """A Gaussian swept over target_rate_bits at two seeds, LAQ at 6 bits: each seed's curve
+    read at 6 bits by hand (linear between the swept points), then a t interval over seeds; a
+    seed whose rates do not span 6 bits gives nothing; panels without data are not drawn."""
+    from scipy.stats import t
+    out, _ = lam_comparison
+    sweep = [(1, 4.0, 4.0, 10.0), (1, 8.0, 8.0, 14.0), (2, 4.0, 4.5, 11.0), (2, 8.0, 9.0, 13.0),
+             (3, 8.0, 7.0, 15.0), (3, 12.0, 11.0, 16.0)]     # (seed, target, measured, PSNR)
+    folders = []
+    for k, (seed, target, bits, psnr) in enumerate(sweep):
+        folder = tmp_path / f"g{k}"
+        shutil.copytree(out, folder)
+        (folder / "probe.json").unlink()
+        report = json.loads((folder / "metrics.json").read_text())
+        g = report["settings"]["lam_gaussian"]
+        g["seed"], g["settings"]["target_rate_bits"] = seed, target
+        report["rate"]["lam_gaussian"]["kl_bits_mean"] = bits
+        report["lam_gaussian"]["psnr"]["mean"] = psnr
+        report["rate"]["laq"]["code_entropy_joint_bits"] = 6.0
+        report["manifest"]["files"]["lam_gaussian"]["sha256"] = f"gaussian-{k}"
+        report["rfid"] = {"backbone": "skipped with --fid none"}
+        (folder / "metrics.json").write_text(json.dumps(report))
+        folders.append(str(folder))
+    result = run_in_process("report.py", *folders, "--output", str(tmp_path / "report"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    matched = list(csv.DictReader(open(tmp_path / "report" / "rate_matched.csv")))
+    gaussian = [r for r in matched if r["family"] == "LatentActionModel (gaussian)"]
+    assert len(gaussian) == 1 and len(matched) == 1        # the other families: one point each
+    row = gaussian[0]
+    assert row["swept"] == "target_rate_bits" and float(row["laq_rate_bits"]) == 6.0
+    by_seed = [10 + (14 - 10) * (6 - 4) / (8 - 4), 11 + (13 - 11) * (6 - 4.5) / (9 - 4.5)]
+    assert float(row["psnr"]) == pytest.approx(np.mean(by_seed)) and row["psnr_seeds"] == "2"
+    half = t.ppf(0.975, 1) * np.std(by_seed, ddof=1) / math.sqrt(2)
+    assert float(row["psnr_ci_low"]) == pytest.approx(np.mean(by_seed) - half)
+    assert float(row["psnr_ci_high"]) == pytest.approx(np.mean(by_seed) + half)
+    assert row["probe_top1"] == "" and row["probe_top1_seeds"] == "0"       # no probe.json
+    assert "## At LAQ's rate" in (tmp_path / "report" / "report.md").read_text()
+
+    import matplotlib.figure
+
+    import report as report_module
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *a, **k: drawn.append([ax.get_title() for ax in fig.axes]))
+    runs = report_module.distinct(folders)
+    points = report_module.group(runs)
+    report_module.draw(points, report_module.rate_matched(runs, points), str(tmp_path / "x.png"))
+    assert len(drawn) == 1
+    assert not any("rFID" in title or "probe" in title or "LPIPS" in title
+                   for title in drawn[0])                    # no data: not drawn
+    assert any("PSNR" in title for title in drawn[0])
 
 
 BOMB = "dim: [" + ", ".join(["&l0 [x, x, x, x, x, x, x, x, x]"] + [
