@@ -8,7 +8,7 @@ DEMO_RUN := logs_demo/VanillaVAE_demo
 DEMO_ARGS ?=         # extra training arguments, e.g. DEMO_ARGS="--set trainer_params.max_epochs=2"
 DEMO_DATA_ARGS ?=    # extra make_demo_data.py arguments, e.g. DEMO_DATA_ARGS="--videos 64"
 
-.PHONY: demo test test-fast venv venv-dev clean-demo
+.PHONY: demo ablation-demo test test-fast venv venv-dev clean-demo
 
 venv: $(VENV)/.runtime            # what the scripts need
 venv-dev: $(VENV)/.dev            # + what the tests need
@@ -40,6 +40,25 @@ demo: venv $(DEMO_DATA)/something-something-v2-train.json
 	@echo "Evaluation:        $(DEMO_RUN)/eval/metrics.json, $(DEMO_RUN)/eval/reconstructions/"
 	@echo "In a new shell, run 'source $(VENV)/bin/activate' before the README's python commands."
 
+# docs/latent_actions.md's demo ablation: six latent action models (architecture x bottleneck x
+# refill), two trainings at a time on one thread each (about 7 minutes), then one comparison.
+ABLATION := logs_ablation
+ABLATION_RUNS := laq_nsvq laq_gaussian laq_nsvq_lapa corrected_nsvq laq_none corrected_gaussian
+TRAIN_LAM = OMP_NUM_THREADS=1 $(PY) train_single_gpu.py --config configs/latent_action_demo.yaml \
+	--device cpu --resume auto --set logging_params.save_dir=$(ABLATION) --set data_params.num_workers=0
+ablation-demo: venv $(DEMO_DATA)/something-something-v2-train.json
+	($(TRAIN_LAM) --set logging_params.name=laq_nsvq && \
+	 $(TRAIN_LAM) --set logging_params.name=laq_gaussian --set model_params.bottleneck=gaussian && \
+	 $(TRAIN_LAM) --set logging_params.name=laq_nsvq_lapa --set model_params.code_refill=lapa) & \
+	($(TRAIN_LAM) --set logging_params.name=corrected_nsvq --set model_params.architecture=corrected && \
+	 $(TRAIN_LAM) --set logging_params.name=laq_none --set model_params.bottleneck=none && \
+	 $(TRAIN_LAM) --set logging_params.name=corrected_gaussian --set model_params.architecture=corrected \
+	    --set model_params.bottleneck=gaussian) & \
+	wait
+	OMP_NUM_THREADS=2 $(PY) compare_with_laq.py $(foreach r,$(ABLATION_RUNS),--model $(ABLATION)/$(r)/checkpoints/vae_final.pt) \
+		--data-path $(DEMO_DATA) --offset 3 --pairs exact --num-pairs 256 --probe --probe-pairs 1500 \
+		--lpips-net none --fid none --device cpu --output compare_ablation
+
 test: venv-dev
 	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
@@ -47,4 +66,5 @@ test-fast: venv-dev               # the edit loop: every test not marked slow, u
 	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 clean-demo:                       # what make demo and the README's demo commands write
-	rm -rf $(DEMO_DATA) logs_demo eval_demo demo_laq compare_demo report_out
+	rm -rf $(DEMO_DATA) logs_demo eval_demo demo_laq compare_demo report_out $(ABLATION) \
+		compare_ablation
