@@ -9,7 +9,7 @@ import os
 
 from evaluation import section, write_report
 from files import atomic_write
-from stats import PAIRED_METHOD, holm, paired_difference, share, summarize
+from stats import PAIRED_METHOD, add_holm, paired_difference, share, summarize
 
 FID_MIN_IMAGES = 1000
 
@@ -64,8 +64,7 @@ def action_worth(rows, videos, models):
                 [r[f"{s.name}_{n}"] for r in rows], [r[f"{twins[0].name}_{n}"] for r in rows],
                 videos) for n in ("psnr", "ssim")}}
     for n in ("psnr", "ssim"):
-        for test, p in zip(out.values(), holm([t[n]["p_value"] for t in out.values()])):
-            test[n]["p_holm"] = p
+        add_holm(t[n] for t in out.values())
     return {"method": "model minus its no-action twin (bottleneck none, the same decoder), "
                       "paired by video; > 0: the action helps. " + PAIRED_METHOD, **out}
 
@@ -75,9 +74,7 @@ def adjust_family(paired, metric_names):
     models are one family."""
     couples = [c for c, d in paired.items() if isinstance(d, dict)]
     for n in metric_names:
-        tests = [paired[c][n] for c in couples if n in paired[c]]
-        for test, p in zip(tests, holm([t["p_value"] for t in tests])):
-            test["p_holm"] = p
+        add_holm(paired[c][n] for c in couples if n in paired[c])
     paired["adjustment"] = ("Holm, per metric over every two models (p_holm); p_value is each "
                             "test alone")
 

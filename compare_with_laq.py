@@ -183,7 +183,7 @@ def action_probe(args, scored, run_config, geometry, device, templates):
     from compare_engine import probe_features
     from config import data_params_of
     from labels import read_templates
-    from pairs import choose, is_identity, read_video_ids, split_pairs
+    from pairs import choose, read_video_ids, split_identity, split_pairs
     from probe import FeatureCache, run_probe
     d = data_params_of(run_config, data_path=args.data_path)
     templates = templates or read_templates(d.labels_path or d.data_path)   # names what is missing
@@ -193,7 +193,7 @@ def action_probe(args, scored, run_config, geometry, device, templates):
     for split, seed, skip in (("train", args.seed + 1, set()), ("val", args.seed + 2, exclude)):
         pairs_ds, positions, _, _ = split_pairs(args, run_config, split, skip)
         pairs = choose(pairs_ds, positions, args.probe_pairs, seed, args.pairs)
-        pairs = [p for p in pairs if args.keep_identity_pairs or not is_identity(p)]
+        pairs = split_identity(pairs, args.keep_identity_pairs)[0]
         cache = FeatureCache(os.path.join(args.output, "probe_cache"), {
             **{k: (os.path.abspath(f), os.path.getmtime(f)) for k, f in
                (("vae", args.vae), ("laq", args.laq)) if f},
@@ -228,7 +228,7 @@ def main(args):
     from laq_loader import LaqRunner, load_laq
     from manifest import manifest
     from metrics import ImageMetrics, build_fid
-    from pairs import Geometry, figure_picks, frame_pairs, is_identity, labels_of
+    from pairs import Geometry, figure_picks, frame_pairs, labels_of, split_identity
     from runtime import pick_device
     from stats import CI_METHOD
 
@@ -241,8 +241,7 @@ def main(args):
     laq, config, key_report = load_laq(args, device) if args.laq else (None, None, None)
     run_config = split_config(args, vae_config, extra_configs)
     pairs, inputs, index = frame_pairs(args, run_config)
-    identity = [p for p in pairs if is_identity(p)] if not args.keep_identity_pairs else []
-    pairs = [p for p in pairs if not is_identity(p)] if identity else pairs
+    pairs, identity = split_identity(pairs, args.keep_identity_pairs)
     if not pairs:
         exit_bad_input(f"every one of the {len(identity)} pairs has its future frame clamped "
                        f"onto the current one (offset past the videos' ends): lower --offset, "

@@ -113,6 +113,13 @@ def is_identity(pair):
     return bool(pair.video) and pair.current_frame == pair.target_frame
 
 
+def split_identity(pairs, keep=False):
+    """(pairs to score, identity pairs set apart): with `keep` every pair is scored."""
+    if keep:
+        return list(pairs), []
+    return [p for p in pairs if not is_identity(p)], [p for p in pairs if is_identity(p)]
+
+
 def frame_pairs(args, run_config):
     """(pairs, inputs, frame index or None): what is compared and a description of where it
     came from."""

@@ -21,7 +21,7 @@ import numpy as np
 
 from errors import DataError
 from files import atomic_write
-from stats import holm, mcnemar, summarize_clustered
+from stats import add_holm, mcnemar, summarize_clustered
 
 
 class FeatureCache:
@@ -140,11 +140,9 @@ def run_probe(train, test, num_classes, seed=0):
     for name in x_train:
         report["feature_sets"][name], correct[name] = fit_probe(
             x_train[name], y_train, x_test[name], y_test, num_classes, seed, (g_train, g_test))
-    tests = {f"{a}_vs_{b}": mcnemar(correct[a], correct[b])
-             for a, b in itertools.combinations(correct, 2)}
-    for test, p in zip(tests.values(), holm([t["p_value"] for t in tests.values()])):
-        test["p_holm"] = p
-    report["mcnemar"] = tests
+    report["mcnemar"] = {f"{a}_vs_{b}": mcnemar(correct[a], correct[b])
+                         for a, b in itertools.combinations(correct, 2)}
+    add_holm(report["mcnemar"].values())
     return report
 
 

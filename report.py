@@ -180,11 +180,11 @@ def rate_matched(runs, points):
     out = []
     for members in curves(runs).values():
         first = members[0]
+        if len({m["rate_bits"] for m in members}) < 2:
+            continue                                           # a point, not a curve
         span = [min(m["rate_bits"] for m in members), max(m["rate_bits"] for m in members)]
         for laq in (p for p in points if p["family"] == "LAQ" and p["rate_bits"] is not None
                     and p["protocol"] == first["protocol"]):
-            if len({m["rate_bits"] for m in members}) < 2:
-                continue                                       # a point, not a curve
             swept = sorted(k for k in SWEPT if len({json.dumps(m["settings"].get(k))
                                                     for m in members}) > 1)
             row = {"family": first["family"], "swept": swept, "swept_rates": span,

@@ -103,6 +103,14 @@ def holm(p_values):
     return adjusted
 
 
+def add_holm(tests):
+    """Holm-adjusted p-values (holm) of one family of tests (dicts with `p_value`), written into
+    each as `p_holm`."""
+    tests = list(tests)
+    for test, p in zip(tests, holm([t["p_value"] for t in tests])):
+        test["p_holm"] = p
+
+
 def over_seeds(values):
     """mean, sd and a 95% Student-t interval of the mean over independent seeds (None below
     two seeds: one run gives no spread)."""
