@@ -316,7 +316,7 @@ def draw(points, matched, path):
         for rate in sorted({r["laq_rate_bits"] for r in matched if metric in r}):
             ax.axvline(rate, color="grey", ls=":", lw=1)
         ax.set_xscale("symlog", linthresh=1)
-        ax.set_xlim(left=0)
+        ax.set_xlim(left=-0.5)                  # points at 0 bits whole; no tick below 0
         ax.set(xlabel="bits per pair on the scored pairs (log scale)", ylabel=LABELS[metric],
                title=f"{LABELS[metric]} against rate")
         ax.legend(fontsize=8)
