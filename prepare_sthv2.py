@@ -24,13 +24,11 @@ decoder): the same command again is "already complete", other settings are refus
 """
 import argparse
 import collections
-import fcntl
 import functools
 import io
 import json
 import os
 import shutil
-import socket
 import sys
 import time
 import zlib
@@ -43,6 +41,7 @@ from files import atomic_dir, atomic_write, copy_atomic, remove_stale_temps
 from frame_index import FrameIndex, PACKED_INDEX, natural_key
 from labels import LABEL_FILES
 from options import about
+from output_folder import OutputFolder
 from parallel import ordered_map, process_pool, progress
 from video_decoding import VideoError, choose_decoder, decode_video
 
@@ -255,58 +254,6 @@ def write_packed_index(out, shards, videos, fps, image_size, resize, quality):
                **({"crc32": np.asarray(crc32, np.uint32)} if checked else {}))
 
 
-def read_record(out):
-    """The finished output's record (its settings, decoder and counts), or None."""
-    try:
-        with open(os.path.join(out, RECORD)) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as e:
-        raise DataError(f"{os.path.join(out, RECORD)} cannot be read ({e}); it marks {out} "
-                        f"as finished: remove {out} and start again") from None
-
-
-def check_settings(out, before, settings):
-    """One OUT, one set of settings: a rerun with others would mix two outputs."""
-    changed = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
-    if changed:
-        what = ", ".join(f"{k} {a!r} then, {b!r} now" for k, (a, b) in changed.items())
-        raise DataError(f"{out} was made with other settings ({what}): rerun with the same "
-                        f"ones, or use another --out")
-
-
-def keep_settings(out, settings):
-    """Settings of the run under way, in OUT/STATE, checked against a resumed run's."""
-    path = os.path.join(out, STATE, "settings.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            check_settings(out, json.load(f), settings)
-    else:
-        with atomic_write(path, "w") as f:
-            json.dump(settings, f)
-
-
-def lock(out):
-    """Hold OUT for this run. The lock is the kernel's (flock): it goes with the process that
-    holds it, kill -9 included, and the workers let go of it (parallel.process_pool)."""
-    path = os.path.join(out, STATE, "lock")
-    handle = open(path, "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "unknown"
-        handle.close()
-        raise DataError(f"another prepare_sthv2.py is writing {out} (it holds {path}: "
-                        f"{holder})") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
-    return handle
-
-
 def check_labels(labels):
     missing = [n for n in LABEL_FILES.values() if not os.path.isfile(os.path.join(labels, n))]
     if missing:
@@ -345,9 +292,10 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
                 "quality": quality}                   # what the output depends on
     if mode == "shards":
         settings.update(image_size=image_size, resize=resize, shard_size=shard_size)
-    finished = read_record(out)
+    folder = OutputFolder(out, STATE, RECORD, "prepare_sthv2.py")
+    finished = folder.finished()
     if finished is not None:
-        check_settings(out, finished["settings"], settings)
+        folder.check_settings(finished["settings"], settings)
         print(f"{out} is already complete (prepared with these settings); nothing to do",
               file=sys.stderr)
         return {**finished, "unreadable_file": os.path.join(out, UNREADABLE),
@@ -355,10 +303,9 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
     if os.path.isfile(os.path.join(out, PACKED_INDEX)) and \
             not os.path.isdir(os.path.join(out, STATE)):
         raise DataError(f"{out} already holds a finished packed index; use another --out")
-    os.makedirs(os.path.join(out, STATE), exist_ok=True)
-    with lock(out) as held:                           # released however this ends
+    with folder.lock() as held:                       # released however this ends
         remove_stale_temps(out)                       # a killed run's half-written output
-        keep_settings(out, settings)
+        folder.keep_settings(settings)
         if mode == "shards":
             shard_records(out)                        # checked before anything is decoded
         decoder, passed_over = choose_decoder(decoder, list(videos.values()))
@@ -380,8 +327,7 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
         check_unreadable(out, unreadable, len(videos), max_unreadable, decoder)
         record = {"settings": settings, "decoder": decoder, "passed_over": passed_over,
                   "videos": len(videos), "unreadable": len(unreadable)}
-        with atomic_write(os.path.join(out, RECORD), "w") as f:
-            json.dump(record, f, indent=1)
+        folder.finish(record)
         shutil.rmtree(os.path.join(out, STATE))       # finished: nothing left to resume
     seconds = bar.elapsed()
     return {**record, "unreadable_file": os.path.join(out, UNREADABLE), "mode": mode, **summary,
