@@ -202,6 +202,20 @@ class LatentActionScored(Scored):
                 f"{self.name}_action_continuous": latents["action"].cpu().numpy()}
 
 
+class PairPixels(Scored):
+    """A reference for the true-action probe, no model: the pair's own pixels on the scoring
+    target, the future frame minus the current one average-pooled to `side` x `side`: what a
+    linear probe reads off the frames themselves."""
+    is_model = False
+
+    def __init__(self, side=16):
+        self.side, self.name = side, f"pixels_difference_{side}x{side}"
+
+    def probe_features(self, batch):                    # on the scoring target
+        return {self.name: F.adaptive_avg_pool2d(batch.target - batch.current, self.side)
+                .flatten(1).cpu().numpy()}
+
+
 DECODER_PARTS = ("patch_embed", "position_bias", "dec_spatial", "to_pixels")
 
 

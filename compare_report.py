@@ -274,5 +274,8 @@ def write_outputs(args, report, rows, examples, kl_per_dim, identity_rows=()):
                 for name, s in report[m].items():
                     if isinstance(s, dict) and s.get("mean") is not None:
                         tb.add_scalar(f"compare/{m}_{name}", s["mean"])
+    import matplotlib.pyplot as plt
+    for fig in figures.values():                  # drawn and saved: free them
+        plt.close(fig)
 
 

@@ -23,6 +23,7 @@ import os
 import time
 
 from errors import run_main
+from true_action import DRAWS, FRACTIONS
 from options import (MATPLOTLIB, SKLEARN, Formatter, add_fid_arguments, add_lpips_arguments,
                      check_exist, fid_label, lpips_label, require)
 
@@ -74,8 +75,17 @@ def parse_args(argv=None):
                              "(and, for latent action models, a prior draw): delta PSNR")
     parser.add_argument("--probe", action="store_true",
                         help="linear probe of the action template (DIR/probe.json)")
-    parser.add_argument("--probe-pairs", type=int, default=500,
-                        help="pairs per split for the probe (train split -> val split)")
+    parser.add_argument("--probe-pairs", type=int,
+                        help="pairs per split for the probes (train split -> val split; "
+                             "default: 500 for --probe, every pair for --actions)")
+    parser.add_argument("--actions", metavar="FILE",
+                        help="actions.json of record_episodes.py: probe every latent for the "
+                             "true action of each pair, from few labels (probe.json: "
+                             "true_action)")
+    parser.add_argument("--action-fractions", type=float, nargs="+", default=list(FRACTIONS),
+                        metavar="F", help="shares of the train episodes' pairs labelled")
+    parser.add_argument("--action-draws", type=int, default=DRAWS,
+                        help="draws of the labelled episodes per fraction below 1")
     parser.add_argument("--tensorboard", metavar="DIR", help="also log the figures and means here")
     parser.add_argument("--index-cache-dir", default="",
                         help="where the frame index is cached (default: ~/.cache)")
@@ -96,10 +106,16 @@ def parse_args(argv=None):
     if args.data_path and not (args.vae or args.model or args.split_config):
         parser.error("--data-path with only --laq: name the split with --split-config YAML "
                      "(a config of this project, e.g. config_vae_sthv2.yaml)")
-    if min(args.num_pairs, args.offset, args.batch_size, args.probe_pairs) < 1:
-        parser.error("--num-pairs, --offset, --batch-size and --probe-pairs must be >= 1")
-    if args.probe and not args.data_path:
-        parser.error("--probe needs --data-path (pairs from the train and val splits)")
+    if min(args.num_pairs, args.offset, args.batch_size, args.probe_pairs or 1,
+           args.action_draws) < 1:
+        parser.error("--num-pairs, --offset, --batch-size, --probe-pairs and --action-draws "
+                     "must be >= 1")
+    if not all(0 < f <= 1 for f in args.action_fractions):
+        parser.error("--action-fractions must be in (0, 1]")
+    for flag in ("probe", "actions"):
+        if getattr(args, flag) and not args.data_path:
+            parser.error(f"--{flag} needs --data-path (pairs from the train and val splits"
+                         + (": the recorded episodes' folder)" if flag == "actions" else ")"))
     return args
 
 
@@ -174,36 +190,50 @@ def laq_twins(extras, laq_config, laq_view):
                     for k in ("code_seq_len", "codebook_size", "quant_dim"))]
 
 
-def action_probe(args, scored, run_config, geometry, device, templates):
-    """Train-split pairs -> val-split pairs linear probe of the action template (probe.py) on
-    every model's frozen features; `templates`: {video id: template} as labels_of read them
-    ({} when the files are missing)."""
-    import numpy as np
-
+def probe_sets(args, scored, run_config, geometry, device, pairs_how, n, references=()):
+    """{split: (pairs kept, features {set: (n, d)})} of the train and val splits for a probe:
+    `n` pairs per split (None: every pair), drawn as `pairs_how`, less identity pairs and the
+    videos LAQ trained on (val); the models' features, then the `references`'."""
     from compare_engine import probe_features
-    from config import data_params_of
-    from labels import read_templates
     from pairs import choose, read_video_ids, split_identity, split_pairs
-    from probe import FeatureCache, run_probe
-    d = data_params_of(run_config, data_path=args.data_path)
-    templates = templates or read_templates(d.labels_path or d.data_path)   # names what is missing
-    classes = {t: c for c, t in enumerate(sorted(set(templates.values())))}
+    from probe import FeatureCache
     exclude = read_video_ids(args.laq_train_videos) if args.laq_train_videos else set()
     sets = {}
     for split, seed, skip in (("train", args.seed + 1, set()), ("val", args.seed + 2, exclude)):
-        pairs_ds, positions, _, _ = split_pairs(args, run_config, split, skip)
-        pairs = choose(pairs_ds, positions, args.probe_pairs, seed, args.pairs)
+        pairs_ds, positions, _, _ = split_pairs(args, run_config, split, skip,
+                                                clamp=pairs_how == "laq")
+        pairs = choose(pairs_ds, positions, n or len(positions), seed, pairs_how)
         pairs = split_identity(pairs, args.keep_identity_pairs)[0]
         cache = FeatureCache(os.path.join(args.output, "probe_cache"), {
             **{k: (os.path.abspath(f), os.path.getmtime(f)) for k, f in
                (("vae", args.vae), ("laq", args.laq)) if f},
             "pairs": [(p.current, p.target) for p in pairs], "geometry": geometry.describe(),
             "laq_weights": args.laq_weights, "features": 2, "batch_size": args.batch_size,
+            "references": [r.name for r in references],
             "models": [(os.path.abspath(p), os.path.getmtime(p)) for p in args.model]})
-        features, kept = probe_features([s for s in scored if s.is_model], pairs, geometry,
-                                        args.batch_size, device, cache, split)
-        labels = np.array([classes.get(templates.get(pairs[i].video), -1) for i in kept])
-        videos = np.array([str(pairs[i].video) for i in kept])
+        features, kept = probe_features([*(s for s in scored if s.is_model), *references],
+                                        pairs, geometry, args.batch_size, device, cache, split)
+        sets[split] = [pairs[i] for i in kept], features
+    return sets
+
+
+def action_probe(args, scored, run_config, geometry, device, templates):
+    """Train-split pairs -> val-split pairs linear probe of the action template (probe.py) on
+    every model's frozen features; `templates`: {video id: template} as labels_of read them
+    ({} when the files are missing)."""
+    import numpy as np
+
+    from config import data_params_of
+    from labels import read_templates
+    from probe import run_probe
+    d = data_params_of(run_config, data_path=args.data_path)
+    templates = templates or read_templates(d.labels_path or d.data_path)   # names what is missing
+    classes = {t: c for c, t in enumerate(sorted(set(templates.values())))}
+    sets = {}
+    for split, (pairs, features) in probe_sets(args, scored, run_config, geometry, device,
+                                               args.pairs, args.probe_pairs or 500).items():
+        labels = np.array([classes.get(templates.get(p.video), -1) for p in pairs])
+        videos = np.array([str(p.video) for p in pairs])
         known = labels >= 0
         sets[split] = ({n: x[known] for n, x in features.items()}, labels[known], videos[known])
     report = run_probe(sets["train"], sets["val"], len(classes), seed=args.seed)
@@ -211,10 +241,36 @@ def action_probe(args, scored, run_config, geometry, device, templates):
     return report
 
 
+def true_action_probe(args, scored, run_config, geometry, device):
+    """The probe of the recorded true action (true_action.py) on every pair (t, t + offset)
+    inside the train and the held-out episodes."""
+    import numpy as np
+
+    from compare_engine import PairPixels
+    from simulators import read_actions
+    from true_action import pair_classes, true_action_probe
+    actions = read_actions(args.actions)
+    sets, names = {}, {}
+    for split, (pairs, features) in probe_sets(args, scored, run_config, geometry, device,
+                                               "exact", args.probe_pairs,
+                                               [PairPixels()]).items():
+        sets[split] = pair_classes(actions, pairs, actions["action_names"]), pairs, features
+    for split in ("train", "val"):              # class numbers in order of first appearance
+        names.update((c, len(names)) for c in sets[split][0] if c not in names)
+    train, test = ((features, np.array([names[c] for c in classes]),
+                    np.array([p.video for p in pairs]))
+                   for classes, pairs, features in (sets["train"], sets["val"]))
+    report = true_action_probe(train, test, list(names), args.action_fractions,
+                               args.action_draws, args.seed)
+    return {"actions": os.path.abspath(args.actions), "env": actions["env"],
+            "offset": args.offset, "pairs": "exact", **report}
+
+
 def main(args):
     check_exist(args, "--vae", "--laq", "--laq-repo", "--laq-config", "--model", "--image",
-                "--frames", "--data-path", "--laq-train-videos", "--split-config")   # inputs, then weight files
-    require(MATPLOTLIB, *([SKLEARN] if args.probe else []))           # before the hour of work
+                "--frames", "--data-path", "--laq-train-videos", "--split-config",
+                "--actions")   # inputs, then weight files
+    require(MATPLOTLIB, *([SKLEARN] if args.probe or args.actions else []))  # before the work
     if (args.image or args.frames) and args.fid != "none":
         args.fid = "none"           # a Frechet distance needs many images, not one pair
         print("note: rFID is skipped for a single pair (--image / --frames)")
@@ -302,9 +358,13 @@ def main(args):
         report["laq_agreement"] = {a.model: a.report() for a in agreements}
     if args.probe:
         report["probe"] = action_probe(args, scored, run_config, geometry, device, templates)
+    if args.actions:
+        report.setdefault("probe", {})["true_action"] = true_action_probe(
+            args, scored, run_config, geometry, device)
     d = data_params_of(run_config or {}, data_path=args.data_path)
     report["manifest"] = manifest(
-        files={**{k: f for k, f in (("vae", args.vae), ("laq", args.laq)) if f},
+        files={**{k: f for k, f in (("vae", args.vae), ("laq", args.laq),
+                                    ("actions", args.actions)) if f},
                **extra_files}, index=index,
         labels_dir=(d.labels_path or d.data_path) if args.data_path else None,
         laq_repo=os.path.dirname(key_report["package"]) if laq else None)
@@ -316,9 +376,12 @@ def main(args):
     if inputs.get("note"):
         print(f"note: {inputs['note']}")
     print_table(report, metrics.names)
-    if report.get("probe"):
+    if args.probe:
         from probe import print_probe
         print_probe(report["probe"])
+    if args.actions:
+        from true_action import print_true_action
+        print_true_action(report["probe"]["true_action"])
     for name, a in report.get("laq_agreement", {}).items():
         print(f"\n{name} against LAQ run by LAPA's code: code sequences identical on "
               f"{a['code_sequences_identical']:.1%} of {a['pairs']} pairs, predictions within "

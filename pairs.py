@@ -59,19 +59,19 @@ def read_video_ids(path):
     return {line.strip() for line in text.splitlines() if line.strip()}
 
 
-def split_pairs(args, run_config, split, exclude=()):
+def split_pairs(args, run_config, split, exclude=(), clamp=None):
     """The pairs of the split a run's data settings define (the VAE's, else the first
     --model's, or --split-config), less the videos in `exclude`:
     with --pairs exact every (t, t + offset) pair inside a video, with --pairs laq every t with
-    the second frame at min(t + offset, last) as LAQ trains; returns (dataset, kept pair
-    positions, dropped pairs, dropped videos)."""
+    the second frame at min(t + offset, last) as LAQ trains (`clamp` overrides --pairs);
+    returns (dataset, kept pair positions, dropped pairs, dropped videos)."""
     d = data_params_of(run_config, data_path=args.data_path,
                        index_cache_dir=args.index_cache_dir or None)
     if d.dataset != "sthv2":
         raise DataError(f"the split comes from a run on {d.dataset} data (data_params.dataset); "
                         f"frame pairs need SthV2 videos")
     pairs = build_split(d, split, image_size=None, pair_offset=args.offset,
-                        clamp_pairs=args.pairs == "laq")
+                        clamp_pairs=args.pairs == "laq" if clamp is None else clamp)
     excluded = np.array([vid in exclude for vid in pairs.index.videos] + [False], dtype=bool)
     keep = ~excluded[pairs.video]                   # per pair, from one flag per video
     dropped_videos = len(np.unique(pairs.video[~keep]))

@@ -4,8 +4,8 @@ comparison_figure: example pairs, one per row, from distinct videos: current fra
 each model's reconstruction (VAE, LAQ, latent action models trained here), and their error
 maps on one colour scale with a colour bar.
 summary_figure: per-pair PSNR of the first two models, the first discrete model's code usage,
-the VAE's KL per latent dimension, rate against distortion, and probe accuracy with 95%
-intervals.
+the VAE's KL per latent dimension, rate against distortion, the template probe's accuracy
+with 95% intervals, and the true-action probe's accuracy against the share of labels.
 Both return the figure (for TensorBoard) after saving it.
 """
 import textwrap
@@ -136,8 +136,8 @@ def _rate_distortion(ax, legend_ax, report):
 
 
 def _probe(ax, probe):
-    if not probe:
-        ax.text(0.5, 0.5, "action probe: run with --probe", ha="center")
+    if not probe or "feature_sets" not in probe:
+        ax.text(0.5, 0.5, "action template probe: run with --probe", ha="center")
         ax.set_axis_off()
         return
     names = list(probe["feature_sets"])
@@ -156,13 +156,37 @@ def _probe(ax, probe):
     ax.legend(fontsize=8, loc="lower right")
 
 
+def _true_action(ax, report):
+    """Top-1 of the true action against the share of train pairs labelled, per feature set."""
+    fractions = report["fractions"]
+    for k, (name, by_fraction) in enumerate(report["feature_sets"].items()):
+        means = [by_fraction[f"{f:g}"]["top1"]["mean"] for f in fractions]
+        low, high = zip(*(by_fraction[f"{f:g}"]["top1"]["ci95"] for f in fractions))
+        ax.errorbar(fractions, means, yerr=[np.subtract(means, low), np.subtract(high, means)],
+                    fmt="o-", capsize=3, color=f"C{k % 10}", label=name)
+    ax.plot(fractions, [report["majority"][f"{f:g}"]["top1"]["mean"] for f in fractions],
+            "k--", label="majority class of the labelled pairs")
+    ax.axhline(report["chance"]["top1"], color="k", ls=":", label="chance")
+    ax.set_xscale("log")
+    ax.set_xticks(fractions, [f"{f:.1%}" for f in fractions])
+    ax.set(ylim=(0, 1.02), xlabel="share of the train episodes' pairs labelled (whole episodes)",
+           ylabel="top-1 on held-out episodes (95% CI)",
+           title=f"true action from few labels ({report['num_classes']} classes, offset "
+                 f"{report['offset']}, {report['test_episodes']} held-out episodes)")
+    ax.legend(fontsize=8, loc="lower right")
+
+
 def summary_figure(report, rows, kl_per_dim, path):
     """The summary plots of one comparison: per-pair PSNR, code usage, the VAE's KL per
     dimension, rate against distortion, the probe (with --probe) and the settings."""
-    probe = report.get("probe")
-    tall = 0.3 * len(probe["feature_sets"]) if probe else 3
-    fig = plt.figure(figsize=(16, 9.5 + max(3.0, tall)), layout="constrained")
-    grid = fig.add_gridspec(3, 3, height_ratios=[1, 1, max(1.0, tall / 4.5)])
+    probe = report.get("probe") or {}
+    true_action = probe.get("true_action")
+    tall = 0.3 * len(probe["feature_sets"]) if "feature_sets" in probe else 3
+    template = "feature_sets" in probe or not true_action       # its row, or the hint to run it
+    heights = [1, 1, *([max(1.0, tall / 4.5)] if template else []), *([1] if true_action else [])]
+    fig = plt.figure(figsize=(16, 4.75 * (len(heights) - template) + template * max(3.0, tall)),
+                     layout="constrained")
+    grid = fig.add_gridspec(len(heights), 3, height_ratios=heights)
     _pair_scatter(fig.add_subplot(grid[0, 0]), report, rows)
     _code_usage(fig.add_subplot(grid[0, 1]), report)
     ax = fig.add_subplot(grid[0, 2])                         # VAE KL per dimension
@@ -176,7 +200,10 @@ def summary_figure(report, rows, kl_per_dim, path):
                 else "no VAE in this comparison", ha="center")
         ax.set_axis_off()
     _rate_distortion(fig.add_subplot(grid[1, :2]), fig.add_subplot(grid[1, 2]), report)
-    _probe(fig.add_subplot(grid[2, :2]), probe)
+    if template:
+        _probe(fig.add_subplot(grid[2, :2]), probe)
+    if true_action:
+        _true_action(fig.add_subplot(grid[len(heights) - 1, :2]), true_action)
     ax = fig.add_subplot(grid[2, 2])
     ax.set_axis_off()
     lines = [wrapped for line in report["summary_lines"]

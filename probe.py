@@ -64,28 +64,37 @@ CV_FOLDS = 5
 
 def folds_by_video(y_train, videos):
     """The cross-validation folds (train indices, held-out indices) of the train pairs: up to
-    CV_FOLDS, stratified by template, each video's pairs all on one side."""
+    CV_FOLDS, stratified by template, each video's pairs all on one side; None when there are
+    too few videos, or a fold would train on a single class (C is then fixed: FIXED_C)."""
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
     distinct = len(np.unique(videos))
+    if distinct < 2:
+        return None
     folds = max(2, int(min(CV_FOLDS, np.bincount(y_train).max(), distinct)))
     if distinct == len(videos):                      # one pair per video: nothing to keep together
-        return list(StratifiedKFold(n_splits=folds).split(np.zeros(len(y_train)), y_train))
-    return list(StratifiedGroupKFold(n_splits=folds).split(np.zeros(len(y_train)), y_train,
-                                                           videos))
+        splits = list(StratifiedKFold(n_splits=folds).split(np.zeros(len(y_train)), y_train))
+    else:
+        splits = list(StratifiedGroupKFold(n_splits=folds).split(np.zeros(len(y_train)),
+                                                                 y_train, videos))
+    return splits if all(len(np.unique(y_train[fit])) > 1 for fit, _ in splits) else None
+
+
+FIXED_C = 1.0
 
 
 def fit_probe(x_train, y_train, x_test, y_test, num_classes, seed=0, groups=None):
     """Top-1 (and, with more than 5 classes, top-5) accuracy of a logistic-regression probe,
     with 95% CIs; its inverse regularisation C is chosen among PROBE_CS by 5-fold
-    cross-validation on the train pairs (a fixed C would favour some feature sizes). Also
-    returns each test pair's top-1 correctness, for McNemar's test between feature sets.
+    cross-validation on the train pairs (a fixed C would favour some feature sizes), or is
+    FIXED_C where folds cannot be made (a few labelled videos). Also returns each test pair's
+    top-1 correctness, for McNemar's test between feature sets.
 
     `groups` = (train videos, test videos): the folds never split a video (pairs of one video
     would otherwise sit on both sides of a fold and favour features that recognise the video),
     and the intervals resample whole videos."""
     import warnings
 
-    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     if len(np.unique(y_train)) < 2:
@@ -96,8 +105,11 @@ def fit_probe(x_train, y_train, x_test, y_test, num_classes, seed=0, groups=None
     with warnings.catch_warnings():       # rare templates have fewer pairs than folds
         warnings.filterwarnings("ignore", message="The least populated class")
         splits = folds_by_video(y_train, train_groups)
-        model = make_pipeline(StandardScaler(), LogisticRegressionCV(
-            Cs=list(PROBE_CS), cv=splits, scoring="accuracy", max_iter=2000, random_state=seed))
+        probe = LogisticRegression(C=FIXED_C, max_iter=2000, random_state=seed) \
+            if splits is None else LogisticRegressionCV(
+                Cs=list(PROBE_CS), cv=splits, scoring="accuracy", max_iter=2000,
+                random_state=seed)
+        model = make_pipeline(StandardScaler(), probe)
         # scikit-learn 1.9 announces new defaults; the ones used here are spelled out above
         warnings.filterwarnings("ignore", message="The fitted attributes of LogisticRegressionCV")
         warnings.filterwarnings("ignore", message="The default value for l1_ratios")
@@ -106,7 +118,8 @@ def fit_probe(x_train, y_train, x_test, y_test, num_classes, seed=0, groups=None
     classes = model.classes_
     top1 = top_k_correct(probabilities, classes, y_test, 1)
     out = {"top1": summarize_clustered(top1, test_groups), "feature_dim": int(x_train.shape[1]),
-           "C": float(model[-1].C_[0]), "cv_folds": len(splits)}
+           "C": FIXED_C if splits is None else float(model[-1].C_[0]),
+           "cv_folds": 0 if splits is None else len(splits)}
     if num_classes > 5:
         out["top5"] = summarize_clustered(top_k_correct(probabilities, classes, y_test, 5),
                                           test_groups)

@@ -25,9 +25,10 @@ from files import atomic_write
 from manifest import manifest
 from options import MATPLOTLIB, Formatter, require
 
-METRICS = ("rate_bits", "psnr", "lpips", "rfid", "probe_top1")
+METRICS = ("rate_bits", "psnr", "lpips", "rfid", "probe_top1", "true_action_top1")
 LABELS = {"rate_bits": "bits per pair", "psnr": "PSNR (dB)", "lpips": "LPIPS",
-          "rfid": "rFID", "probe_top1": "probe top-1"}
+          "rfid": "rFID", "probe_top1": "probe top-1",
+          "true_action_top1": "true-action top-1 (all labels)"}
 MARKERS = "osD^vP*Xph"
 
 
@@ -49,13 +50,18 @@ def rate_bits(rate):
     return None
 
 
-def probe_feature(key, settings, feature_sets):
-    """The probe top-1 of the feature set that stands for a model: the action latent of an
-    action model, the difference of the VAE's means of the two frames; None without it."""
+def probe_feature(key, settings):
+    """The probe's feature set that stands for a model: the action latent of an action model,
+    the difference of the VAE's means of the two frames."""
     gaussian = "gaussian" in settings.get("family", "")
-    name = ("vae_mu_difference" if key == "vae" else "laq_codes_onehot" if key == "laq" else
+    return ("vae_mu_difference" if key == "vae" else "laq_codes_onehot" if key == "laq" else
             f"{key}_action_mu" if gaussian else f"{key}_codes_onehot")
-    return feature_sets[name]["top1"]["mean"] if name in feature_sets else None
+
+
+def true_action_of(name, true_action):
+    """{label fraction: top-1} of the true-action probe for one feature set ({} without)."""
+    return {fraction: r["top1"]["mean"] for fraction, r in
+            (true_action.get("feature_sets") or {}).get(name, {}).items()}
 
 
 def runs_of(folder):
@@ -74,7 +80,8 @@ def runs_of(folder):
                         f"run the comparison again")
     probe_path = os.path.join(folder, "probe.json")
     probe = read_json(probe_path) if os.path.isfile(probe_path) else {}
-    probe = probe.get("feature_sets", {}) if isinstance(probe, dict) else {}
+    probe = probe if isinstance(probe, dict) else {}
+    feature_sets, true_action = probe.get("feature_sets", {}), probe.get("true_action") or {}
     inputs = report.get("inputs") or {}
     protocol = {"pairs": inputs.get("pairs"), "offset": inputs.get("offset"),
                 "split": inputs.get("split"), "target": report.get("scoring_target"),
@@ -89,6 +96,8 @@ def runs_of(folder):
                                 f"not whole; run the comparison again")
         settings = report["settings"][key]
         scores = report.get(key) if isinstance(report.get(key), dict) else {}
+        name = probe_feature(key, settings)
+        few_labels = true_action_of(name, true_action)
         runs.append({
             "folder": folder, "model": label, "family": settings.get("family", label),
             "seed": settings.get("seed"), "settings": settings.get("settings", {}),
@@ -96,7 +105,9 @@ def runs_of(folder):
             "rate_bits": rate_bits(report["rate"][key]),
             "psnr": (scores.get("psnr") or {}).get("mean"),
             "lpips": (scores.get("lpips") or {}).get("mean"),
-            "rfid": rfid.get(key), "probe_top1": probe_feature(key, settings, probe)})
+            "rfid": rfid.get(key),
+            "probe_top1": feature_sets[name]["top1"]["mean"] if name in feature_sets else None,
+            "true_action": few_labels, "true_action_top1": few_labels.get("1")})
     return runs
 
 
@@ -133,7 +144,10 @@ def group(runs):
         first = members[0]
         point = {"family": first["family"], "settings": first["settings"],
                  "protocol": first["protocol"], "seeds": sorted(str(m["seed"]) for m in members),
-                 "runs": len(members), "folders": [m["folder"] for m in members]}
+                 "runs": len(members), "folders": [m["folder"] for m in members],
+                 "true_action": {f: statistics.fmean(m["true_action"][f] for m in members)
+                                 for f in members[0]["true_action"]
+                                 if all(f in m["true_action"] for m in members)}}
         for metric in METRICS:
             values = [m[metric] for m in members if m[metric] is not None]
             point[metric] = statistics.fmean(values) if values else None
@@ -143,7 +157,7 @@ def group(runs):
 
 
 SWEPT = ("target_rate_bits", "kld_weight", "beta", "codebook_size", "code_seq_len")
-MATCHED = ("psnr", "lpips", "probe_top1")
+MATCHED = ("psnr", "lpips", "probe_top1", "true_action_top1")
 
 
 def curves(runs):
@@ -271,11 +285,30 @@ def write_table(points, folder, run_manifest, matched=()):
                  f"{r['laq_rate_bits']:.4g}", "{:.4g}–{:.4g}".format(*r["swept_rates"]),
                  str(r["psnr"]["n"])]
                 + [c for m in MATCHED for c in (interval(r[m]), fmt(r[f"laq_{m}"]))]) + " |")
+    lines += true_action_lines(points)
     protocols = {json.dumps(p["protocol"], sort_keys=True) for p in points}
     lines += ["", "Protocols (pairs, offset, split, scoring target): " + "; ".join(sorted(protocols)),
               "", "## Manifest", "", "```json", json.dumps(run_manifest, indent=1), "```", ""]
     with atomic_write(os.path.join(folder, "report.md"), "w") as f:
         f.write("\n".join(lines))
+
+
+def true_action_lines(points):
+    """report.md's table of the true-action probe at each share of labels."""
+    fractions = sorted({f for p in points for f in p["true_action"]}, key=float)
+    if not fractions:
+        return []
+    lines = ["", "## True action from few labels", "",
+             "Top-1 of the true action (compare_with_laq.py --actions) on held-out episodes, "
+             "from the model's action feature, by the share of the train episodes' pairs "
+             "labelled (mean over seeds).", "",
+             "| family | settings | seeds | " + " | ".join(f"{float(f):.1%}" for f in fractions)
+             + " |", "|" + "---|" * (3 + len(fractions))]
+    for p in (p for p in points if p["true_action"]):
+        lines.append("| " + " | ".join([p["family"], short(p["settings"]), " ".join(p["seeds"])]
+                                       + [fmt(p["true_action"].get(f)) for f in fractions])
+                     + " |")
+    return lines
 
 
 def draw(points, matched, path):
@@ -285,7 +318,7 @@ def draw(points, matched, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     families = sorted({p["family"] for p in points})
-    shown = [m for m in ("psnr", "lpips", "rfid", "probe_top1")
+    shown = [m for m in ("psnr", "lpips", "rfid", "probe_top1", "true_action_top1")
              if any(p[m] is not None and p["rate_bits"] is not None for p in points)]
     if not shown:
         print("warning: no point has both a rate and a score: rate_distortion.png is not drawn",
