@@ -8,10 +8,12 @@ DEMO_RUN := logs_demo/VanillaVAE_demo
 DEMO_ARGS ?=         # extra training arguments, e.g. DEMO_ARGS="--set trainer_params.max_epochs=2"
 DEMO_DATA_ARGS ?=    # extra make_demo_data.py arguments, e.g. DEMO_DATA_ARGS="--videos 64"
 
-.PHONY: demo ablation-demo test test-fast venv venv-dev clean-demo
+.PHONY: demo ablation-demo minigrid-control atari-control test test-fast venv venv-dev venv-sim \
+	clean-demo
 
 venv: $(VENV)/.runtime            # what the scripts need
 venv-dev: $(VENV)/.dev            # + what the tests need
+venv-sim: $(VENV)/.sim            # + the simulators (record_episodes.py)
 
 $(VENV)/.runtime: requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +22,11 @@ $(VENV)/.runtime: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt
+$(VENV)/.sim: $(VENV)/.runtime requirements-sim.txt
+	$(PY) -m pip install -q -r requirements-sim.txt
+	touch $@
+
+$(VENV)/.dev: $(VENV)/.runtime requirements-dev.txt requirements-sim.txt
 	@echo "installing requirements-dev.txt into $(VENV) (pytest, pythae, wandb, ...: about a minute)"
 	$(PY) -m pip install -q -r requirements.txt -r requirements-dev.txt
 	touch $@
@@ -59,6 +65,43 @@ ablation-demo: venv $(DEMO_DATA)/something-something-v2-train.json
 		--data-path $(DEMO_DATA) --offset 3 --pairs exact --num-pairs 256 --probe --probe-pairs 1500 \
 		--lpips-net none --fid none --device cpu --output compare_ablation
 
+# docs/latent_actions.md's positive control: MiniGrid episodes with their true actions, the
+# discrete and continuous latent action models and their no-action twin (two trainings at a time
+# on one thread each), then the comparison with the true-action probe. atari-control: the same
+# on Breakout with random actions, a harder row.
+MINIGRID := data/minigrid
+CONTROL := logs_minigrid
+CONTROL_NAME := minigrid
+TRAIN_CONTROL = OMP_NUM_THREADS=1 $(PY) train_single_gpu.py --config configs/latent_action_minigrid.yaml \
+	--device cpu --resume auto --set data_params.num_workers=0 --set logging_params.save_dir=$(CONTROL) \
+	--set data_params.data_path=$(CONTROL_DATA) $(CONTROL_SET)
+CONTROL_MODELS = $(foreach b,nsvq gaussian none,--model $(CONTROL)/$(CONTROL_NAME)_$(b)/checkpoints/vae_final.pt)
+CONTROL_ARGS = --offset 1 --pairs exact --num-pairs 1024 --lpips-net none --fid none --device cpu
+
+minigrid-control: venv-sim
+	$(PY) record_episodes.py --env minigrid:MiniGrid-Empty-Random-6x6-v0 --episodes 1000 \
+		--epsilon 0.25 --image-size 48 -j 2 --out $(MINIGRID)
+	$(MAKE) control-runs CONTROL_DATA=$(MINIGRID)
+	OMP_NUM_THREADS=2 $(PY) compare_with_laq.py $(CONTROL_MODELS) --data-path $(MINIGRID) \
+		--actions $(MINIGRID)/actions.json $(CONTROL_ARGS) --output compare_minigrid
+
+BREAKOUT := data/breakout
+atari-control: CONTROL := logs_atari
+atari-control: CONTROL_NAME := breakout
+atari-control: venv-sim
+	$(PY) record_episodes.py --env atari:Breakout --episodes 240 --max-steps 100 --sticky 0.5 \
+		--image-size 64 -j 2 --out $(BREAKOUT)
+	$(MAKE) control-runs CONTROL=$(CONTROL) CONTROL_NAME=$(CONTROL_NAME) CONTROL_DATA=$(BREAKOUT) CONTROL_SET="--set model_params.image_size=64 \
+		--set data_params.image_size=64 --set trainer_params.max_steps=1000"
+	OMP_NUM_THREADS=2 $(PY) compare_with_laq.py $(CONTROL_MODELS) --data-path $(BREAKOUT) \
+		--actions $(BREAKOUT)/actions.json $(CONTROL_ARGS) --output compare_atari
+
+control-runs:
+	($(TRAIN_CONTROL) --set logging_params.name=$(CONTROL_NAME)_nsvq && \
+	 $(TRAIN_CONTROL) --set logging_params.name=$(CONTROL_NAME)_none --set model_params.bottleneck=none) & \
+	($(TRAIN_CONTROL) --set logging_params.name=$(CONTROL_NAME)_gaussian --set model_params.bottleneck=gaussian) & \
+	wait
+
 test: venv-dev
 	$(PY) -m pytest -q -n 2 --dist worksteal tests
 
@@ -67,4 +110,4 @@ test-fast: venv-dev               # the edit loop: every test not marked slow, u
 
 clean-demo:                       # what make demo and the README's demo commands write
 	rm -rf $(DEMO_DATA) logs_demo eval_demo demo_laq compare_demo report_out $(ABLATION) \
-		compare_ablation
+		compare_ablation $(MINIGRID) $(CONTROL) compare_minigrid $(BREAKOUT) logs_atari compare_atari

@@ -20,14 +20,15 @@ class Formatter(argparse.RawDescriptionHelpFormatter):
         return text
 
 
-def require(*packages):
+def require(*packages, listed_in="requirements.txt"):
     """Refuse to start when an optional package a run will need is missing (rather than after
-    an hour of work). `packages`: (import name, pip requirement, what needs it)."""
+    an hour of work). `packages`: (import name, pip requirement, what needs it); `listed_in`:
+    the requirements file that pins them."""
     missing = [(pip, why) for name, pip, why in packages if importlib.util.find_spec(name) is None]
     if missing:
         raise ConfigError("; ".join(f"{why} needs {pip.split('=')[0]}" for pip, why in missing)
                           + ": pip install " + " ".join(pip for pip, _ in missing)
-                          + " (or pip install -r requirements.txt)")
+                          + f" (or pip install -r {listed_in})")
 
 
 def check_exist(args, *flags):

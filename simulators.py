@@ -70,7 +70,7 @@ class Simulator:
     def __init__(self, spec, image_size=64, frame_skip=None):
         self.spec = spec
         self.kind, self.env_id = parse_env(spec)
-        require(*KINDS[self.kind])
+        require(*KINDS[self.kind], listed_in="requirements-sim.txt")
         gym = _registered(spec, self.kind, self.env_id)
         self.image_size = image_size
         self.frame_skip = frame_skip or DEFAULT_FRAME_SKIP[self.kind]

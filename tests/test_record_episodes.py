@@ -205,7 +205,8 @@ def test_a_missing_simulator_package_names_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "minigrid" else real(name, *a))
-    with pytest.raises(ConfigError, match=r"pip install minigrid==3\.2\.0"):
+    with pytest.raises(ConfigError, match=r"pip install minigrid==3\.2\.0 \(or pip install -r "
+                                          r"requirements-sim\.txt\)"):
         Simulator("minigrid:MiniGrid-Empty-5x5-v0")
 
 
