@@ -626,6 +626,8 @@ def test_latent_action_models_are_extra_rows_of_the_same_comparison(
     assert report["beats_copy_current"]["lam_nsvq"]["share"] == pytest.approx(np.mean(beats))
     assert report["baselines"]["copy_current"]["psnr"]["mean"] == pytest.approx(
         np.mean([float(r["copy_current_psnr"]) for r in rows]))
+    assert report["baselines"]["mean_colour"]["psnr"]["mean"] == pytest.approx(   # its old name
+        np.mean([float(r["oracle_mean_colour_psnr"]) for r in rows]))
     assert report["paired"]["vae_vs_laq"]["psnr"]["mean_difference"] == pytest.approx(
         np.mean([float(r["vae_psnr"]) - float(r["laq_psnr"]) for r in rows]))
 
