@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import socket
+import sys
 
 from errors import DataError
 from files import atomic_write
@@ -31,6 +32,16 @@ class OutputFolder:
         except (OSError, ValueError) as e:
             raise DataError(f"{self.record} cannot be read ({e}); it marks {self.out} as "
                             f"finished: remove {self.out} and start again") from None
+
+    def finished_with(self, settings, made="made"):
+        """The record of a finished OUT made with these settings (said on stderr: nothing to
+        do), or None when OUT is not finished; a finished OUT with other settings is refused."""
+        finished = self.finished()
+        if finished is not None:
+            self.check_settings(finished["settings"], settings)
+            print(f"{self.out} is already complete ({made} with these settings); nothing to do",
+                  file=sys.stderr)
+        return finished
 
     def check_settings(self, before, settings):
         """One OUT, one set of settings: a rerun with others would mix two outputs."""

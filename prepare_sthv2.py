@@ -293,11 +293,8 @@ def prepare(videos_dir, labels, out, mode, fps=12.0, quality=None, workers=1, im
     if mode == "shards":
         settings.update(image_size=image_size, resize=resize, shard_size=shard_size)
     folder = OutputFolder(out, STATE, RECORD, "prepare_sthv2.py")
-    finished = folder.finished()
+    finished = folder.finished_with(settings, "prepared")
     if finished is not None:
-        folder.check_settings(finished["settings"], settings)
-        print(f"{out} is already complete (prepared with these settings); nothing to do",
-              file=sys.stderr)
         return {**finished, "unreadable_file": os.path.join(out, UNREADABLE),
                 "already_complete": True}
     if os.path.isfile(os.path.join(out, PACKED_INDEX)) and \

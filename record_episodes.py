@@ -23,7 +23,6 @@ import io
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 from PIL import Image
@@ -117,11 +116,8 @@ def record(settings, out, workers=1):
     summary."""
     from simulators import Policy, Simulator, episode_seeds, versions
     folder = OutputFolder(out, STATE, RECORD, "record_episodes.py")
-    finished = folder.finished()
+    finished = folder.finished_with(settings, "recorded")
     if finished is not None:
-        folder.check_settings(finished["settings"], settings)
-        print(f"{out} is already complete (recorded with these settings); nothing to do",
-              file=sys.stderr)
         return {**finished, "already_complete": True}
     if os.path.isfile(os.path.join(out, ACTIONS)):
         raise DataError(f"{out} already holds an {ACTIONS} that is not this program's "
