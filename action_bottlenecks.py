@@ -6,11 +6,7 @@ one interface, so the model holds one and never asks which:
   codebook learns through the reconstruction loss alone. Unused codes are refilled on LAQ's
   schedule by LAQ's rule (`code_refill`, `refill_threshold`, `refill_scope`).
 - `gaussian`: a diagonal Gaussian N(mu, sigma^2) at the same positions and width and a
-  reparameterised sample; its KL to the prior in bits is the rate, held at `target_rate_bits`.
-  The prior is N(0, I) (`rate_prior: standard`) or, `learned`, a diagonal Gaussian fitted to the
-  posteriors (the aggregate's best Gaussian): against N(0, I) a posterior that is the same for
-  every pair, offset from 0, meets the target while carrying nothing; against the fitted prior
-  the rate is an upper bound on the information the action carries (docs/latent_actions.md).
+  reparameterised sample; its KL to N(0, I) in bits is the rate, held at `target_rate_bits`.
 - `none`: no action at all (rate 0): the model predicts the future frame from the current
   one alone, the control that says what the action is worth.
 
@@ -200,39 +196,20 @@ class NSVQ(Bottleneck):
 
 class Gaussian(Bottleneck):
     """N(mu, sigma^2) with mu the action vector and log sigma^2 a linear head on it; decoded
-    from mu in evaluation. The rate, KL(q || prior) in bits per pair, is held at
+    from mu in evaluation. The rate, KL(q || N(0, I)) in bits per pair, is held at
     `target_rate_bits` by a capacity term (rate_weight * |KL - C|) or a Lagrange multiplier
-    that moves after each step by rate_weight * (KL - C) on the rank-averaged KL. A `learned`
-    prior is fitted by its own term, rate_weight * KL(q || prior) with q held fixed, and held
-    fixed in the rate: the rate cannot be met by moving the prior away from the posteriors."""
+    that moves after each step by rate_weight * (KL - C) on the rank-averaged KL."""
 
     noisy = True
 
     def __init__(self, quant_dim, target_rate_bits: float = 12.0,
                  rate_control: Literal["capacity", "lagrange"] = "capacity",
-                 rate_weight: float = 0.01,
-                 rate_prior: Literal["standard", "learned"] = "standard"):
+                 rate_weight: float = 0.01):
         super().__init__()
         self.target_rate_bits, self.rate_control, self.rate_weight = \
             target_rate_bits, rate_control, rate_weight
         self.to_logvar = nn.Linear(quant_dim, quant_dim)
         self.register_buffer("rate_multiplier", torch.zeros(()))
-        self.learned_prior = rate_prior == "learned"
-        if self.learned_prior:
-            self.prior_mean = nn.Parameter(torch.zeros(quant_dim))
-            self.prior_logvar = nn.Parameter(torch.zeros(quant_dim))
-
-    def standardized(self, mu, logvar, fixed_prior=False, fixed_posterior=False):
-        """(mu, logvar) in the prior's coordinates, where the prior is N(0, I): the KL is
-        unchanged by the affine map. `fixed_*`: no gradient to that side."""
-        if not self.learned_prior:
-            return mu, logvar
-        mean, log_var = self.prior_mean, self.prior_logvar
-        if fixed_prior:
-            mean, log_var = mean.detach(), log_var.detach()
-        if fixed_posterior:
-            mu, logvar = mu.detach(), logvar.detach()
-        return (mu - mean) * torch.exp(-0.5 * log_var), logvar - log_var
 
     def forward(self, actions, noise=None):
         mu, logvar = actions, self.to_logvar(actions)
@@ -240,15 +217,11 @@ class Gaussian(Bottleneck):
         return z, {"mu": mu, "logvar": logvar}
 
     def loss_terms(self, info):
-        mu, logvar = info["mu"].float(), info["logvar"].float()
-        rate = gaussian_kl_bits(*self.standardized(mu, logvar, fixed_prior=True)).mean()
+        rate = gaussian_kl_bits(info["mu"].float(), info["logvar"].float()).mean()
         if self.rate_control == "capacity":
             penalty = self.rate_weight * (rate - self.target_rate_bits).abs()
         else:               # the multiplier moves after the step (state_updates), never here
             penalty = self.rate_multiplier * (rate - self.target_rate_bits)
-        if self.learned_prior:      # the prior's fit: moves the prior alone (rate_weight: its
-            penalty = penalty + self.rate_weight * gaussian_kl_bits(        # pace, kept small
-                *self.standardized(mu, logvar, fixed_posterior=True)).mean()  # under clipping)
         return penalty, {"kld": rate * math.log(2), "rate_bits": rate,
                          "rate_multiplier": self.rate_multiplier.clone()}
 
@@ -259,15 +232,11 @@ class Gaussian(Bottleneck):
         return {"rate_multiplier": self.rate_multiplier + self.rate_weight * gap}
 
     def prior(self, num, length, device, generator=None):
-        draw = torch.randn(num, length, self.to_logvar.in_features, device=device,
+        return torch.randn(num, length, self.to_logvar.in_features, device=device,
                            generator=generator)
-        if self.learned_prior:
-            draw = self.prior_mean + draw * torch.exp(0.5 * self.prior_logvar)
-        return draw
 
     def latents(self, info):
-        """mu and logvar in the prior's coordinates (N(0, I) there), and the KL in nats."""
-        mu, logvar = self.standardized(info["mu"].float(), info["logvar"].float())
+        mu, logvar = info["mu"].float(), info["logvar"].float()
         return ({"mu": mu.flatten(1), "logvar": logvar.flatten(1)},
                 {"kl": gaussian_kl_bits(mu, logvar) * math.log(2)})
 

@@ -87,8 +87,7 @@ class LatentActionModel(Autoencoder):
                  refill_scope: Literal["process", "global"] = "process",
                  target_rate_bits: float = 12.0,
                  rate_control: Literal["capacity", "lagrange"] = "capacity",
-                 rate_weight: float = 0.01,
-                 rate_prior: Literal["standard", "learned"] = "standard"):
+                 rate_weight: float = 0.01):
         super().__init__()
         check_shape(image_size, patch_size, code_seq_len, dim, heads, dim_head)
         if min(quant_dim, codebook_size, channels, spatial_depth, temporal_depth) < 1:
@@ -105,7 +104,7 @@ class LatentActionModel(Autoencoder):
             bottleneck, codebook_size=codebook_size, quant_dim=quant_dim,
             code_refill=code_refill, refill_threshold=refill_threshold,
             refill_scope=refill_scope, target_rate_bits=target_rate_bits,
-            rate_control=rate_control, rate_weight=rate_weight, rate_prior=rate_prior)
+            rate_control=rate_control, rate_weight=rate_weight)
         self.bottleneck_name = bottleneck
         stack = {"keys_from": ARCHITECTURES[architecture]["keys_from"],
                  "unused_context_gain": architecture == "laq"}

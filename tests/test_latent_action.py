@@ -376,45 +376,6 @@ def test_gaussian_rate_is_the_kl_in_bits_held_by_the_capacity_term():
         ((out[0] - (pair[:, 1] + 1) / 2) ** 2).mean().item(), rel=1e-6)   # LAQ's [0, 1] MSE
 
 
-def test_a_learned_prior_is_fitted_apart_and_the_rate_is_the_kl_to_it():
-    """rate_prior: learned. The rate is KL(q || N(m, s^2)) (torch.distributions), its gradient
-    reaches the encoder and not the prior; the prior's own term moves the prior alone, towards
-    the posteriors; latents are reported in the prior's coordinates; draws come from it."""
-    torch.manual_seed(0)
-    model = small(bottleneck="gaussian", rate_prior="learned", rate_weight=0.5).train()
-    prior = model.bottleneck
-    with torch.no_grad():
-        prior.prior_mean.normal_()
-        prior.prior_logvar.uniform_(-1, 1)
-    pair = torch.rand(6, 2, 3, 32, 32) * 2 - 1
-    out = model(pair, torch.randn(6, model.noise_dim))
-    losses = model.loss_function(pair, out)
-    mu, logvar = out[2]["mu"], out[2]["logvar"]
-    q = torch.distributions.Normal(mu, torch.exp(0.5 * logvar))
-    p = torch.distributions.Normal(prior.prior_mean.expand_as(mu),
-                                   torch.exp(0.5 * prior.prior_logvar).expand_as(mu))
-    kl_bits = torch.distributions.kl_divergence(q, p).flatten(1).sum(1) / math.log(2)
-    assert losses["rate_bits"].item() == pytest.approx(kl_bits.mean().item(), rel=1e-5)
-    # the capacity term: no gradient to the prior; the fit term: none to the encoder
-    capacity = 0.5 * (losses["rate_bits"] - 12.0).abs()
-    grads = torch.autograd.grad(capacity, [prior.prior_mean, mu], retain_graph=True,
-                                allow_unused=True)
-    assert grads[0] is None and grads[1].abs().sum() > 0
-    fit = (losses["loss"] - losses["recon_loss"] - capacity) / 0.5      # rate_weight: its pace
-    assert fit.item() == pytest.approx(kl_bits.mean().item(), rel=1e-4)
-    g_mean, g_mu = torch.autograd.grad(fit, [prior.prior_mean, mu], allow_unused=True)
-    assert g_mu.abs().max() < 1e-6 and g_mean.abs().sum() > 0        # the prior's alone
-    expected = (mu.detach() - prior.prior_mean.detach()).mean((0, 1)) \
-        / prior.prior_logvar.detach().exp() / math.log(2)      # d fit / d mean, by hand
-    assert torch.allclose(-g_mean, expected * mu.shape[1], rtol=1e-4, atol=1e-6)
-    model.eval()
-    _, metrics, latents = model.evaluate_batch(pair)
-    standard = (mu.detach() - prior.prior_mean) * torch.exp(-0.5 * prior.prior_logvar)
-    assert torch.allclose(latents["mu"], standard.flatten(1), atol=1e-4)
-    draws = model.prior_actions(4000)
-    assert torch.allclose(draws.mean((0, 1)), prior.prior_mean, atol=0.1)
-
-
 def test_lagrange_multiplier_moves_after_each_training_step_and_never_in_evaluation(
         demo_data, tmp_path):
     """Dual ascent: after each step the multiplier grows by rate_weight x (the step's rate -
