@@ -62,7 +62,7 @@ def test_the_probe_matches_a_probe_fitted_by_hand():
     train, test = synthetic(30, 10, rng), synthetic(10, 10, rng)
     names = ["left", "right", "forward"]
     report = true_action_probe(train, test, names, fractions=(0.1, 1.0), draws=3, seed=4)
-    (x, y, g), (x_test, y_test, g_test) = train, test
+    (x, y, g), (x_test, y_test, _) = train, test
     assert report["num_classes"] == 3 and report["chance"]["top1"] == pytest.approx(1 / 3)
     assert report["test_pairs"] == 100 and report["test_episodes"] == 10
     for name in ("codes", "appearance"):
