@@ -8,7 +8,7 @@ DEMO_RUN := logs_demo/VanillaVAE_demo
 DEMO_ARGS ?=         # extra training arguments, e.g. DEMO_ARGS="--set trainer_params.max_epochs=2"
 DEMO_DATA_ARGS ?=    # extra make_demo_data.py arguments, e.g. DEMO_DATA_ARGS="--videos 64"
 
-.PHONY: demo ablation-demo minigrid-control atari-control test test-fast venv venv-dev venv-sim \
+.PHONY: demo ablation-demo minigrid-control minigrid-downstream atari-control test test-fast venv venv-dev venv-sim \
 	clean-demo
 
 venv: $(VENV)/.runtime            # what the scripts need
@@ -85,6 +85,17 @@ minigrid-control: venv-sim
 	OMP_NUM_THREADS=2 $(PY) compare_with_laq.py $(CONTROL_MODELS) --data-path $(MINIGRID) \
 		--actions $(MINIGRID)/actions.json $(CONTROL_ARGS) --output compare_minigrid
 
+# docs/latent_actions.md's "Downstream" (after minigrid-control): a VAE of the demo's size on
+# the same episodes, then downstream.py over the three latent action models and the VAE.
+minigrid-downstream: venv-sim
+	OMP_NUM_THREADS=2 $(PY) train_single_gpu.py --config configs/demo.yaml --device cpu --resume auto \
+		--set data_params.num_workers=0 --set logging_params.save_dir=$(CONTROL) \
+		--set logging_params.name=minigrid_vae --set data_params.data_path=$(MINIGRID) \
+		--set model_params.image_size=48 --set data_params.image_size=48 --set exp_params.hflip=false
+	OMP_NUM_THREADS=2 $(PY) downstream.py --episodes $(MINIGRID) --env minigrid:MiniGrid-Empty-Random-6x6-v0 \
+		$(CONTROL_MODELS) --vae $(CONTROL)/minigrid_vae/checkpoints/vae_final.pt \
+		--labels 16 64 256 --rollouts 100 -j 2 --device cpu --output downstream_minigrid
+
 BREAKOUT := data/breakout
 atari-control: CONTROL := logs_atari
 atari-control: CONTROL_NAME := breakout
@@ -110,4 +121,4 @@ test-fast: venv-dev               # the edit loop: every test not marked slow, u
 
 clean-demo:                       # what make demo and the README's demo commands write
 	rm -rf $(DEMO_DATA) logs_demo eval_demo demo_laq compare_demo report_out $(ABLATION) \
-		compare_ablation $(MINIGRID) $(CONTROL) compare_minigrid $(BREAKOUT) logs_atari compare_atari
+		compare_ablation $(MINIGRID) $(CONTROL) compare_minigrid downstream_minigrid $(BREAKOUT) logs_atari compare_atari

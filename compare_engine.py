@@ -29,6 +29,14 @@ class Prediction(NamedTuple):
     latents: Dict[str, torch.Tensor] = {}    # {name: per-pair latents on the CPU}
 
 
+class LatentAction(NamedTuple):
+    """A model's latent action of each pair, the label downstream.py's policy learns to predict:
+    discrete `codes` (B, L), each one of `classes`, or a continuous `vector` (B, D)."""
+    codes: Optional[np.ndarray] = None
+    classes: int = 0
+    vector: Optional[np.ndarray] = None
+
+
 class Scored:
     """One scored thing: `name` prefixes its columns and keys, `label` heads its column in the
     table; `view` is the (image size, resize) it is fed, None for a baseline; `patch_grid` the
@@ -50,6 +58,10 @@ class Scored:
     def probe_features(self, batch) -> Dict[str, np.ndarray]:
         """{feature set: (B, D)} of frozen features for the action probe."""
         return {}
+
+    def latent_action(self, batch) -> Optional[LatentAction]:
+        """Its latent action of each pair (None: it has none)."""
+        return None
 
 
 def kl_bits(model_metrics):
@@ -103,6 +115,10 @@ class AutoencoderScored(Scored):
                 "vae_mu_difference": (mu[:, 1] - mu[:, 0]).numpy(),
                 "vae_mu_current": mu[:, 0].numpy()}
 
+    def latent_action(self, batch):
+        """The difference of its posterior means, future minus current."""
+        return LatentAction(vector=self.probe_features(batch)["vae_mu_difference"])
+
 
 class LaqScored(Scored):
     """LAQ, through laq_loader.LaqRunner: the current frame plus a few discrete action codes
@@ -146,6 +162,11 @@ class LaqScored(Scored):
             out["laq_action_continuous"] = action.cpu().numpy()
             out["laq_current_tokens"] = current.cpu().numpy()
         return out
+
+    def latent_action(self, batch):
+        """Its action codes."""
+        clip = batch.raw[self.view].float().div(255).permute(0, 2, 1, 3, 4)
+        return LatentAction(codes=self.runner(clip)[1].cpu().numpy(), classes=self.codebook_size)
 
 
 class LatentActionScored(Scored):
@@ -200,6 +221,17 @@ class LatentActionScored(Scored):
         return {f"{self.name}_codes_onehot": F.one_hot(
                     latents["codes"].cpu(), self.model.codebook_size).flatten(1).float().numpy(),
                 f"{self.name}_action_continuous": latents["action"].cpu().numpy()}
+
+    def latent_action(self, batch):
+        """The Gaussian's mean, or NSVQ's codes; None without an action."""
+        x = batch.pixels(self.view, self.channels)
+        _, _, latents = self.model.evaluate_batch(x.float() / 127.5 - 1)
+        if "mu" in latents:
+            return LatentAction(vector=latents["mu"].cpu().numpy())
+        if "codes" in latents:
+            return LatentAction(codes=latents["codes"].cpu().numpy(),
+                                classes=self.model.codebook_size)
+        return None
 
 
 class PairPixels(Scored):

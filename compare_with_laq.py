@@ -119,55 +119,7 @@ def parse_args(argv=None):
     return args
 
 
-RESERVED_NAMES = {"vae", "laq", "pairs", "inputs", "rate", "latent", "rfid", "models", "probe",
-                  "checkpoints", "laq_config", "device", "resize", "image_sizes", "baselines",
-                  "paired", "controllability", "beats_copy_current", "manifest", "settings",
-                  "copy_current", "current_mean_colour", "oracle_mean_colour", "laq_agreement",
-                  "action_worth", "identity_pairs"}
 OUTPUTS = ("metrics.json", "per_pair.csv", "probe.json", "comparison.png", "plots.png")
-
-
-def load_vae(path, device):
-    """The --vae checkpoint: an autoencoder of this project that reconstructs single images."""
-    from errors import CheckpointError
-    from evaluation import load_model
-    vae, ckpt = load_model(path, device)
-    if vae.takes_pairs:
-        raise CheckpointError(f"--vae {path}: a {ckpt['config']['model_params']['name']} "
-                              f"checkpoint, which predicts a future frame from a pair; it goes "
-                              f"to --model")
-    return vae, ckpt["config"]
-
-
-def load_latent_action_models(paths, device):
-    """A LatentActionScored per --model checkpoint, each a latent action model trained here,
-    named by its run (logging_params.name), made unique; {name: path}; {name: run_settings};
-    their configs."""
-    from compare_engine import LatentActionScored
-    from compare_report import run_settings
-    from config import data_params_of
-    from errors import CheckpointError
-    from evaluation import load_model
-    from models import image_channels
-    scored, files, settings, configs = [], {}, {}, []
-    for path in paths:
-        model, ckpt = load_model(path, device)
-        if not model.takes_pairs:
-            raise CheckpointError(f"--model {path}: a {ckpt['config']['model_params']['name']} "
-                                  f"checkpoint; --model takes latent action models trained here "
-                                  f"(LatentActionModel); a VAE goes to --vae")
-        base = str(ckpt["config"].get("logging_params", {}).get("name") or "model")
-        if base.startswith("current_patches_"):           # a baseline's name
-            base = f"model_{base}"
-        name, k = base, 2
-        while name in files or name in RESERVED_NAMES:
-            name, k = f"{base}_{k}", k + 1
-        view = (model.image_size, data_params_of(ckpt["config"]).resize)
-        scored.append(LatentActionScored(name, model, view,
-                                         image_channels(ckpt["config"]["model_params"])))
-        files[name], settings[name] = os.path.abspath(path), run_settings(ckpt["config"])
-        configs.append(ckpt["config"])
-    return scored, files, settings, configs
 
 
 def split_config(args, vae_config, model_configs):
@@ -274,18 +226,17 @@ def main(args):
     if (args.image or args.frames) and args.fid != "none":
         args.fid = "none"           # a Frechet distance needs many images, not one pair
         print("note: rFID is skipped for a single pair (--image / --frames)")
-    from compare_engine import AutoencoderScored, LaqScored, baselines, compare, \
-        laq_decoder_key
+    from compare_engine import AutoencoderScored, baselines, compare
     from compare_report import build_report, identity_report, print_table, run_settings, \
         summary_lines, write_outputs
     from config import data_params_of
     from errors import exit_bad_input
     from evaluation import start_outputs
-    from laq_loader import LaqRunner, load_laq
     from manifest import manifest
     from metrics import ImageMetrics, build_fid
     from pairs import Geometry, figure_picks, frame_pairs, labels_of, split_identity
     from runtime import pick_device
+    from scored_models import load_laq_scored, load_latent_action_models, load_vae
     from stats import CI_METHOD
 
     device = pick_device(args.device, gpus=-1)
@@ -294,7 +245,7 @@ def main(args):
     vae, vae_config = load_vae(args.vae, device) if args.vae else (None, None)
     extras, extra_files, extra_settings, extra_configs = load_latent_action_models(args.model,
                                                                                    device)
-    laq, config, key_report = load_laq(args, device) if args.laq else (None, None, None)
+    laq, config, key_report = load_laq_scored(args, device) if args.laq else (None, None, None)
     run_config = split_config(args, vae_config, extra_configs)
     pairs, inputs, index = frame_pairs(args, run_config)
     pairs, identity = split_identity(pairs, args.keep_identity_pairs)
@@ -302,17 +253,14 @@ def main(args):
         exit_bad_input(f"every one of the {len(identity)} pairs has its future frame clamped "
                        f"onto the current one (offset past the videos' ends): lower --offset, "
                        f"or score them with --keep-identity-pairs")
-    models, runner, agreements = [], None, []
+    models, agreements = [], []
     if vae:
         models.append(AutoencoderScored(vae, (vae_config["model_params"]["image_size"],
                                               args.vae_resize
                                               or data_params_of(vae_config).resize)))
     if laq:
-        laq_view, runner = (config["image_size"], args.laq_resize), LaqRunner(laq)
-        models.append(LaqScored(runner, config["codebook_size"], laq_view,
-                                config["image_size"] // config["patch_size"],
-                                laq_decoder_key(config, laq_view)))
-        agreements = laq_twins(extras, config, laq_view)
+        models.append(laq)
+        agreements = laq_twins(extras, config, laq.view)
     models += extras
     geometry = Geometry({s.name: s.view for s in models})
     scored = [*models, *baselines(models)]
@@ -351,7 +299,7 @@ def main(args):
                      **extra_settings},
         "pairs_per_sec": len(rows) / seconds}
     if laq:
-        report["laq_config"], report["laq_passes"] = config, runner.passes
+        report["laq_config"], report["laq_passes"] = config, laq.runner.passes
     report["identity_pairs"] = identity_report(rows, identity_rows, scored,
                                                args.keep_identity_pairs)
     if agreements:

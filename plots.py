@@ -7,6 +7,8 @@ summary_figure: per-pair PSNR of the first two models, the first discrete model'
 the VAE's KL per latent dimension, rate against distortion, the template probe's accuracy
 with 95% intervals, and the true-action probe's accuracy against the share of labels.
 Both return the figure (for TensorBoard) after saving it.
+downstream_figure: downstream.py's success (or return) against the labelled transitions K,
+and the policies' action accuracy on the held-out transitions.
 """
 import textwrap
 
@@ -211,3 +213,58 @@ def summary_figure(report, rows, kl_per_dim, path):
     ax.text(0, 1, "\n".join(lines), va="top", fontsize=8, family="monospace")
     fig.savefig(path, dpi=100)
     return fig
+
+
+def downstream_figure(report, path):
+    """Success (return where success is undefined) against K, a line per model with 95%
+    intervals; from_labels_only dashed; the ceiling, the recording policy and random as dashed
+    levels, named at their right end. Beside it, each policy's top-1 of the true action on the
+    held-out transitions. One legend below both."""
+    key = "success" if report["success_defined"] else "return"
+    ks = report["labels"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+    baselines = report["baselines"]
+    lines = [(name, [by_k[str(k)] for k in ks], "-o", by_k.get("note"))
+             for name, by_k in report["models"].items()]
+    lines.append(("from_labels_only", [baselines["from_labels_only"][str(k)] for k in ks], "--s",
+                  None))
+    for j, (name, points, style, note) in enumerate(lines):
+        for ax, metric in zip(axes, (key, "val_action_top1")):
+            y = [p[metric]["mean"] if metric == key else p[metric] for p in points]
+            err = None
+            if metric == key:
+                err = [[p[key]["mean"] - p[key]["ci95"][0] for p in points],
+                       [p[key]["ci95"][1] - p[key]["mean"] for p in points]]
+            ax.errorbar(ks, y, yerr=err, fmt=style, capsize=3,
+                        color="grey" if style == "--s" else f"C{j}",
+                        label=name + (" (no latent action: = from_labels_only)" if note else ""))
+    for ax, metric in zip(axes, (key, "val_action_top1")):
+        levels = {}                              # one name tag per level: equal ones share it
+        for j, name in enumerate(("all_true_actions", "recording_policy", "random")):
+            b = baselines[name]
+            value = b[key]["mean"] if metric == key else b.get(metric)
+            if value is not None:
+                ax.axhline(value, color="black", ls=("--", "-.", ":")[j], lw=1)
+                levels.setdefault(round(value, 3), []).append(name)
+        for value, names in levels.items():
+            ax.annotate(f"{', '.join(names)} {value:.2f}", (1, value), fontsize=7,
+                        xycoords=("axes fraction", "data"), xytext=(-3, 2),
+                        textcoords="offset points", ha="right", va="bottom")
+    axes[0].set(xscale="log", xlabel="labelled transitions K (log scale)",
+                ylabel="success rate" if key == "success" else "return",
+                title=f"{key} in {report['env'].split(':')[-1]}\n{report['rollouts']} "
+                      f"episodes from unseen start seeds (95% CI)")
+    axes[1].set(xscale="log", xlabel="labelled transitions K (log scale)",
+                ylabel="top-1 of the true action",
+                title=f"the policy's action against the true one\non "
+                      f"{report['val_transitions']} transitions of held-out episodes")
+    for ax in axes:
+        ax.set_xticks(ks, [str(k) for k in ks])
+        ax.minorticks_off()
+        ax.title.set_fontsize(10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * -(-len(labels) // 3), 1, 1))
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

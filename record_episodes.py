@@ -19,13 +19,11 @@ beside the other resume state; actions.json, the label files and record_episodes
 written last, once every episode is there.
 """
 import argparse
-import io
 import json
 import os
 import shutil
 
 import numpy as np
-from PIL import Image
 
 from errors import DataError, RunFailed, run_main
 from files import atomic_dir, atomic_write, remove_stale_temps
@@ -37,7 +35,6 @@ from simulators import ACTIONS, read_actions
 
 STATE = ".record_episodes"
 RECORD = "record_episodes.json"
-JPEG_QUALITY = 95
 FRAME_NAME = "img_{:05d}.jpg"
 
 _simulators = {}                          # per process: one simulator per setting
@@ -51,20 +48,13 @@ def simulator(settings):
     return _simulators[key]
 
 
-def encode(rgb):
-    """A frame's JPEG bytes (4:4:4, so the grid's colours keep their edges)."""
-    out = io.BytesIO()
-    Image.fromarray(rgb).save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
-    return out.getvalue()
-
-
 def episode_id(index):
     return f"{index:06d}"
 
 
 def record_episode(index, settings, out):
     """Play and write episode `index`; returns (id, its actions.json entry)."""
-    from simulators import Policy, episode_seeds, play
+    from simulators import Policy, encode_frame, episode_seeds, play
     sim = simulator(settings)
     env_seed, policy_seed = episode_seeds(settings["seed"], index)
     policy = Policy(settings["policy"], len(sim.action_names), settings["epsilon"],
@@ -75,7 +65,7 @@ def record_episode(index, settings, out):
     with atomic_dir(os.path.join(out, vid)) as folder:
         for t, frame in enumerate(episode.frames, start=1):
             with open(os.path.join(folder, FRAME_NAME.format(t)), "wb") as f:
-                f.write(encode(frame))
+                f.write(encode_frame(frame))
     entry = {"seed": env_seed, "policy_seed": policy_seed, "task": sim.task,
              "actions": episode.actions, "rewards": episode.rewards,
              "terminated": episode.terminated, "truncated": episode.truncated,
@@ -178,7 +168,7 @@ def summarize(settings, actions):
 
 def verify(out):
     """Replay every episode's actions from its seed; returns the ids whose frames differ."""
-    from simulators import replay
+    from simulators import encode_frame, replay
     actions = read_actions(os.path.join(out, ACTIONS))
     with open(os.path.join(out, RECORD)) as f:
         settings = json.load(f)["settings"]
@@ -187,7 +177,7 @@ def verify(out):
         frames = replay(simulator(settings), e["seed"], e["actions"])
         for t, frame in enumerate(frames, start=1):
             with open(os.path.join(out, vid, FRAME_NAME.format(t)), "rb") as f:
-                if f.read() != encode(frame):
+                if f.read() != encode_frame(frame):
                     differ.append(vid)
                     break
     return differ, len(actions["episodes"])

@@ -3,7 +3,8 @@
     python report.py DIR [DIR ...] --output OUT
 
 Each DIR is the output of one compare_with_laq.py run (its metrics.json, and probe.json with
---probe): a VAE at one kld_weight, latent action models at one target rate, a seed, a LAQ
+--probe) or of one downstream.py run (its downstream.json: report.md's "Downstream" section and
+OUT/downstream.csv, a row per policy and K): a VAE at one kld_weight, latent action models at one target rate, a seed, a LAQ
 checkpoint. Every model of every DIR is one run; runs whose family and training settings agree
 and that were scored under the same protocol (pairs, offset, split, scoring target) are one
 point, averaged over their seeds (mean and sd). A family swept over its rate (target_rate_bits,
@@ -249,7 +250,7 @@ def write_matched(matched, folder):
                                 r[f"laq_{m}"])])
 
 
-def write_table(points, folder, run_manifest, matched=()):
+def write_table(points, folder, run_manifest, matched=(), extra=()):
     columns = ["family", "settings", "seeds", *METRICS]
     with atomic_write(os.path.join(folder, "report.csv"), "w", newline="") as f:
         writer = csv.writer(f)
@@ -270,6 +271,8 @@ def write_table(points, folder, run_manifest, matched=()):
     for p in points:
         lines.append("| " + " | ".join([p["family"], short(p["settings"]), " ".join(p["seeds"])]
                                        + [fmt(p[m], p[f"{m}_sd"]) for m in METRICS]) + " |")
+    if not points:                                   # downstream.py runs only
+        lines = ["# Downstream task success"]
     if matched:
         lines += ["", "## At LAQ's rate", "",
                   "Each family's curve (its runs that differ only in the swept settings and the "
@@ -286,9 +289,12 @@ def write_table(points, folder, run_manifest, matched=()):
                  str(r["psnr"]["n"])]
                 + [c for m in MATCHED for c in (interval(r[m]), fmt(r[f"laq_{m}"]))]) + " |")
     lines += true_action_lines(points)
+    lines += list(extra)
     protocols = {json.dumps(p["protocol"], sort_keys=True) for p in points}
-    lines += ["", "Protocols (pairs, offset, split, scoring target): " + "; ".join(sorted(protocols)),
-              "", "## Manifest", "", "```json", json.dumps(run_manifest, indent=1), "```", ""]
+    if protocols:
+        lines += ["", "Protocols (pairs, offset, split, scoring target): "
+                  + "; ".join(sorted(protocols))]
+    lines += ["", "## Manifest", "", "```json", json.dumps(run_manifest, indent=1), "```", ""]
     with atomic_write(os.path.join(folder, "report.md"), "w") as f:
         f.write("\n".join(lines))
 
@@ -308,6 +314,64 @@ def true_action_lines(points):
         lines.append("| " + " | ".join([p["family"], short(p["settings"]), " ".join(p["seeds"])]
                                        + [fmt(p["true_action"].get(f)) for f in fractions])
                      + " |")
+    return lines
+
+
+DOWNSTREAM_KEYS = ("env", "labels", "models", "baselines", "rollouts", "success_defined")
+
+
+def read_downstream(folder):
+    path = os.path.join(folder, "downstream.json")
+    report = read_json(path)
+    if not isinstance(report, dict) or not all(k in report for k in DOWNSTREAM_KEYS):
+        raise DataError(f"{path} is not a downstream.py result (it needs "
+                        f"{', '.join(DOWNSTREAM_KEYS)}): run downstream.py again")
+    return report
+
+
+def downstream_rows(folder, report):
+    """(policy, K or "all", its scores) of one downstream.py run, models first."""
+    b = report["baselines"]
+    for name, by_k in [*report["models"].items(), ("from_labels_only", b["from_labels_only"])]:
+        for k in report["labels"]:
+            yield name, str(k), by_k[str(k)]
+    for name in ("all_true_actions", "recording_policy", "random"):
+        yield name, "all", b[name]
+
+
+def write_downstream(runs, out):
+    """OUT/downstream.csv and report.md's lines for downstream.py's runs {folder: report}."""
+    with atomic_write(os.path.join(out, "downstream.csv"), "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["folder", "env", "seed", "rollouts", "policy", "labels", "success",
+                         "success_ci_low", "success_ci_high", "return", "return_ci_low",
+                         "return_ci_high", "val_action_top1"])
+        for folder, r in runs.items():
+            for name, k, s in downstream_rows(folder, r):
+                success = s.get("success") or {}
+                writer.writerow([folder, r["env"], r.get("seed"), r["rollouts"], name, k,
+                                 success.get("mean"), *(success.get("ci95") or [None, None]),
+                                 s["return"]["mean"], *s["return"]["ci95"],
+                                 s.get("val_action_top1")])
+    lines = ["", "## Downstream", "",
+             "downstream.py: a latent policy pretrained on each model's latent actions, an "
+             "action decoder fitted on K labelled transitions, then closed-loop episodes from "
+             "start seeds no recorded episode has; mean [95% CI]. Baselines: the same network "
+             "on the K labels alone (from_labels_only), on every true action (all_true_actions, "
+             "the ceiling), the recording policy and random actions."]
+    for folder, r in runs.items():
+        key = "success" if r["success_defined"] else "return"
+        ks = [str(k) for k in r["labels"]]
+        lines += ["", f"{key} in {r['env']}, {r['rollouts']} episodes, seed {r.get('seed')} "
+                      f"({folder}):", "",
+                  "| policy | " + " | ".join(f"K={k}" for k in ks) + " |",
+                  "|" + "---|" * (1 + len(ks))]
+        cells = {}
+        for name, k, s in downstream_rows(folder, r):
+            cells.setdefault(name, {})[k] = interval(s[key])
+        for name, by_k in cells.items():
+            row = [by_k.get(k, by_k.get("all", "")) for k in ks]
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
     return lines
 
 
@@ -364,22 +428,32 @@ def draw(points, matched, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     parser.add_argument("folders", nargs="+", metavar="DIR",
-                        help="output folders of compare_with_laq.py")
+                        help="output folders of compare_with_laq.py or downstream.py")
     parser.add_argument("--output", required=True, help="folder for the report")
     args = parser.parse_args()
     require(MATPLOTLIB)
-    runs = distinct(args.folders)
+    downstream = {folder: read_downstream(folder) for folder in args.folders
+                  if os.path.isfile(os.path.join(folder, "downstream.json"))
+                  and not os.path.isfile(os.path.join(folder, "metrics.json"))}
+    comparisons = [folder for folder in args.folders if folder not in downstream]
+    runs = distinct(comparisons)
     points = group(runs)
     os.makedirs(args.output, exist_ok=True)
-    run_manifest = manifest(files={f"{folder}/metrics.json": os.path.join(folder, "metrics.json")
-                                   for folder in args.folders})
+    run_manifest = manifest(files={
+        **{f"{folder}/metrics.json": os.path.join(folder, "metrics.json")
+           for folder in comparisons},
+        **{f"{folder}/downstream.json": os.path.join(folder, "downstream.json")
+           for folder in downstream}})
     matched = rate_matched(runs, points)
-    write_table(points, args.output, run_manifest, matched)
+    extra = write_downstream(downstream, args.output) if downstream else []
+    write_table(points, args.output, run_manifest, matched, extra)
     write_matched(matched, args.output)
-    drawn = draw(points, matched, os.path.join(args.output, "rate_distortion.png"))
-    print(f"{len(runs)} runs, {len(points)} points, {len(matched)} read at LAQ's rate; wrote "
-          f"{args.output}/report.md, report.csv, rate_matched.csv"
-          + (", rate_distortion.png" if drawn else ""))
+    drawn = draw(points, matched, os.path.join(args.output, "rate_distortion.png")) \
+        if points else False
+    print(f"{len(runs)} runs, {len(points)} points, {len(matched)} read at LAQ's rate"
+          + (f", {len(downstream)} downstream runs" if downstream else "")
+          + f"; wrote {args.output}/report.md, report.csv, rate_matched.csv"
+          + (", downstream.csv" if downstream else "") + (", rate_distortion.png" if drawn else ""))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ appears in the recordings.
 """
 import collections
 import importlib
+import io
 import importlib.metadata
 import json
 
@@ -29,6 +30,15 @@ ALE = ("ale_py", "ale-py==0.12.1", "an Atari environment (its ROMs ship in ale-p
 KINDS = {"minigrid": (GYMNASIUM, MINIGRID), "atari": (GYMNASIUM, ALE)}
 DEFAULT_FRAME_SKIP = {"minigrid": 1, "atari": 4}
 ACTIONS = "actions.json"                  # a recording's true actions (record_episodes.py)
+JPEG_QUALITY = 95
+
+
+def encode_frame(rgb):
+    """A frame's JPEG bytes as the recordings store it (4:4:4, so the grid's colours keep
+    their edges); a policy scored in the environment sees its frames through the same bytes."""
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, "JPEG", quality=JPEG_QUALITY, subsampling=0)
+    return out.getvalue()
 
 
 def parse_env(spec):
@@ -195,7 +205,7 @@ class Policy:
             planned = shortest_path_action(sim.env.unwrapped)
             action = int(self.rng.integers(self.num_actions)) \
                 if self.rng.random() < self.epsilon else planned
-        elif self.previous is not None and self.rng.random() < self.sticky:
+        elif self.sticky and self.previous is not None and self.rng.random() < self.sticky:
             action = self.previous
         else:
             action = int(self.rng.integers(self.num_actions))

@@ -70,6 +70,18 @@ def share(successes, clusters, resamples=2000, seed=0):
     return {"share": observed, "ci95": [float(lo), float(hi)], "n": int(len(successes))}
 
 
+def proportion(successes):
+    """The share of successes among independent trials, with its 95% Wilson score interval
+    (sound at 0 and at 1, where a bootstrap interval collapses to a point)."""
+    from scipy.stats import binomtest
+    k, n = int(np.sum(successes)), len(successes)
+    if n == 0:
+        return {"mean": None, "ci95": None, "n": 0}
+    ci = binomtest(k, n).proportion_ci(0.95, method="wilson")
+    return {"mean": k / n, "ci95": [float(ci.low), float(ci.high)], "n": n,
+            "method": "Wilson score interval"}
+
+
 def entropy_bits(counts):
     """Plug-in entropy (bits) of the empirical distribution `counts`, and its Miller-Madow
     correction for the small-sample bias: + (K - 1) / (2 N ln 2), K the observed outcomes."""

@@ -55,8 +55,8 @@ def test_bad_input_exits_2_with_one_error_line(script, tmp_path, monkeypatch, ca
 
 
 SCRIPTS = ["train_single_gpu.py", "train_ddp.py", "test_setup.py", "evaluate.py",
-           "compare_with_laq.py", "report.py", "prepare_sthv2.py", "record_episodes.py", "pack_frames.py",
-           "prepare_celeba.py", "bench.py", "make_demo_data.py", "fetch_weights.py",
+           "compare_with_laq.py", "report.py", "prepare_sthv2.py", "record_episodes.py",
+           "downstream.py", "pack_frames.py", "prepare_celeba.py", "bench.py", "make_demo_data.py", "fetch_weights.py",
            "make_docs.py", "convert_laq.py", "label_actions.py"]
 
 
