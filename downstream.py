@@ -210,7 +210,10 @@ def learn_policies(args, scored, data, ks):
     and {model: note} for models without a latent action."""
     from policies import LearnedPolicy, Latents, features_of, fit_decoder, one_code
     from parallel import ordered_map, process_pool
+    import torch
+
     from policies import STEPS
+    torch.set_num_threads(1)    # every policy computes on one thread: -j changes speed only
     frames, actions = data["frames"].numpy(), data["actions"]
     num_actions, steps = data["num_actions"], args.steps or STEPS
     rows = data["labelled"]

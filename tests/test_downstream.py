@@ -117,17 +117,20 @@ def test_a_true_action_latent_reaches_the_ceiling_and_a_run_repeats_itself(episo
         {tuple(str(s) for s in report["eval_seeds"])}
     assert report["labelled"]["12"]["transitions"] == 12
     assert (tmp_path / "a" / "downstream.png").is_file()
-    again, rows_again = run(episodes, tmp_path / "b")
+    again, rows_again = run(episodes, tmp_path / "b", "-j", "1")      # and -j changes nothing
     assert rows_again == rows
-    for key in ("timings", "manifest"):
+    for key in ("timings", "manifest", "workers"):
         report.pop(key), again.pop(key)
     assert json.dumps(again, sort_keys=True) == json.dumps(report, sort_keys=True)
 
 
 @pytest.mark.slow
 def test_the_command_with_trained_models_and_report(episodes, tmp_path):
-    """Two tiny latent action models (codes, and the no-action twin), downstream.py as a
-    command, then report.py over its folder."""
+    """Two tiny latent action models (codes, and the no-action twin) and LAQ's stand-in,
+    downstream.py as a command, then report.py over its folder."""
+    import importlib.util
+    import os
+
     from config import config_from_dict
     from conftest import tiny_config
     from runtime import Runtime
@@ -143,6 +146,16 @@ def test_the_command_with_trained_models_and_report(episodes, tmp_path):
                                "spatial_depth": 1, "temporal_depth": 1, "dim_head": 8,
                                "heads": 2, "code_seq_len": 4, "bottleneck": bottleneck}
         models += ["--model", train(config_from_dict(cfg), Runtime())]
+    standin = os.path.join(os.path.dirname(__file__), "laq_standin")
+    spec = importlib.util.spec_from_file_location("make_demo_laq",
+                                                  os.path.join(standin, "make_demo_laq.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.make_demo_laq(str(tmp_path / "laq"), {
+        "dim": 32, "quant_dim": 8, "codebook_size": 8, "image_size": 32, "patch_size": 8,
+        "spatial_depth": 1, "temporal_depth": 1, "dim_head": 8, "heads": 2, "code_seq_len": 4})
+    models += ["--laq", str(tmp_path / "laq" / "model.pt"), "--laq-repo", standin,
+               "--laq-config", str(tmp_path / "laq" / "laq.yaml")]
     out = tmp_path / "down"
     result = run_in_process("downstream.py", "--episodes", data, "--env", ENV, *models,
                             "--labels", "8", "--rollouts", "4", "--steps", "20", "-j", "1",
@@ -150,12 +163,12 @@ def test_the_command_with_trained_models_and_report(episodes, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "from_labels_only" in result.stdout and "all_true_actions" in result.stdout
     report = json.loads((out / "downstream.json").read_text())
-    assert set(report["models"]) == {"lam_nsvq", "lam_none"}
-    assert report["latents"]["lam_nsvq"] == "codes: 4 of 8"
+    assert set(report["models"]) == {"lam_nsvq", "lam_none", "laq"}
+    assert report["latents"]["lam_nsvq"] == report["latents"]["laq"] == "codes: 4 of 8"
     assert report["models"]["lam_none"]["8"]["success"] == \
         report["baselines"]["from_labels_only"]["8"]["success"]
     assert "nothing to pretrain on" in report["models"]["lam_none"]["note"]
-    assert set(report["manifest"]["files"]) == {"lam_nsvq", "lam_none", "actions"}
+    assert set(report["manifest"]["files"]) == {"lam_nsvq", "lam_none", "laq", "actions"}
     done = run_in_process("report.py", str(out), "--output", str(tmp_path / "report"))
     assert done.returncode == 0, done.stderr
     md = (tmp_path / "report" / "report.md").read_text()
