@@ -121,4 +121,4 @@ test-fast: venv-dev               # the edit loop: every test not marked slow, u
 
 clean-demo:                       # what make demo and the README's demo commands write
 	rm -rf $(DEMO_DATA) logs_demo eval_demo demo_laq compare_demo report_out $(ABLATION) \
-		compare_ablation $(MINIGRID) $(CONTROL) compare_minigrid downstream_minigrid $(BREAKOUT) logs_atari compare_atari
+		compare_ablation $(MINIGRID) $(CONTROL) compare_minigrid downstream_minigrid* $(BREAKOUT) logs_atari compare_atari

@@ -51,6 +51,22 @@ def tiny_config(data_path, save_dir, **overrides):
     return cfg
 
 
+def train_tiny_latent_action_model(data_path, save_dir, bottleneck):
+    """vae_final.pt of a ~30k-parameter LatentActionModel (run name lam_BOTTLENECK) trained
+    for 3 steps on consecutive frames of `data_path`."""
+    from config import config_from_dict
+    from runtime import Runtime
+    from training import train
+    cfg = tiny_config(data_path, str(save_dir), **{
+        "data_params.frame_offset": 1, "data_params.resize": "stretch",
+        "trainer_params.max_steps": 3, "logging_params.name": f"lam_{bottleneck}"})
+    cfg["model_params"] = {"name": "LatentActionModel", "dim": 32, "quant_dim": 8,
+                           "codebook_size": 8, "image_size": 32, "patch_size": 8,
+                           "spatial_depth": 1, "temporal_depth": 1, "dim_head": 8, "heads": 2,
+                           "code_seq_len": 4, "bottleneck": bottleneck}
+    return train(config_from_dict(cfg), Runtime())
+
+
 def write_config(path, cfg):
     with open(path, "w") as f:
         yaml.safe_dump(cfg, f)

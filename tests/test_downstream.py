@@ -131,21 +131,10 @@ def test_the_command_with_trained_models_and_report(episodes, tmp_path):
     import importlib.util
     import os
 
-    from config import config_from_dict
-    from conftest import tiny_config
-    from runtime import Runtime
-    from training import train
+    from conftest import train_tiny_latent_action_model
     data, _ = episodes
-    models = []
-    for bottleneck in ("nsvq", "none"):
-        cfg = tiny_config(data, str(tmp_path / "runs"), **{
-            "data_params.frame_offset": 1, "data_params.resize": "stretch",
-            "trainer_params.max_steps": 3, "logging_params.name": f"lam_{bottleneck}"})
-        cfg["model_params"] = {"name": "LatentActionModel", "dim": 32, "quant_dim": 8,
-                               "codebook_size": 8, "image_size": 32, "patch_size": 8,
-                               "spatial_depth": 1, "temporal_depth": 1, "dim_head": 8,
-                               "heads": 2, "code_seq_len": 4, "bottleneck": bottleneck}
-        models += ["--model", train(config_from_dict(cfg), Runtime())]
+    models = [a for b in ("nsvq", "none")
+              for a in ("--model", train_tiny_latent_action_model(data, tmp_path / "runs", b))]
     standin = os.path.join(os.path.dirname(__file__), "laq_standin")
     spec = importlib.util.spec_from_file_location("make_demo_laq",
                                                   os.path.join(standin, "make_demo_laq.py"))

@@ -107,25 +107,14 @@ def test_compare_with_actions_probes_every_latent_and_report_carries_it(tmp_path
     import csv
     import json
 
-    from config import config_from_dict
-    from conftest import run_in_process, tiny_config
+    from conftest import run_in_process, train_tiny_latent_action_model
     from record_episodes import record
-    from runtime import Runtime
-    from training import train
     data = str(tmp_path / "episodes")
     record({"env": "minigrid:MiniGrid-Empty-Random-5x5-v0", "episodes": 10, "max_steps": 8,
             "policy": "expert", "epsilon": 0.5, "sticky": 0.0, "image_size": 40,
             "frame_skip": None, "val_fraction": 0.3, "seed": 0}, data)
-    models = []
-    for bottleneck in ("nsvq", "none"):
-        cfg = tiny_config(data, str(tmp_path / "runs"), **{
-            "data_params.frame_offset": 1, "data_params.resize": "stretch",
-            "trainer_params.max_steps": 3, "logging_params.name": f"lam_{bottleneck}"})
-        cfg["model_params"] = {"name": "LatentActionModel", "dim": 32, "quant_dim": 8,
-                               "codebook_size": 8, "image_size": 32, "patch_size": 8,
-                               "spatial_depth": 1, "temporal_depth": 1, "dim_head": 8,
-                               "heads": 2, "code_seq_len": 4, "bottleneck": bottleneck}
-        models += ["--model", train(config_from_dict(cfg), Runtime())]
+    models = [a for b in ("nsvq", "none")
+              for a in ("--model", train_tiny_latent_action_model(data, tmp_path / "runs", b))]
     out = tmp_path / "cmp"
     result = run_in_process("compare_with_laq.py", *models, "--data-path", data, "--offset",
                             "1", "--pairs", "exact", "--num-pairs", "8",
